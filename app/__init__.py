@@ -1,0 +1,1 @@
+"""Composition root: settings, app factory, CLI, database engine, auth and metrics."""

@@ -1,0 +1,1 @@
+"""The context-managing OpenAI-compatible chat proxy."""

@@ -1,0 +1,81 @@
+"""HTTP routes of the chat proxy: auth, parsing, and handing over to `ChatService`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from app.auth import is_authorized
+from app.errors import unauthorized
+from llm_proxy.protocol import parse_request
+from llm_proxy.serving import ChatService, sse_events, task_info
+
+router = APIRouter()
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def _service(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+def _authorize(request: Request) -> None:
+    if not is_authorized(request.headers.get("authorization"), request.app.state.api_keys):
+        raise unauthorized()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    _authorize(request)
+    body = parse_request(await request.body())
+    task = task_info(request.headers)
+    service = _service(request)
+    try:
+        if body.stream:
+            reply = await _until_disconnect(request, service.open(body, task))
+            return EventSourceResponse(sse_events(reply), sep="\n")
+        return JSONResponse(await _until_disconnect(request, service.complete(body, task)))
+    except ClientDisconnected:
+        return Response(status_code=499)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    _authorize(request)
+    service = _service(request)
+    configured = service.settings.upstream_model
+    ids = [configured] if configured else await service.upstream.model_ids()
+    return {
+        "object": "list",
+        "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "upstream"} for model_id in ids],
+    }
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client disconnects first: before a response starts,
+    nothing else would notice, and the upstream would go on generating for nobody."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,93 @@
+"""What the upstream sees: the request's system prompt, the stored history window, the new turn.
+
+Plain functions over message dicts, so the rules can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence, TypeVar
+
+from app.errors import bad_request
+from llm_proxy.protocol import ChatMessage
+
+Msg = dict[str, Any]
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def estimate_tokens(text: str | None) -> int:
+    """A tokenizer-free estimate (no BPE files to download at run time): one token per CJK
+    character, one per four other characters, plus the per-message overhead of chat formats."""
+    if not text:
+        return 4
+    cjk = len(_CJK.findall(text))
+    return 4 + cjk + (len(text) - cjk + 3) // 4
+
+
+def message_tokens(message: Msg) -> int:
+    tokens = estimate_tokens(message.get("content"))
+    if message.get("tool_calls"):
+        tokens += estimate_tokens(str(message["tool_calls"]))
+    return tokens
+
+
+@dataclass(frozen=True)
+class Turn:
+    system: list[Msg]
+    new: list[Msg]
+
+
+def split_turn(messages: Sequence[ChatMessage]) -> Turn:
+    """System messages come from the request; the new turn is what follows its last assistant
+    message. Anything before that is the orchestrator's own copy of the history, which the
+    store already holds, so it is dropped rather than sent twice."""
+    system = [m.to_dict() for m in messages if m.role in ("system", "developer")]
+    last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+    new = [m.to_dict() for m in messages[last_assistant + 1 :] if m.role not in ("system", "developer")]
+    if not any(m["role"] == "user" for m in new):
+        raise bad_request(
+            "The request has no new user message after its last assistant message.", "no_user_message"
+        )
+    return Turn(system=system, new=new)
+
+
+@dataclass(frozen=True)
+class StoredRound:
+    seq: int
+    tokens: int
+    messages: list[Msg]
+
+
+class _Sized(Protocol):
+    @property
+    def tokens(self) -> int: ...
+
+
+R = TypeVar("R", bound=_Sized)
+
+
+def window(rounds_newest_first: Sequence[R], max_rounds: int, max_tokens: int) -> list[R]:
+    """The newest whole rounds within both limits, oldest first."""
+    chosen: list[R] = []
+    total = 0
+    for stored in rounds_newest_first[:max_rounds]:
+        if total + stored.tokens > max_tokens:
+            break
+        total += stored.tokens
+        chosen.append(stored)
+    chosen.reverse()
+    return chosen
+
+
+def history_messages(rounds: Sequence[StoredRound]) -> list[Msg]:
+    """Flatten rounds for the upstream; an interrupted reply that never got a word out is
+    left out (the user's words stay, consecutive user messages are valid)."""
+    out: list[Msg] = []
+    for stored in rounds:
+        for message in stored.messages:
+            if message["role"] == "assistant" and not message.get("content") and not message.get("tool_calls"):
+                continue
+            out.append(message)
+    return out

@@ -1,0 +1,146 @@
+"""A fake OpenAI-compatible upstream: for the tests, the benchmark and trying the stack offline.
+
+It answers `/v1/chat/completions` (streaming or not) and `/v1/models`. What it does is steered
+by directives in the last user message, so a test scripts the upstream through the proxy:
+
+- `[[reply:some text]]`: answer exactly this text (one chunk per word); default "You said: ..."
+- `[[words:N]]`: answer N numbered words
+- `[[first_delay:S]]`, `[[delay:S]]`: seconds before the first chunk, between chunks
+- `[[status:N]]`: fail with HTTP status N (429, 500, ...) in OpenAI's error shape
+- `[[fail_after:N]]`: send N chunks, then an error event mid-stream
+
+Every request is recorded (`GET /_requests`), and so is every stream its client abandoned
+(`GET /_abandoned`), which is how tests see that the proxy stopped paying for tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import deque
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+_DIRECTIVE = re.compile(r"\[\[(\w+):([^\]]*)\]\]")
+
+
+def _directives(body: dict[str, Any]) -> tuple[dict[str, str], str]:
+    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    content = users[-1].get("content") or "" if users else ""
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content)
+    return dict(_DIRECTIVE.findall(content)), _DIRECTIVE.sub("", content).strip()
+
+
+def _reply_words(directives: dict[str, str], said: str) -> list[str]:
+    if "reply" in directives:
+        text = directives["reply"]
+    elif "words" in directives:
+        text = " ".join(f"w{i}" for i in range(int(directives["words"])))
+    else:
+        text = f"You said: {said}"
+    words = text.split(" ")
+    return [word if i == 0 else " " + word for i, word in enumerate(words)]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "rate_limit_error" if status == 429 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": str(status)}}, status_code=status)
+
+
+def create_fake_upstream(*, record: bool = True) -> Starlette:
+    requests: deque[dict[str, Any]] = deque(maxlen=10_000)
+    abandoned: deque[dict[str, Any]] = deque(maxlen=10_000)
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        directives, said = _directives(body)
+        if record:
+            requests.append({"headers": dict(request.headers), "body": body, "ts": time.time()})
+        if "status" in directives:
+            return _error(int(directives["status"]), f"fake upstream failure {directives['status']}")
+        words = _reply_words(directives, said)
+        model = body.get("model", "fake")
+        if not body.get("stream"):
+            await asyncio.sleep(float(directives.get("first_delay", 0)))
+            text = "".join(words)
+            return JSONResponse(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)},
+                }
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(
+            _stream(words, model, directives, include_usage, said, abandoned),
+            media_type="text/event-stream",
+        )
+
+    async def list_requests(_request: Request) -> JSONResponse:
+        return JSONResponse(list(requests))
+
+    async def list_abandoned(_request: Request) -> JSONResponse:
+        return JSONResponse(list(abandoned))
+
+    async def models(_request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]})
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/models", models),
+            Route("/_requests", list_requests),
+            Route("/_abandoned", list_abandoned),
+        ]
+    )
+
+
+async def _stream(
+    words: list[str],
+    model: str,
+    directives: dict[str, str],
+    include_usage: bool,
+    said: str,
+    abandoned: deque[dict[str, Any]],
+) -> AsyncIterator[str]:
+    head = json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model})[:-1]
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return f'data: {head}, "choices": [{json.dumps(choice)}]}}\n\n'
+
+    delay = float(directives.get("delay", 0))
+    fail_after = int(directives["fail_after"]) if "fail_after" in directives else None
+    sent = 0
+    finished = False
+    try:
+        await asyncio.sleep(float(directives.get("first_delay", 0)))
+        yield chunk({"role": "assistant", "content": ""})
+        for word in words:
+            if fail_after is not None and sent >= fail_after:
+                yield 'data: {"error": {"message": "fake upstream broke mid-stream", "type": "server_error", "code": "500"}}\n\n'
+                finished = True
+                return
+            if delay and sent:
+                await asyncio.sleep(delay)
+            yield chunk({"content": word})
+            sent += 1
+        yield chunk({}, "stop")
+        if include_usage:
+            usage = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
+            yield f'data: {head}, "choices": [], "usage": {json.dumps(usage)}}}\n\n'
+        yield "data: [DONE]\n\n"
+        finished = True
+    finally:
+        if not finished:
+            abandoned.append({"said": said, "sent": sent, "of": len(words), "ts": time.time()})

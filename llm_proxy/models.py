@@ -1,0 +1,89 @@
+"""Conversation storage: a task holds ordered rounds; a round holds its messages.
+
+A round is one user turn and the assistant's reply (later also the tool calls and results in
+between). Rounds are immutable once finished, except the reply text of an interrupted round, which
+the orchestrator's callbacks may later cut to what the user actually heard.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base
+
+ROUND_PENDING = "pending"
+ROUND_COMPLETED = "completed"
+ROUND_INTERRUPTED = "interrupted"
+FINISHED_STATUSES = (ROUND_COMPLETED, ROUND_INTERRUPTED)
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit id.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sdk_app_id: Mapped[str | None] = mapped_column(String(64))
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    room_id: Mapped[str | None] = mapped_column(String(128))
+    room_id_type: Mapped[str | None] = mapped_column(String(8))
+    # Last round sequence number handed out; incremented under the row lock.
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (
+        UniqueConstraint("task_id", "seq", name="uq_rounds_task_seq"),
+        UniqueConstraint("task_id", "request_id", name="uq_rounds_task_request"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    # The orchestrator's RoundId, once a callback tells it (event 903/904/905).
+    trtc_round_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=ROUND_PENDING)
+    interrupted: Mapped[bool] = mapped_column(Boolean, default=False)
+    model: Mapped[str | None] = mapped_column(String(128))
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    # Estimated tokens of all the round's messages: the history window sums these.
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_round_position", "round_id", "position", unique=True),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str | None] = mapped_column(Text)
+    name: Mapped[str | None] = mapped_column(String(128))
+    tool_call_id: Mapped[str | None] = mapped_column(String(128))
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,152 @@
+"""The OpenAI chat-completions wire format, as far as the proxy reads and writes it.
+
+Requests keep every field they arrive with (`extra="allow"`): whatever the proxy does not act on
+is forwarded to the upstream unchanged (temperature, the orchestrator's MetaInfo keys, ...).
+Responses are built as JSON strings around a pre-encoded prefix, since each streamed token pays
+for this.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from app.errors import ApiError, bad_request
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+# Fields the proxy itself interprets; everything else is passed through.
+_OWN_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n"})
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Role
+    content: str | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _flatten_text_parts(cls, value: Any) -> Any:
+        """Text parts (`[{"type": "text", "text": ...}]`) become one string; other parts are
+        refused, as nothing downstream (the orchestrator's TTS) could use them."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ValueError("only text content parts are supported")
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _single_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def passthrough(self) -> dict[str, Any]:
+        """Body fields forwarded to the upstream as they came."""
+        return {k: v for k, v in (self.model_extra or {}).items() if k not in _OWN_FIELDS}
+
+
+def parse_request(raw: bytes) -> ChatCompletionRequest:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}", "invalid_json") from exc
+    if not isinstance(data, dict):
+        raise bad_request("Request body must be a JSON object.", "invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ApiError(422, f"Invalid request: {details}", "invalid_request_error", "invalid_body") from exc
+
+
+def usage_dict(usage: dict[str, int] | None) -> dict[str, int] | None:
+    if usage is None:
+        return None
+    prompt = usage.get("prompt_tokens", 0)
+    completion = usage.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class ChunkWriter:
+    """Encodes the `chat.completion.chunk` events of one response."""
+
+    def __init__(self, completion_id: str, model: str) -> None:
+        self._head = json.dumps(
+            {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        )[:-1]
+
+    def _chunk(self, choices: str, tail: str = "") -> str:
+        return f'{self._head}, "choices": [{choices}]{tail}}}'
+
+    def role(self) -> str:
+        return self._chunk('{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}')
+
+    def content(self, text: str) -> str:
+        return self._chunk(f'{{"index": 0, "delta": {{"content": {json.dumps(text, ensure_ascii=False)}}}, "finish_reason": null}}')
+
+    def finish(self, reason: str) -> str:
+        return self._chunk(f'{{"index": 0, "delta": {{}}, "finish_reason": {json.dumps(reason)}}}')
+
+    def usage(self, usage: dict[str, int]) -> str:
+        return self._chunk("", f', "usage": {json.dumps(usage)}')
+
+
+def completion_body(
+    completion_id: str, model: str, text: str, finish_reason: str, usage: dict[str, int] | None
+) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+
+
+def error_event(error: ApiError) -> str:
+    """A mid-stream error; the official client raises `APIError` on an event with `error`."""
+    return json.dumps(error.body(), ensure_ascii=False)

@@ -1,0 +1,337 @@
+"""One chat round from request to stored reply.
+
+`ChatService.open` does everything up to the upstream's first token (claim the round in order,
+wait for earlier rounds of the task, read the history, call the upstream), so any failure there
+still becomes a proper HTTP error. The reply is then streamed (`sse_events`) or collected
+(`complete`); either way the round is stored exactly once, by `LiveRound.close`, with the text the
+client actually received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Mapping
+
+import anyio
+
+from app.errors import ApiError, bad_request
+from app.metrics import LLM_ADDED, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
+from app.settings import Settings
+from llm_proxy import store
+from llm_proxy.context import Msg, history_messages, split_turn
+from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event, usage_dict
+from llm_proxy.store import Claim, TaskInfo
+from llm_proxy.upstream import Delta, Upstream
+
+log = logging.getLogger("trtc.llm")
+
+_POLL_S = 0.02
+
+
+def task_info(headers: Mapping[str, str]) -> TaskInfo | None:
+    """The TRTC headers of a request, or None for a stateless request (no `X-Task-Id`)."""
+    task_id = headers.get("x-task-id")
+    if not task_id:
+        return None
+    return TaskInfo(
+        task_id=task_id,
+        request_id=headers.get("x-request-id") or headers.get("x-rquest-id"),
+        sdk_app_id=headers.get("x-sdk-app-id"),
+        user_id=headers.get("x-user-id"),
+        room_id=headers.get("x-room-id"),
+        room_id_type=headers.get("x-room-id-type"),
+    )
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A retried round that already completed: its stored reply, sent again."""
+
+    completion_id: str
+    model: str
+    text: str
+    usage: dict[str, int] | None
+    include_usage: bool
+
+
+class LiveRound:
+    """A round whose upstream has produced its first token."""
+
+    def __init__(
+        self,
+        service: ChatService,
+        *,
+        claim: Claim | None,
+        new_turn: list[Msg],
+        model: str,
+        include_usage: bool,
+        stream: AsyncIterator[Delta],
+        first: Delta,
+    ) -> None:
+        self._service = service
+        self._claim = claim
+        self._new_turn = new_turn
+        self._stream = stream
+        self._first: Delta | None = first
+        self._closed = False
+        self.model = model
+        self.include_usage = include_usage
+        self.completion_id = "chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex)
+        self.finish_reason = "stop"
+        self.usage: dict[str, int] | None = None
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The upstream's deltas, the first one included; records finish reason and usage."""
+        first, self._first = self._first, None
+        if first is not None:
+            self._note(first)
+            yield first
+        async for delta in self._stream:
+            self._note(delta)
+            yield delta
+
+    def _note(self, delta: Delta) -> None:
+        if delta.finish_reason:
+            self.finish_reason = delta.finish_reason
+        if delta.usage:
+            self.usage = usage_dict(delta.usage)
+
+    async def close(self, sent_text: str, *, interrupted: bool) -> None:
+        """Stop the upstream and store the round with what the client received. Runs once,
+        shielded: it usually runs because the client went away and the task is being cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()
+            outcome = "interrupted" if interrupted else "completed"
+            if self._claim is None:
+                outcome = "stateless"
+            else:
+                reply = {"role": "assistant", "content": sent_text}
+                try:
+                    await store.finish_round(
+                        self._service.engine,
+                        self._claim,
+                        [*self._new_turn, reply],
+                        interrupted=interrupted,
+                        model=self.model,
+                        finish_reason=None if interrupted else self.finish_reason,
+                        usage=self.usage,
+                    )
+                finally:
+                    self._service.round_done(self._claim.round_id)
+            LLM_ROUNDS.labels(outcome).inc()
+
+    async def release(self) -> None:
+        """Give the round up: the upstream failed after its first token, before the client got
+        any of it (non-streaming), so the request failed and nothing is kept."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()
+            if self._claim is not None:
+                await self._service.release(self._claim)
+            LLM_ROUNDS.labels("failed").inc()
+
+
+class ChatService:
+    def __init__(self, settings: Settings, engine: Any, upstream: Upstream) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.upstream = upstream
+        # Rounds of this process still streaming; a later round of the same task awaits these
+        # instead of polling the database.
+        self._running: dict[str, asyncio.Event] = {}
+
+    async def open(self, request: ChatCompletionRequest, task: TaskInfo | None) -> LiveRound | Replay:
+        started = time.perf_counter()
+        model = self.settings.upstream_model or request.model
+        if not model:
+            raise bad_request("`model` is required (or set UPSTREAM_MODEL on the server).", "model_required")
+        include_usage = request.include_usage or not request.stream
+        if task is None:
+            messages = [m.to_dict() for m in request.messages]
+            return await self._start(None, [], messages, request, model, include_usage, started)
+
+        turn = split_turn(request.messages)
+        claim = await self._claim(task)
+        if claim.replay_text is not None:
+            LLM_ROUNDS.labels("replayed").inc()
+            return Replay(
+                "chatcmpl-" + claim.round_id, model, claim.replay_text, claim.replay_usage, include_usage
+            )
+        self._running[claim.round_id] = asyncio.Event()
+        try:
+            history = claim.history
+            if history is None:
+                await self._wait_for(claim.pending_before)
+                history = await store.load_history(
+                    self.engine,
+                    task.task_id,
+                    claim.seq,
+                    max_rounds=self.settings.history_max_rounds,
+                    max_tokens=self.settings.history_max_tokens,
+                )
+            messages = [*turn.system, *history_messages(history), *turn.new]
+            return await self._start(claim, turn.new, messages, request, model, include_usage, started)
+        except asyncio.CancelledError:
+            # The client left before the first token: keep what the user said, reply empty.
+            with anyio.CancelScope(shield=True):
+                await store.finish_round(
+                    self.engine, claim, [*turn.new, {"role": "assistant", "content": ""}],
+                    interrupted=True, model=model, finish_reason=None, usage=None,
+                )
+                self.round_done(claim.round_id)
+                LLM_ROUNDS.labels("interrupted").inc()
+            raise
+        except BaseException:
+            await self.release(claim)
+            LLM_ROUNDS.labels("failed").inc()
+            raise
+
+    async def _start(
+        self,
+        claim: Claim | None,
+        new_turn: list[Msg],
+        messages: list[Msg],
+        request: ChatCompletionRequest,
+        model: str,
+        include_usage: bool,
+        started: float,
+    ) -> LiveRound:
+        LLM_ADDED.observe(time.perf_counter() - started)
+        stream = self.upstream.stream(
+            messages, model=model, params=request.passthrough(), include_usage=include_usage
+        )
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = Delta("", "stop")
+        except ApiError as error:
+            LLM_UPSTREAM_ERRORS.labels(error.code or "unknown").inc()
+            raise
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
+        return LiveRound(
+            self,
+            claim=claim,
+            new_turn=new_turn,
+            model=model,
+            include_usage=include_usage,
+            stream=stream,
+            first=first,
+        )
+
+    async def _claim(self, task: TaskInfo) -> Claim:
+        limits = {
+            "max_rounds": self.settings.history_max_rounds,
+            "max_tokens": self.settings.history_max_tokens,
+        }
+        claim = await store.claim_round(self.engine, task, **limits)
+        if claim.in_flight:
+            # A retry while the first attempt still runs (it usually is being cancelled, as the
+            # orchestrator gave up on it): wait for it, then replay or redo its round.
+            await self._wait_for([claim.round_id])
+            claim = await store.claim_round(self.engine, task, take_over_pending=True, **limits)
+        return claim
+
+    async def _wait_for(self, round_ids: list[str]) -> None:
+        """Wait until the given rounds are stored, at most `ROUND_WAIT_TIMEOUT_S` in all."""
+        deadline = time.monotonic() + self.settings.round_wait_timeout_s
+        remote = []
+        for round_id in round_ids:
+            event = self._running.get(round_id)
+            if event is None:
+                remote.append(round_id)
+                continue
+            try:
+                await asyncio.wait_for(event.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+        while remote and time.monotonic() < deadline:
+            # Rounds running in another worker or replica: the database is the only signal.
+            remote = await store.still_pending(self.engine, remote)
+            if remote:
+                await asyncio.sleep(_POLL_S)
+        if time.monotonic() >= deadline:
+            log.warning("earlier rounds still pending after %.1fs; going on without them",
+                        self.settings.round_wait_timeout_s, extra={"rounds": round_ids})
+
+    def round_done(self, round_id: str) -> None:
+        event = self._running.pop(round_id, None)
+        if event is not None:
+            event.set()
+
+    async def release(self, claim: Claim) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await store.release_round(self.engine, claim)
+            finally:
+                self.round_done(claim.round_id)
+
+    async def complete(self, request: ChatCompletionRequest, task: TaskInfo | None) -> dict[str, Any]:
+        """A non-streaming answer, built from the upstream's stream."""
+        reply = await self.open(request, task)
+        if isinstance(reply, Replay):
+            return completion_body(reply.completion_id, reply.model, reply.text, "stop", reply.usage)
+        parts: list[str] = []
+        stored = False
+        try:
+            async for delta in reply.deltas():
+                parts.append(delta.text)
+            text = "".join(parts)
+            await reply.close(text, interrupted=False)
+            stored = True
+        except ApiError:
+            await reply.release()
+            raise
+        finally:
+            if not stored:
+                # Cancelled: the client left before the answer was sent, so it heard nothing.
+                await reply.close("", interrupted=True)
+        return completion_body(reply.completion_id, reply.model, text, reply.finish_reason, reply.usage)
+
+
+async def sse_events(reply: LiveRound | Replay) -> AsyncIterator[str]:
+    """The `data:` payloads of a streamed answer. A chunk counts as sent once the SSE response
+    asks for the next one, which it does only after writing the previous one."""
+    writer = ChunkWriter(reply.completion_id, reply.model)
+    if isinstance(reply, Replay):
+        yield writer.role()
+        if reply.text:
+            yield writer.content(reply.text)
+        yield writer.finish("stop")
+        if reply.include_usage and reply.usage:
+            yield writer.usage(reply.usage)
+        yield "[DONE]"
+        return
+
+    sent: list[str] = []
+    try:
+        yield writer.role()
+        async for delta in reply.deltas():
+            if delta.text:
+                yield writer.content(delta.text)
+                sent.append(delta.text)
+        # Stored before the closing events, so the task's next round never waits on this one.
+        await reply.close("".join(sent), interrupted=False)
+        yield writer.finish(reply.finish_reason)
+        if reply.include_usage and reply.usage:
+            yield writer.usage(reply.usage)
+        yield "[DONE]"
+    except ApiError as error:
+        log.warning("upstream failed mid-stream: %s", error.message)
+        await reply.close("".join(sent), interrupted=True)
+        yield error_event(error)
+    finally:
+        # Client gone (cancelled, or the generator closed): keep what it received.
+        await reply.close("".join(sent), interrupted=True)

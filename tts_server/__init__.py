@@ -1,0 +1,1 @@
+"""Streaming TTS server for the orchestrator's custom TTS (not built yet)."""
