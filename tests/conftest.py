@@ -1,0 +1,110 @@
+"""Real parts: a fake OpenAI upstream and the proxy run as separate uvicorn processes on loopback,
+against real SQLite files and (with TEST_POSTGRES_URL) a fresh PostgreSQL database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.support import (
+    API_KEY,
+    Proxy,
+    Upstream,
+    create_postgres_database,
+    drop_postgres_database,
+)
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    fake = Upstream(tmp_path_factory.mktemp("upstream") / "upstream.log")
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+def _postgres_url_or_skip() -> str:
+    url = os.environ.get("TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("PostgreSQL suite off: set TEST_POSTGRES_URL (e.g. make test-postgres)")
+    return url
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh, migrated database of each backend for the session."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "trtc.db"
+        url = f"sqlite+aiosqlite:///{path}"
+        yield url
+        return
+    admin_url = _postgres_url_or_skip()
+    name = f"trtc_test_{uuid.uuid4().hex[:10]}"
+    asyncio.run(create_postgres_database(admin_url, name))
+    yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    asyncio.run(drop_postgres_database(admin_url, name))
+
+
+@pytest.fixture(scope="session")
+def migrated_url(database_url: str) -> str:
+    from migrations import upgrade
+
+    upgrade(database_url)
+    return database_url
+
+
+@pytest.fixture(scope="session")
+def proxy(migrated_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    server = Proxy(
+        tmp_path_factory.mktemp("proxy"),
+        {"DATABASE_URL": migrated_url, "UPSTREAM_BASE_URL": upstream.base_url},
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_proxy(upstream: Upstream, tmp_path: Path) -> Iterator[callable]:
+    """Start extra proxies with their own settings; all are stopped after the test."""
+    started: list[Proxy] = []
+
+    def start(env: dict[str, str], *, workdir: Path | None = None, migrate: str | None = None) -> Proxy:
+        if migrate:
+            from migrations import upgrade
+
+            upgrade(migrate)
+        server = Proxy(workdir or tmp_path / f"proxy{len(started)}", {"UPSTREAM_BASE_URL": upstream.base_url, **env})
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def client(proxy: Proxy) -> openai.OpenAI:
+    return proxy.client()
+
+
+@pytest.fixture
+def http(proxy: Proxy) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=proxy.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def task_id() -> str:
+    return f"task-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,184 @@
+"""Process and database helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import asyncpg
+import httpx
+import openai
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
+from app.db import create_engine
+from llm_proxy import store
+from llm_proxy.models import Task
+
+API_KEY = "test-key-1"
+CLI = str(Path(sys.executable).with_name("trtc-backend"))
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class _Process:
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        cwd.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self._proc = subprocess.Popen(
+            args, env={**os.environ, **env}, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def _wait_ready(self, path: str) -> None:
+        def up() -> bool:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                return httpx.get(self.url + path, timeout=1).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=30, what=f"{self.url}{path}")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc:
+            self._log.close()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Upstream(_Process):
+    """The fake OpenAI upstream (`trtc-backend fake-upstream`)."""
+
+    def __init__(self, log_path: Path) -> None:
+        super().__init__(log_path)
+        self.base_url = f"{self.url}/v1"
+
+    def start(self) -> None:
+        self._spawn([CLI, "fake-upstream", "--port", str(self.port)], {}, self.log_path.parent)
+        self._wait_ready("/v1/models")
+
+    def requests(self, marker: str) -> list[dict[str, Any]]:
+        """Bodies of the chat requests whose last message contains `marker`."""
+        everything = httpx.get(self.url + "/_requests").json()
+        return [r["body"] for r in everything if marker in str(r["body"]["messages"][-1].get("content"))]
+
+    def abandoned(self, marker: str) -> list[dict[str, Any]]:
+        return [a for a in httpx.get(self.url + "/_abandoned").json() if marker in a["said"]]
+
+
+class Proxy(_Process):
+    """A `trtc-backend serve` process with its own working directory and settings."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__(workdir / "server.log")
+        self.workdir = workdir
+        self.env = {"API_KEYS": API_KEY, "DATA_DIR": str(workdir / "data"), "LOG_LEVEL": "INFO", **env}
+        self.database_url = self.env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{workdir / 'data' / 'trtc.db'}"
+
+    def start(self, *extra: str) -> None:
+        self._spawn([CLI, "serve", "--port", str(self.port), *extra], self.env, self.workdir)
+        self._wait_ready("/healthz")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(self, api_key: str = API_KEY, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kwargs)
+
+    def async_client(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **kwargs)
+
+    def rounds(self, task_id: str) -> list[dict[str, Any]]:
+        return asyncio.run(_with_engine(self.database_url, lambda e: store.round_messages(e, task_id)))
+
+    def task_row(self, task_id: str) -> dict[str, Any] | None:
+        async def fetch(engine: Any) -> dict[str, Any] | None:
+            async with engine.connect() as conn:
+                row = (await conn.execute(select(Task).where(Task.id == task_id))).mappings().first()
+                return dict(row) if row else None
+
+        return asyncio.run(_with_engine(self.database_url, fetch))
+
+
+async def _with_engine(url: str, work: Callable[[Any], Any]) -> Any:
+    engine = create_engine(url, pool_size=1, max_overflow=0)
+    try:
+        return await work(engine)
+    finally:
+        await engine.dispose()
+
+
+def headers(task_id: str | None, request_id: str | None = None, **extra: str) -> dict[str, str]:
+    """The orchestrator's headers for one request; a fresh request id unless one is given."""
+    out = dict(extra)
+    if task_id is not None:
+        out["X-Task-Id"] = task_id
+        out["X-Request-Id"] = request_id or uuid.uuid4().hex
+    return out
+
+
+def marker() -> str:
+    """A unique word to find a request again at the upstream."""
+    return "m" + uuid.uuid4().hex[:10]
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def create_postgres_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(_asyncpg_dsn(admin_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def drop_postgres_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(_asyncpg_dsn(admin_url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

@@ -1,0 +1,251 @@
+"""Context management through real HTTP: rounds, history, retries, atomicity (rules 1-4, 7, 8)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.support import Proxy, Upstream, headers, marker
+
+SYSTEM = {"role": "system", "content": "You are a helpful voice assistant."}
+
+
+def ask(client: openai.OpenAI, task_id: str | None, text: str, *, stream: bool, request_id: str | None = None,
+        messages: list[dict] | None = None, **extra: object) -> str:
+    """One orchestrator round: system prompt + the new user message; returns the reply text."""
+    body = messages if messages is not None else [SYSTEM, {"role": "user", "content": text}]
+    if stream:
+        chunks = client.chat.completions.create(
+            model="m", messages=body, stream=True, extra_headers=headers(task_id, request_id), **extra
+        )
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reply = client.chat.completions.create(model="m", messages=body, extra_headers=headers(task_id, request_id), **extra)
+    return reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_history_is_stored_and_sent_before_the_new_turn(
+    proxy: Proxy, client: openai.OpenAI, upstream: Upstream, task_id: str, stream: bool
+) -> None:
+    tag = marker()
+    replies = [ask(client, task_id, f"{tag} round {i}", stream=stream) for i in range(3)]
+    assert replies == [f"You said: {tag} round {i}" for i in range(3)]
+
+    sent = upstream.requests(f"{tag} round 2")[0]["messages"]
+    assert sent == [
+        SYSTEM,
+        {"role": "user", "content": f"{tag} round 0"},
+        {"role": "assistant", "content": replies[0]},
+        {"role": "user", "content": f"{tag} round 1"},
+        {"role": "assistant", "content": replies[1]},
+        {"role": "user", "content": f"{tag} round 2"},
+    ]
+    rounds = proxy.rounds(task_id)
+    assert [r["seq"] for r in rounds] == [1, 2, 3]
+    assert all(r["status"] == "completed" and not r["interrupted"] for r in rounds)
+    assert rounds[1]["messages"] == [
+        {"role": "user", "content": f"{tag} round 1"},
+        {"role": "assistant", "content": replies[1]},
+    ]
+
+
+def test_history_the_orchestrator_sends_itself_is_not_sent_twice(
+    client: openai.OpenAI, upstream: Upstream, task_id: str
+) -> None:
+    tag = marker()
+    first = ask(client, task_id, f"{tag} one", stream=True)
+    # `History: 5` on the orchestrator: it sends its own copy of the conversation as well.
+    second_body = [
+        SYSTEM,
+        {"role": "user", "content": f"{tag} one"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": f"{tag} two"},
+        {"role": "user", "content": f"{tag} two, continued"},
+    ]
+    ask(client, task_id, "", stream=True, messages=second_body)
+    sent = upstream.requests(f"{tag} two, continued")[0]["messages"]
+    assert sent == [
+        SYSTEM,
+        {"role": "user", "content": f"{tag} one"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": f"{tag} two"},
+        {"role": "user", "content": f"{tag} two, continued"},
+    ]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+@pytest.mark.parametrize("spelling", ["X-Request-Id", "X-Rquest-Id"])
+def test_retry_of_a_completed_round_replays_without_upstream(
+    proxy: Proxy, client: openai.OpenAI, upstream: Upstream, task_id: str, stream: bool, spelling: str
+) -> None:
+    tag = marker()
+    request_id = f"req-{tag}"
+    retry_headers = {"X-Task-Id": task_id, spelling: request_id}
+    body = [SYSTEM, {"role": "user", "content": f"{tag} hello"}]
+    first = client.chat.completions.create(model="m", messages=body, extra_headers=retry_headers)
+    if stream:
+        chunks = list(client.chat.completions.create(model="m", messages=body, stream=True, extra_headers=retry_headers))
+        again = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[0].id == first.id
+    else:
+        retry = client.chat.completions.create(model="m", messages=body, extra_headers=retry_headers)
+        again = retry.choices[0].message.content
+        assert retry.id == first.id
+    assert again == first.choices[0].message.content == f"You said: {tag} hello"
+    assert len(upstream.requests(tag)) == 1
+    assert len(proxy.rounds(task_id)) == 1
+
+
+def test_retry_of_an_interrupted_round_answers_it_again_in_place(
+    proxy: Proxy, client: openai.OpenAI, upstream: Upstream, task_id: str
+) -> None:
+    tag = marker()
+    ask(client, task_id, f"{tag} before", stream=False)
+    # The first attempt is cut off after a few words (the orchestrator's timeout fired).
+    stream = client.chat.completions.create(
+        model="m", stream=True, extra_headers=headers(task_id, f"req-{tag}"),
+        messages=[SYSTEM, {"role": "user", "content": f"{tag} [[words:400]] [[delay:0.01]]"}],
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    from tests.support import wait_until
+
+    wait_until(lambda: len(proxy.rounds(task_id)) == 2 and proxy.rounds(task_id)[1]["interrupted"], what="interrupted round")
+    retry = client.chat.completions.create(
+        model="m", extra_headers=headers(task_id, f"req-{tag}"),
+        messages=[SYSTEM, {"role": "user", "content": f"{tag} [[words:5]]"}],
+    )
+    assert retry.choices[0].message.content == "w0 w1 w2 w3 w4"
+    rounds = proxy.rounds(task_id)
+    assert [r["seq"] for r in rounds] == [1, 2]
+    assert rounds[1]["status"] == "completed" and not rounds[1]["interrupted"]
+    assert rounds[1]["messages"][-1] == {"role": "assistant", "content": "w0 w1 w2 w3 w4"}
+    # The retry's context is the round before it, not the interrupted attempt.
+    assert upstream.requests(f"{tag} [[words:5]]")[0]["messages"][1:3] == [
+        {"role": "user", "content": f"{tag} before"},
+        {"role": "assistant", "content": f"You said: {tag} before"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("directive", "status", "error_class", "code"),
+    [
+        ("[[status:500]]", 502, openai.InternalServerError, "upstream_failed"),
+        ("[[status:429]]", 429, openai.RateLimitError, "upstream_rate_limited"),
+        ("[[status:400]]", 502, openai.InternalServerError, "upstream_failed"),
+    ],
+)
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_upstream_failure_before_first_token_stores_nothing(
+    proxy: Proxy, client: openai.OpenAI, upstream: Upstream, task_id: str,
+    directive: str, status: int, error_class: type, code: str, stream: bool,
+) -> None:
+    tag = marker()
+    ask(client, task_id, f"{tag} fine", stream=stream)
+    with pytest.raises(error_class) as caught:
+        ask(client, task_id, f"{tag} {directive}", stream=stream)
+    assert caught.value.status_code == status
+    assert caught.value.body["code"] == code
+    assert "Upstream" in caught.value.body["message"]
+    rounds = proxy.rounds(task_id)
+    assert len(rounds) == 1
+    ask(client, task_id, f"{tag} after", stream=stream)
+    sent = upstream.requests(f"{tag} after")[0]["messages"]
+    assert directive not in json.dumps(sent)
+    assert [r["seq"] for r in proxy.rounds(task_id)] == [1, 3]
+
+
+def test_upstream_error_mid_stream_ends_with_an_error_event(
+    proxy: Proxy, client: openai.OpenAI, task_id: str
+) -> None:
+    tag = marker()
+    received = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in client.chat.completions.create(
+            model="m", stream=True, extra_headers=headers(task_id),
+            messages=[SYSTEM, {"role": "user", "content": f"{tag} [[words:10]] [[fail_after:3]]"}],
+        ):
+            if chunk.choices:
+                received.append(chunk.choices[0].delta.content or "")
+    assert "Upstream failed" in caught.value.message
+    assert "".join(received) == "w0 w1 w2"
+    [stored] = proxy.rounds(task_id)
+    assert stored["interrupted"] and stored["messages"][-1] == {"role": "assistant", "content": "w0 w1 w2"}
+
+
+def test_upstream_error_mid_answer_fails_a_plain_request_and_stores_nothing(
+    proxy: Proxy, client: openai.OpenAI, task_id: str
+) -> None:
+    with pytest.raises(openai.InternalServerError) as caught:
+        ask(client, task_id, f"{marker()} [[words:10]] [[fail_after:3]]", stream=False)
+    assert caught.value.status_code == 502
+    assert proxy.rounds(task_id) == []
+
+
+def test_stateless_without_task_id(proxy: Proxy, client: openai.OpenAI, upstream: Upstream) -> None:
+    tag = marker()
+    body = [
+        SYSTEM,
+        {"role": "user", "content": "earlier"},
+        {"role": "assistant", "content": "earlier reply"},
+        {"role": "user", "content": f"{tag} now"},
+    ]
+    assert ask(client, None, "", stream=True, messages=body) == f"You said: {tag} now"
+    assert upstream.requests(tag)[0]["messages"] == body
+
+
+def test_body_fields_pass_through_and_trtc_headers_are_stored(
+    proxy: Proxy, client: openai.OpenAI, upstream: Upstream, task_id: str
+) -> None:
+    tag = marker()
+    meta_info = {"custom_key": "value", "nested": {"a": [1, 2, {"b": None}]}}
+    client.chat.completions.create(
+        model="gpt-x",
+        messages=[SYSTEM, {"role": "user", "content": tag}],
+        stream=True,
+        temperature=0.25,
+        top_p=0.5,
+        max_tokens=77,
+        extra_body=meta_info,
+        extra_headers=headers(
+            task_id, **{"X-Sdk-App-Id": "1400000001", "X-User-Id": "bot_1", "X-Room-Id": "room-9", "X-Room-Id-Type": "1"}
+        ),
+    ).close()
+    body = upstream.requests(tag)[0]
+    assert body["model"] == "gpt-x"
+    assert body["temperature"] == 0.25 and body["top_p"] == 0.5 and body["max_tokens"] == 77
+    assert body["custom_key"] == "value" and body["nested"] == meta_info["nested"]
+    row = proxy.task_row(task_id)
+    assert row is not None
+    assert (row["sdk_app_id"], row["user_id"], row["room_id"], row["room_id_type"]) == ("1400000001", "bot_1", "room-9", "1")
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_stream_options_include_usage(http: httpx.Client, task_id: str, include_usage: bool) -> None:
+    body = {
+        "model": "m",
+        "stream": True,
+        "messages": [{"role": "user", "content": marker()}],
+        "stream_options": {"include_usage": include_usage},
+    }
+    response = http.post("/v1/chat/completions", json=body, headers=headers(task_id))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [c["choices"][0]["finish_reason"] for c in finish] == ["stop"]
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    if include_usage:
+        assert usage == [{"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}]
+        assert chunks[-1]["choices"] == []
+    else:
+        assert usage == []
