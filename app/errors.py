@@ -10,6 +10,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -58,6 +59,17 @@ def install_error_handlers(app: FastAPI) -> None:
             ApiError(exc.status_code, str(exc.detail), "invalid_request_error", code)
         )
 
+    async def on_database(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("database error: %s", exc)
+        return error_response(
+            ApiError(
+                503,
+                "Database unavailable (or not migrated: run `trtc-backend db upgrade`); nothing was stored.",
+                "server_error",
+                "database_unavailable",
+            )
+        )
+
     async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse(
@@ -68,4 +80,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(SQLAlchemyError, on_database)
+    app.add_exception_handler(ConnectionError, on_database)
     app.add_exception_handler(Exception, on_unexpected)

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from app import metrics
+from migrations import head_revision
 
 router = APIRouter()
 log = logging.getLogger("trtc.health")
@@ -22,14 +23,22 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
+    """Ready when the database answers and its schema is at this code's migration head."""
+    expected = head_revision()
     try:
         async with asyncio.timeout(2):
             async with request.app.state.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+                current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     except Exception as exc:  # any failure means "not ready", with the reason
-        log.warning("database not reachable: %s", exc)
-        return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
+        log.warning("database not ready: %s", exc)
+        return _unavailable(f"{type(exc).__name__}: {exc}; run `trtc-backend db upgrade` if the schema is missing")
+    if current != expected:
+        return _unavailable(f"schema at revision {current}, expected {expected}: run `trtc-backend db upgrade`")
     return JSONResponse({"status": "ok", "database": "ok"})
+
+
+def _unavailable(reason: str) -> JSONResponse:
+    return JSONResponse({"status": "unavailable", "database": reason}, status_code=503)
 
 
 @router.get("/metrics")

@@ -249,3 +249,25 @@ def test_stream_options_include_usage(http: httpx.Client, task_id: str, include_
         assert chunks[-1]["choices"] == []
     else:
         assert usage == []
+
+
+@pytest.mark.parametrize(
+    ("max_rounds", "max_tokens", "kept"),
+    [("3", "40", [3, 4]), ("1", "100000", [4]), ("0", "100000", [])],
+    ids=["token-limit", "round-limit", "no-history"],
+)
+def test_history_window_keeps_whole_newest_rounds(
+    start_proxy, upstream: Upstream, migrated_url: str, max_rounds: str, max_tokens: str, kept: list[int]
+) -> None:
+    # Each round here is estimated at 18 tokens (user 8, assistant 10).
+    server = start_proxy({"DATABASE_URL": migrated_url, "HISTORY_MAX_ROUNDS": max_rounds, "HISTORY_MAX_TOKENS": max_tokens})
+    client = server.client()
+    tag = marker()
+    task_id = f"task-{tag}"
+    for n in range(6):
+        ask(client, task_id, f"{tag} {n}", stream=False)
+    sent = upstream.requests(f"{tag} 5")[0]["messages"]
+    expected = [SYSTEM]
+    for n in kept:
+        expected += [{"role": "user", "content": f"{tag} {n}"}, {"role": "assistant", "content": f"You said: {tag} {n}"}]
+    assert sent == expected + [{"role": "user", "content": f"{tag} 5"}]

@@ -1,0 +1,68 @@
+"""The context rules as plain functions: turn splitting, token estimates, the history window."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.errors import ApiError
+from llm_proxy.context import StoredRound, estimate_tokens, history_messages, split_turn, window
+from llm_proxy.protocol import ChatMessage, ChunkWriter
+
+
+def msgs(*pairs: tuple[str, str]) -> list[ChatMessage]:
+    return [ChatMessage(role=role, content=content) for role, content in pairs]
+
+
+def test_new_turn_is_everything_after_the_last_assistant_message() -> None:
+    turn = split_turn(msgs(("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c"), ("user", "d")))
+    assert turn.system == [{"role": "system", "content": "S"}]
+    assert turn.new == [{"role": "user", "content": "c"}, {"role": "user", "content": "d"}]
+
+
+def test_system_messages_anywhere_are_kept_and_not_part_of_the_turn() -> None:
+    turn = split_turn(msgs(("system", "S1"), ("user", "a"), ("system", "S2")))
+    assert [m["content"] for m in turn.system] == ["S1", "S2"]
+    assert turn.new == [{"role": "user", "content": "a"}]
+
+
+@pytest.mark.parametrize("pairs", [(("system", "S"),), (("user", "a"), ("assistant", "b"))])
+def test_a_request_without_a_new_user_message_is_refused(pairs: tuple) -> None:
+    with pytest.raises(ApiError) as caught:
+        split_turn(msgs(*pairs))
+    assert caught.value.status == 400
+
+
+def test_token_estimate_counts_cjk_per_character() -> None:
+    assert estimate_tokens("你好世界") == 4 + 4
+    assert estimate_tokens("abcdefgh") == 4 + 2
+    assert estimate_tokens("") == 4
+
+
+def _round(seq: int, tokens: int) -> StoredRound:
+    return StoredRound(seq, tokens, [{"role": "user", "content": str(seq)}, {"role": "assistant", "content": "r"}])
+
+
+def test_window_keeps_the_newest_whole_rounds_within_both_limits() -> None:
+    newest_first = [_round(5, 10), _round(4, 10), _round(3, 50), _round(2, 10), _round(1, 10)]
+    assert [r.seq for r in window(newest_first, max_rounds=3, max_tokens=1000)] == [3, 4, 5]
+    assert [r.seq for r in window(newest_first, max_rounds=10, max_tokens=69)] == [4, 5]
+    assert [r.seq for r in window(newest_first, max_rounds=10, max_tokens=70)] == [3, 4, 5]
+    assert window(newest_first, max_rounds=0, max_tokens=1000) == []
+    assert window(newest_first, max_rounds=5, max_tokens=5) == []
+
+
+def test_empty_interrupted_replies_are_not_sent_upstream() -> None:
+    rounds = [StoredRound(1, 8, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}])]
+    assert history_messages(rounds) == [{"role": "user", "content": "hi"}]
+
+
+def test_chunks_are_valid_openai_json() -> None:
+    writer = ChunkWriter("chatcmpl-x", "model-\"quoted\"")
+    for encoded in (writer.role(), writer.content('he said "你好"\n'), writer.finish("stop"), writer.usage({"prompt_tokens": 1})):
+        chunk = json.loads(encoded)
+        assert chunk["id"] == "chatcmpl-x" and chunk["object"] == "chat.completion.chunk"
+        assert chunk["model"] == 'model-"quoted"'
+    assert json.loads(writer.content('he said "你好"\n'))["choices"][0]["delta"]["content"] == 'he said "你好"\n'
+    assert json.loads(writer.usage({"prompt_tokens": 1}))["choices"] == []
