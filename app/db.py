@@ -1,5 +1,9 @@
 """The database engine: one per process, opened in the app's lifespan.
 
+Connections go back to the pool without the pool's extra rollback: every use here ends its own
+transaction (commit, or the rollback `Connection.close` does), and the extra round trip (a thread
+hop on SQLite) showed in every request's latency.
+
 SQLite gets WAL, a busy timeout and `BEGIN IMMEDIATE` transactions: every transaction here writes,
 and a deferred transaction that upgrades from read to write fails at once with SQLITE_BUSY when
 another process wrote in between, whatever the busy timeout says.
@@ -37,12 +41,16 @@ def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> A
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=max_overflow, connect_args={"timeout": 30}
+            url,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_reset_on_return=None,
+            connect_args={"timeout": 30},
         )
         _configure_sqlite(engine)
         return engine
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=False
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_reset_on_return=None
     )
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from functools import cache
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -72,71 +73,68 @@ async def claim_round(
     max_tokens: int,
     take_over_pending: bool = False,
 ) -> Claim:
+    """Take the task's next sequence number for a new round, or find the round this request
+    retries; and, unless an earlier round is still pending, read the history window. Three
+    statements on the usual path: each costs a thread hop on SQLite, so they are kept few."""
     async with engine.begin() as conn:
-        claim = None
-        if task.request_id is not None:
-            claim = await _claim_retry(conn, task, take_over_pending)
-            if claim is not None and (claim.replay_text is not None or claim.in_flight):
-                return claim
-        if claim is None:
-            seq = await _next_seq(conn, task)
-            claim = Claim(round_id=uuid.uuid4().hex, seq=seq)
+        statements = _statements(conn.dialect.name)
+        now = _now()
+        seq = (
             await conn.execute(
-                insert(Round).values(
-                    id=claim.round_id,
-                    task_id=task.task_id,
-                    seq=seq,
-                    request_id=task.request_id,
-                    status=ROUND_PENDING,
-                    interrupted=False,
-                    tokens=0,
-                    created_at=_now(),
-                )
+                statements.next_seq,
+                {
+                    "id": task.task_id,
+                    "sdk_app_id": task.sdk_app_id,
+                    "user_id": task.user_id,
+                    "room_id": task.room_id,
+                    "room_id_type": task.room_id_type,
+                    "last_seq": 1,
+                    "created_at": now,
+                    "updated_at": now,
+                },
             )
-        pending = await conn.execute(
-            select(Round.id).where(
-                Round.task_id == task.task_id, Round.seq < claim.seq, Round.status == ROUND_PENDING
-            )
+        ).scalar_one()
+        round_id = uuid.uuid4().hex
+        inserted = await conn.execute(
+            statements.insert_round,
+            {
+                "id": round_id,
+                "task_id": task.task_id,
+                "seq": seq,
+                "request_id": task.request_id,
+                "status": ROUND_PENDING,
+                "interrupted": False,
+                "tokens": 0,
+                "created_at": now,
+            },
         )
-        claim.pending_before = list(pending.scalars())
+        if inserted.first() is not None:
+            claim = Claim(round_id, seq)
+        else:
+            # The same request id was seen before: this is the orchestrator retrying.
+            claim = await _claim_retry(conn, task, take_over_pending)
+            if claim.replay_text is not None or claim.in_flight:
+                return claim
+        claim.pending_before, history = await _window(conn, task.task_id, claim.seq, max_rounds, max_tokens)
         if not claim.pending_before:
-            claim.history = await _history(conn, task.task_id, claim.seq, max_rounds, max_tokens)
+            claim.history = history
         return claim
 
 
-async def _claim_retry(conn: AsyncConnection, task: TaskInfo, take_over_pending: bool) -> Claim | None:
-    row = (
-        await conn.execute(
-            select(Round.id, Round.seq, Round.status, Round.usage).where(
-                Round.task_id == task.task_id, Round.request_id == task.request_id
-            )
-        )
-    ).first()
-    if row is None:
-        return None
-    if row.status == ROUND_COMPLETED:
-        return Claim(row.id, row.seq, replay_text=await _reply_text(conn, row.id), replay_usage=row.usage)
-    if row.status == ROUND_PENDING and not take_over_pending:
-        return Claim(row.id, row.seq, in_flight=True)
-    await conn.execute(update(Round).where(Round.id == row.id).values(status=ROUND_PENDING))
-    return Claim(row.id, row.seq, regenerate=True)
+@dataclass(frozen=True)
+class _Statements:
+    next_seq: Any
+    insert_round: Any
 
 
-async def _next_seq(conn: AsyncConnection, task: TaskInfo) -> int:
-    now = _now()
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(Task).values(
-        id=task.task_id,
-        sdk_app_id=task.sdk_app_id,
-        user_id=task.user_id,
-        room_id=task.room_id,
-        room_id_type=task.room_id_type,
-        last_seq=1,
-        created_at=now,
-        updated_at=now,
-    )
-    excluded = stmt.excluded
-    stmt = stmt.on_conflict_do_update(
+@cache
+def _statements(dialect_name: str) -> _Statements:
+    """The claim's statements, built once per dialect: building and cache-keying them on every
+    request cost about as much as running them."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    upsert = dialect.insert(Task)
+    excluded = upsert.excluded
+    next_seq = upsert.on_conflict_do_update(
         index_elements=[Task.id],
         set_={
             "last_seq": Task.last_seq + 1,
@@ -147,7 +145,28 @@ async def _next_seq(conn: AsyncConnection, task: TaskInfo) -> int:
             "room_id_type": func.coalesce(excluded.room_id_type, Task.room_id_type),
         },
     ).returning(Task.last_seq)
-    return (await conn.execute(stmt)).scalar_one()
+    insert_round = (
+        dialect.insert(Round)
+        .on_conflict_do_nothing(index_elements=[Round.task_id, Round.request_id])
+        .returning(Round.id)
+    )
+    return _Statements(next_seq, insert_round)
+
+
+async def _claim_retry(conn: AsyncConnection, task: TaskInfo, take_over_pending: bool) -> Claim:
+    row = (
+        await conn.execute(
+            select(Round.id, Round.seq, Round.status, Round.usage).where(
+                Round.task_id == task.task_id, Round.request_id == task.request_id
+            )
+        )
+    ).one()
+    if row.status == ROUND_COMPLETED:
+        return Claim(row.id, row.seq, replay_text=await _reply_text(conn, row.id), replay_usage=row.usage)
+    if row.status == ROUND_PENDING and not take_over_pending:
+        return Claim(row.id, row.seq, in_flight=True)
+    await conn.execute(update(Round).where(Round.id == row.id).values(status=ROUND_PENDING))
+    return Claim(row.id, row.seq, regenerate=True)
 
 
 async def _reply_text(conn: AsyncConnection, round_id: str) -> str:
@@ -164,32 +183,66 @@ async def load_history(
     engine: AsyncEngine, task_id: str, before_seq: int, *, max_rounds: int, max_tokens: int
 ) -> list[StoredRound]:
     async with engine.connect() as conn:
-        return await _history(conn, task_id, before_seq, max_rounds, max_tokens)
+        _pending, history = await _window(conn, task_id, before_seq, max_rounds, max_tokens)
+        return history
 
 
-@dataclass(frozen=True)
-class _RoundRef:
-    id: str
-    seq: int
-    tokens: int
-
-
-async def _history(
-    conn: AsyncConnection, task_id: str, before_seq: int, max_rounds: int, max_tokens: int
-) -> list[StoredRound]:
-    if max_rounds <= 0:
-        return []
-    result = await conn.execute(
-        select(Round.id, Round.seq, Round.tokens)
-        .where(Round.task_id == task_id, Round.seq < before_seq, Round.status.in_(FINISHED_STATUSES))
-        .order_by(Round.seq.desc())
-        .limit(max_rounds)
+_recent = (
+    select(Round.id, Round.seq, Round.tokens, Round.status)
+    .where(Round.task_id == bindparam("task_id"), Round.seq < bindparam("before_seq"))
+    .order_by(Round.seq.desc())
+    .limit(bindparam("limit"))
+    .subquery()
+)
+_WINDOW = (
+    select(
+        _recent.c.id,
+        _recent.c.seq,
+        _recent.c.tokens,
+        _recent.c.status,
+        Message.role,
+        Message.content,
+        Message.name,
+        Message.tool_call_id,
+        Message.tool_calls,
     )
-    chosen = window([_RoundRef(*row) for row in result], max_rounds, max_tokens)
-    if not chosen:
-        return []
-    by_id = await _messages_by_round(conn, [ref.id for ref in chosen])
-    return [StoredRound(ref.seq, ref.tokens, by_id[ref.id]) for ref in chosen]
+    .select_from(_recent.outerjoin(Message, Message.round_id == _recent.c.id))
+    .order_by(_recent.c.seq.desc(), Message.position)
+)
+
+
+async def _window(
+    conn: AsyncConnection, task_id: str, before_seq: int, max_rounds: int, max_tokens: int
+) -> tuple[list[str], list[StoredRound]]:
+    """The still-pending rounds among the last `max_rounds` before `before_seq`, and the history
+    window of finished ones, in one query (rounds joined with their messages). A pending round
+    further back than the window is a dead one (its process crashed) and is not waited for."""
+    rows = await conn.execute(_WINDOW, {"task_id": task_id, "before_seq": before_seq, "limit": max(max_rounds, 1)})
+    pending: list[str] = []
+    finished: list[StoredRound] = []
+    for round_id, seq, tokens, status, role, content, name, tool_call_id, tool_calls in rows:
+        if status == ROUND_PENDING:
+            if round_id not in pending:
+                pending.append(round_id)
+            continue
+        if not finished or finished[-1].seq != seq:
+            finished.append(StoredRound(seq, tokens, []))
+        if role is not None:
+            finished[-1].messages.append(_message(role, content, name, tool_call_id, tool_calls))
+    return pending, window(finished, max_rounds, max_tokens)
+
+
+def _message(
+    role: str, content: str | None, name: str | None, tool_call_id: str | None, tool_calls: Any
+) -> Msg:
+    message: Msg = {"role": role, "content": content}
+    if name is not None:
+        message["name"] = name
+    if tool_call_id is not None:
+        message["tool_call_id"] = tool_call_id
+    if tool_calls is not None:
+        message["tool_calls"] = tool_calls
+    return message
 
 
 async def _messages_by_round(conn: AsyncConnection, round_ids: list[str]) -> dict[str, list[Msg]]:
@@ -207,14 +260,7 @@ async def _messages_by_round(conn: AsyncConnection, round_ids: list[str]) -> dic
         .order_by(Message.round_id, Message.position)
     )
     for round_id, role, content, name, tool_call_id, tool_calls in rows:
-        message: Msg = {"role": role, "content": content}
-        if name is not None:
-            message["name"] = name
-        if tool_call_id is not None:
-            message["tool_call_id"] = tool_call_id
-        if tool_calls is not None:
-            message["tool_calls"] = tool_calls
-        by_id[round_id].append(message)
+        by_id[round_id].append(_message(role, content, name, tool_call_id, tool_calls))
     return by_id
 
 

@@ -1,0 +1,357 @@
+"""Chat proxy benchmark: time to first token (TTFT) and total time through the proxy, side by side
+with the same fake upstream called directly with the same messages, interleaved in one run.
+
+Open-loop load, as conversations are: every conversation sends a round every `--interval`
+seconds whether or not its last one finished; rounds alternate between the proxy and the direct
+path. Each task starts with a 50-round history in the store; the direct path sends those 101
+messages (system + 50 rounds) itself. Then a saturation search: the proxy rounds per second at
+which the p99 added TTFT passes 50 ms. Writes its table into docs/benchmarks.md.
+
+    .venv/bin/python bench/llm_bench.py            # SQLite and PostgreSQL (make bench-llm)
+    .venv/bin/python bench/llm_bench.py --quick    # short smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.db import create_engine  # noqa: E402
+from llm_proxy.context import message_tokens  # noqa: E402
+from llm_proxy.models import Message, Round, Task  # noqa: E402
+from migrations import upgrade  # noqa: E402
+
+CLI = str(Path(sys.executable).with_name("trtc-backend"))
+KEY = "bench-key"
+HISTORY_ROUNDS = 50
+SYSTEM = {"role": "system", "content": "You are a friendly voice assistant. Answer in one or two short sentences."}
+REPLY_WORDS = 20
+BEGIN, END = "<!-- llm-bench:begin -->", "<!-- llm-bench:end -->"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _history(task_n: int) -> list[dict]:
+    out = []
+    for r in range(HISTORY_ROUNDS):
+        out.append({"role": "user", "content": f"Question {r} from conversation {task_n}: what should I cook tonight?"})
+        out.append({"role": "assistant", "content": "Try a quick vegetable stir fry with rice, garlic and a little soy sauce; it takes twenty minutes."})
+    return out
+
+
+async def _seed(url: str, task_ids: list[str]) -> None:
+    engine = create_engine(url, pool_size=1, max_overflow=0)
+    now = datetime.now(timezone.utc)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(Task.__table__.insert(), [
+                {"id": t, "last_seq": HISTORY_ROUNDS, "created_at": now, "updated_at": now} for t in task_ids
+            ])
+            rounds, messages = [], []
+            for n, task_id in enumerate(task_ids):
+                history = _history(n)
+                for r in range(HISTORY_ROUNDS):
+                    round_id = uuid.uuid4().hex
+                    pair = history[2 * r: 2 * r + 2]
+                    rounds.append({"id": round_id, "task_id": task_id, "seq": r + 1, "status": "completed",
+                                   "interrupted": False, "tokens": sum(message_tokens(m) for m in pair),
+                                   "created_at": now, "finished_at": now})
+                    for position, m in enumerate(pair):
+                        messages.append({"round_id": round_id, "position": position, "role": m["role"],
+                                         "content": m["content"], "tokens": message_tokens(m)})
+            await conn.execute(Round.__table__.insert(), rounds)
+            await conn.execute(Message.__table__.insert(), messages)
+    finally:
+        await engine.dispose()
+
+
+class Service:
+    def __init__(self, args: list[str], env: dict[str, str], ready_path: str, log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen([*args, "--port", str(self.port)], env={**os.environ, **env},
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=log.parent)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(self.url + ready_path, timeout=1).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"service did not start: {args}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+@dataclass
+class Samples:
+    ttft: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+async def _round(client: httpx.AsyncClient, url: str, body: dict, headers: dict, samples: Samples) -> None:
+    started = time.perf_counter()
+    first = None
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                await response.aread()
+                samples.errors += 1
+                return
+            async for line in response.aiter_lines():
+                if first is None and line.startswith("data: {") and '"content": "' in line:
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    if delta.get("content"):
+                        first = time.perf_counter()
+                elif line == "data: [DONE]":
+                    break
+    except httpx.HTTPError:
+        samples.errors += 1
+        return
+    end = time.perf_counter()
+    if first is None:
+        samples.errors += 1
+        return
+    samples.ttft.append(first - started)
+    samples.total.append(end - started)
+
+
+async def run_level(proxy_url: str, upstream_url: str, task_ids: list[str], conversations: int,
+                    interval: float, duration: float) -> tuple[Samples, Samples, float]:
+    """`conversations` open-loop conversations for `duration` s; returns proxy, direct, proxy rounds/s."""
+    proxy, direct = Samples(), Samples()
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    timeout = httpx.Timeout(30)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as pc, \
+            httpx.AsyncClient(limits=limits, timeout=timeout) as dc:
+        in_flight: set[asyncio.Task] = set()
+        rng = random.Random(conversations)
+
+        async def conversation(n: int) -> None:
+            task_id = task_ids[n]
+            history = _history(n)
+            await asyncio.sleep(rng.uniform(0, interval))
+            start = time.perf_counter()
+            k = 0
+            while time.perf_counter() - start < duration:
+                user = {"role": "user", "content": f"[[words:{REPLY_WORDS}]] round {k} of {task_id}"}
+                if k % 2 == 0:
+                    body = {"model": "fake", "stream": True, "messages": [SYSTEM, user]}
+                    headers = {"Authorization": f"Bearer {KEY}", "X-Task-Id": task_id, "X-Request-Id": uuid.uuid4().hex}
+                    job = _round(pc, proxy_url, body, headers, proxy)
+                else:
+                    body = {"model": "fake", "stream": True, "messages": [SYSTEM, *history, user]}
+                    job = _round(dc, upstream_url, body, {}, direct)
+                t = asyncio.ensure_future(job)
+                in_flight.add(t)
+                t.add_done_callback(in_flight.discard)
+                k += 1
+                await asyncio.sleep(max(0.0, start + k * interval - time.perf_counter()))
+
+        began = time.perf_counter()
+        await asyncio.gather(*(conversation(n) for n in range(conversations)))
+        if in_flight:
+            await asyncio.gather(*in_flight)
+        elapsed = time.perf_counter() - began
+    return proxy, direct, len(proxy.ttft) / elapsed
+
+
+def _p(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1000:.1f}"
+
+
+@dataclass
+class Row:
+    db: str
+    conversations: int
+    proxy: Samples
+    direct: Samples
+    rate: float
+
+    def cells(self) -> list[str]:
+        p, d = self.proxy, self.direct
+        return [
+            self.db, str(self.conversations), f"{self.rate:.1f}", str(len(p.ttft)),
+            _ms(statistics.median(d.ttft)), _ms(statistics.median(p.ttft)),
+            _ms(statistics.median(p.ttft) - statistics.median(d.ttft)),
+            _ms(_p(d.ttft, 0.99)), _ms(_p(p.ttft, 0.99)), _ms(_p(p.ttft, 0.99) - _p(d.ttft, 0.99)),
+            f"{statistics.median(p.ttft) / statistics.median(d.ttft):.2f}",
+            _ms(statistics.median(d.total)), _ms(statistics.median(p.total)),
+            _ms(_p(d.total, 0.99)), _ms(_p(p.total, 0.99)),
+            str(p.errors + d.errors),
+        ]
+
+
+HEADER = ["db", "conversations", "proxy rounds/s", "proxy rounds", "TTFT direct median", "TTFT proxy median",
+          "added median", "TTFT direct p99", "TTFT proxy p99", "added p99", "TTFT ratio",
+          "total direct median", "total proxy median", "total direct p99", "total proxy p99", "errors"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def bench_db(db: str, url: str, args: argparse.Namespace, workdir: Path) -> tuple[list[Row], list[list[str]]]:
+    upgrade(url)
+    max_conv = max([*args.levels, *args.saturation])
+    task_ids = [f"bench-{uuid.uuid4().hex[:8]}-{n}" for n in range(max_conv)]
+    asyncio.run(_seed(url, task_ids))
+    fake = Service([CLI, "fake-upstream", "--no-record"], {}, "/v1/models", workdir / "upstream.log")
+    proxy = Service(
+        [CLI, "serve", "--workers", str(args.workers)],
+        {"DATABASE_URL": url, "UPSTREAM_BASE_URL": fake.url + "/v1", "API_KEYS": KEY, "LOG_LEVEL": "WARNING",
+         "HISTORY_MAX_ROUNDS": str(HISTORY_ROUNDS), "HISTORY_MAX_TOKENS": "100000", "DATA_DIR": str(workdir)},
+        "/healthz", workdir / "proxy.log",
+    )
+    rows: list[Row] = []
+    saturation: list[list[str]] = []
+    try:
+        proxy_url, direct_url = proxy.url + "/v1/chat/completions", fake.url + "/v1/chat/completions"
+        asyncio.run(run_level(proxy_url, direct_url, task_ids, 4, 0.2, 2))  # warm-up
+        for n in args.levels:
+            duration = args.duration * (2 if n == 1 else 1)
+            p, d, rate = asyncio.run(run_level(proxy_url, direct_url, task_ids, n, args.interval, duration))
+            rows.append(Row(db, n, p, d, rate))
+            print(_table(HEADER, [rows[-1].cells()]).splitlines()[-1], flush=True)
+        for n in args.saturation:
+            p, d, rate = asyncio.run(run_level(proxy_url, direct_url, task_ids, n, args.interval, args.duration))
+            added_p99 = _p(p.ttft, 0.99) - _p(d.ttft, 0.99)
+            saturation.append([db, str(n), f"{rate:.1f}", _ms(_p(d.ttft, 0.99)), _ms(_p(p.ttft, 0.99)),
+                               _ms(added_p99), str(p.errors + d.errors), "yes" if added_p99 > 0.050 else "no"])
+            print(saturation[-1], flush=True)
+            if added_p99 > 0.050:
+                break
+    finally:
+        proxy.stop()
+        fake.stop()
+    return rows, saturation
+
+
+def _postgres_database(admin_url: str) -> tuple[str, callable]:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    name = f"trtc_bench_{uuid.uuid4().hex[:8]}"
+    dsn = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    return url, lambda: asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--postgres-url", default=os.environ.get("TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 50, 200])
+    parser.add_argument("--saturation", type=int, nargs="+", default=[300, 400, 500, 600, 800])
+    parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="short run: levels 1 and 50, 6 s each")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    if args.quick:
+        args.levels, args.saturation, args.duration = [1, 50], [], 6.0
+
+    all_rows: list[Row] = []
+    all_saturation: list[list[str]] = []
+    dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    for db in dbs:
+        with tempfile.TemporaryDirectory(prefix=f"trtc-bench-{db}-") as tmp:
+            workdir = Path(tmp)
+            if db == "sqlite":
+                rows, sat = bench_db(db, f"sqlite+aiosqlite:///{workdir / 'bench.db'}", args, workdir)
+            else:
+                url, drop = _postgres_database(args.postgres_url)
+                try:
+                    rows, sat = bench_db(db, url, args, workdir)
+                finally:
+                    drop()
+            all_rows += rows
+            all_saturation += sat
+
+    command = "python bench/llm_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    section = "\n".join([
+        BEGIN,
+        "## Chat proxy (`bench/llm_bench.py`)",
+        "",
+        f"Command: `{command.strip()}` (via `make bench-llm`), {datetime.now(timezone.utc):%Y-%m-%d}, "
+        f"{os.cpu_count()} cores, proxy with {args.workers} worker(s); fake upstream, proxy and load generator "
+        "share the machine. Times in ms. Each conversation sends a round every "
+        f"{args.interval:g} s (open loop), alternating proxy and direct; each task holds a {HISTORY_ROUNDS}-round "
+        "history in the store, which the direct path sends itself (101 messages + the new one). "
+        f"Reply: {REPLY_WORDS} streamed words. \"added\" = proxy minus direct.",
+        "",
+        _table(HEADER, [r.cells() for r in all_rows]),
+        "",
+        "Saturation search (same load shape, more conversations): the first row whose added p99 TTFT passes 50 ms "
+        "marks saturation; the row before it is the highest sustained rate.",
+        "",
+        _table(["db", "conversations", "proxy rounds/s", "TTFT direct p99", "TTFT proxy p99", "added p99", "errors", "past 50 ms"],
+               all_saturation) if all_saturation else "(not run)",
+        END,
+    ])
+    print(section)
+    if not args.no_write:
+        path = ROOT / "docs" / "benchmarks.md"
+        text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+        if BEGIN in text:
+            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
