@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await upstream.aclose()
             await engine.dispose()
 
     app = FastAPI(title="trtc-backend", lifespan=lifespan, docs_url=None, redoc_url=None)

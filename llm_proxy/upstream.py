@@ -2,14 +2,21 @@
 
 The proxy only ever streams from the upstream (also for non-streaming clients): it sees the first
 token as early as possible and can stop paying for tokens the moment its client goes away.
+
+ChatOpenAI builds the request and turns the streamed chunks into messages; the HTTP transport
+under it is `RawChatCompletions`, handed in as its `async_client`. ChatOpenAI takes plain dict
+chunks as well as SDK objects, and the openai SDK's own transport cost more than the rest of the
+proxy together: a recursive transform of every request parameter (~15 ms for a 50-round history)
+and a pydantic model built per chunk, which ChatOpenAI at once dumps back to a dict.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import openai
+import httpx
 from langchain_openai import ChatOpenAI
 
 from app.errors import ApiError
@@ -26,35 +33,79 @@ class Delta:
     usage: dict[str, int] | None = None
 
 
-class _RawMessagesChatOpenAI(ChatOpenAI):
-    """ChatOpenAI that hands the messages to the openai SDK through `extra_body`.
+class RawChatCompletions:
+    """The part of the openai SDK's `chat.completions` resource that ChatOpenAI streams with:
+    `await create(**payload)` returning an async context manager that yields chunk dicts."""
 
-    The SDK walks every request parameter through a recursive TypedDict transform that changes
-    nothing for chat messages but costs ~15 ms for a 50-round history (openai 3.x); `extra_body`
-    is merged into the JSON as is. The wire body is identical.
-    """
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
 
-    def _get_request_payload(self, input_: Any, *, stop: list[str] | None = None, **kwargs: Any) -> dict:
-        payload = super()._get_request_payload(input_, stop=stop, **kwargs)
-        if "messages" in payload:
-            payload["extra_body"] = {**(payload.get("extra_body") or {}), "messages": payload["messages"]}
-            payload["messages"] = []
-        return payload
+    async def create(self, **payload: Any) -> _ChunkStream:
+        extra = payload.pop("extra_body", None) or {}
+        body = {**payload, **extra}
+        request = self._http.build_request("POST", "chat/completions", json=body)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise upstream_error(exc) from exc
+        if response.status_code != 200:
+            await response.aread()
+            await response.aclose()
+            raise _status_error(response)
+        return _ChunkStream(response)
+
+
+class _ChunkStream:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    async def __aenter__(self) -> _ChunkStream:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self._response.aclose()
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        async for line in self._response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else str(error)
+                raise ApiError(502, f"Upstream failed mid-stream: {message}", "upstream_error", "upstream_failed")
+            yield chunk
 
 
 class Upstream:
     def __init__(self, base_url: str, api_key: str, timeout_s: float) -> None:
-        self._llm = _RawMessagesChatOpenAI(
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+        self._llm = ChatOpenAI(
             model=_PLACEHOLDER_MODEL,
             base_url=base_url,
-            # An upstream without auth (a local vLLM, say) still needs a non-empty key here.
             api_key=api_key or "unused",
-            timeout=timeout_s,
-            # The orchestrator retries on its own; retrying here would only add latency.
+            async_client=RawChatCompletions(self._http),
+            # Stalls are bounded by the HTTP read timeout; this knob costs a task per chunk.
+            stream_chunk_timeout=None,
             max_retries=0,
             streaming=True,
             use_responses_api=False,
         )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
     def stream(
         self, messages: list[Msg], *, model: str, params: dict[str, Any], include_usage: bool
@@ -84,27 +135,33 @@ class Upstream:
 
     async def model_ids(self) -> list[str]:
         try:
-            page = await self._llm.root_async_client.models.list()
-        except Exception as exc:
+            response = await self._http.get("models")
+        except httpx.HTTPError as exc:
             raise upstream_error(exc) from exc
-        return [model.id for model in page.data]
+        if response.status_code != 200:
+            raise _status_error(response)
+        return [model["id"] for model in response.json().get("data", [])]
+
+
+def _status_error(response: httpx.Response) -> ApiError:
+    try:
+        error = response.json().get("error") or {}
+        message = error.get("message") if isinstance(error, dict) else str(error)
+    except ValueError:
+        message = response.text[:200]
+    if response.status_code == 429:
+        return ApiError(429, f"Upstream rate limited the request: {message}", "rate_limit_error", "upstream_rate_limited")
+    return ApiError(
+        502, f"Upstream failed with HTTP {response.status_code}: {message}", "upstream_error", "upstream_failed"
+    )
 
 
 def upstream_error(exc: Exception) -> ApiError:
     """Map an upstream failure to the status the client should see."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, openai.RateLimitError):
-        return ApiError(429, f"Upstream rate limited the request: {exc.message}", "rate_limit_error", "upstream_rate_limited")
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, httpx.TimeoutException):
         return ApiError(504, "Upstream timed out.", "upstream_error", "upstream_timeout")
-    if isinstance(exc, openai.APIStatusError):
-        return ApiError(
-            502,
-            f"Upstream failed with HTTP {exc.status_code}: {exc.message}",
-            "upstream_error",
-            "upstream_failed",
-        )
-    if isinstance(exc, openai.APIConnectionError):
-        return ApiError(502, f"Upstream unreachable: {exc.message}", "upstream_error", "upstream_unreachable")
+    if isinstance(exc, httpx.HTTPError):
+        return ApiError(502, f"Upstream unreachable: {exc!r}", "upstream_error", "upstream_unreachable")
     return ApiError(502, f"Upstream failed: {type(exc).__name__}: {exc}", "upstream_error", "upstream_failed")
