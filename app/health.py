@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from app import metrics
+from app.db import transaction
 from migrations import head_revision
 
 router = APIRouter()
@@ -27,7 +28,7 @@ async def readyz(request: Request) -> JSONResponse:
     expected = head_revision()
     try:
         async with asyncio.timeout(2):
-            async with request.app.state.engine.connect() as conn:
+            async with transaction(request.app.state.engine) as conn:
                 current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     except Exception as exc:  # any failure means "not ready", with the reason
         log.warning("database not ready: %s", exc)

@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.db import transaction
 from llm_proxy.context import Msg, StoredRound, message_tokens, window
 from llm_proxy.models import (
     FINISHED_STATUSES,
@@ -76,7 +77,7 @@ async def claim_round(
     """Take the task's next sequence number for a new round, or find the round this request
     retries; and, unless an earlier round is still pending, read the history window. Three
     statements on the usual path: each costs a thread hop on SQLite, so they are kept few."""
-    async with engine.begin() as conn:
+    async with transaction(engine) as conn:
         statements = _statements(conn.dialect.name)
         now = _now()
         seq = (
@@ -182,7 +183,7 @@ async def _reply_text(conn: AsyncConnection, round_id: str) -> str:
 async def load_history(
     engine: AsyncEngine, task_id: str, before_seq: int, *, max_rounds: int, max_tokens: int
 ) -> list[StoredRound]:
-    async with engine.connect() as conn:
+    async with transaction(engine) as conn:
         _pending, history = await _window(conn, task_id, before_seq, max_rounds, max_tokens)
         return history
 
@@ -265,7 +266,7 @@ async def _messages_by_round(conn: AsyncConnection, round_ids: list[str]) -> dic
 
 
 async def still_pending(engine: AsyncEngine, round_ids: Sequence[str]) -> list[str]:
-    async with engine.connect() as conn:
+    async with transaction(engine) as conn:
         result = await conn.execute(
             select(Round.id).where(Round.id.in_(list(round_ids)), Round.status == ROUND_PENDING)
         )
@@ -296,7 +297,7 @@ async def finish_round(
         }
         for position, message in enumerate(messages)
     ]
-    async with engine.begin() as conn:
+    async with transaction(engine) as conn:
         if claim.regenerate:
             await conn.execute(delete(Message).where(Message.round_id == claim.round_id))
         await conn.execute(insert(Message), rows)
@@ -318,7 +319,7 @@ async def finish_round(
 async def release_round(engine: AsyncEngine, claim: Claim) -> None:
     """Undo a claim whose upstream failed before answering: nothing of the round stays
     (a regenerated round goes back to its earlier, interrupted state)."""
-    async with engine.begin() as conn:
+    async with transaction(engine) as conn:
         if claim.regenerate:
             await conn.execute(
                 update(Round).where(Round.id == claim.round_id).values(status=ROUND_INTERRUPTED)
@@ -329,7 +330,7 @@ async def release_round(engine: AsyncEngine, claim: Claim) -> None:
 
 async def round_messages(engine: AsyncEngine, task_id: str) -> list[dict[str, Any]]:
     """Every finished round of a task, oldest first, with its messages (for tests and tools)."""
-    async with engine.connect() as conn:
+    async with transaction(engine) as conn:
         rounds = (
             await conn.execute(
                 select(Round.id, Round.seq, Round.status, Round.interrupted, Round.request_id)
