@@ -204,6 +204,7 @@ def _ms(x: float) -> str:
 @dataclass
 class Row:
     db: str
+    workers: int
     conversations: int
     proxy: Samples
     direct: Samples
@@ -212,7 +213,7 @@ class Row:
     def cells(self) -> list[str]:
         p, d = self.proxy, self.direct
         return [
-            self.db, str(self.conversations), f"{self.rate:.1f}", str(len(p.ttft)),
+            self.db, str(self.workers), str(self.conversations), f"{self.rate:.1f}", str(len(p.ttft)),
             _ms(statistics.median(d.ttft)), _ms(statistics.median(p.ttft)),
             _ms(statistics.median(p.ttft) - statistics.median(d.ttft)),
             _ms(_p(d.ttft, 0.99)), _ms(_p(p.ttft, 0.99)), _ms(_p(p.ttft, 0.99) - _p(d.ttft, 0.99)),
@@ -223,7 +224,7 @@ class Row:
         ]
 
 
-HEADER = ["db", "conversations", "proxy rounds/s", "proxy rounds", "TTFT direct median", "TTFT proxy median",
+HEADER = ["db", "workers", "conversations", "proxy rounds/s", "proxy rounds", "TTFT direct median", "TTFT proxy median",
           "added median", "TTFT direct p99", "TTFT proxy p99", "added p99", "TTFT ratio",
           "total direct median", "total proxy median", "total direct p99", "total proxy p99", "errors"]
 
@@ -234,14 +235,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def bench_db(db: str, url: str, args: argparse.Namespace, workdir: Path) -> tuple[list[Row], list[list[str]]]:
+def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir: Path) -> tuple[list[Row], list[list[str]]]:
     upgrade(url)
     max_conv = max([*args.levels, *args.saturation])
     task_ids = [f"bench-{uuid.uuid4().hex[:8]}-{n}" for n in range(max_conv)]
     asyncio.run(_seed(url, task_ids))
     fake = Service([CLI, "fake-upstream", "--no-record"], {}, "/v1/models", workdir / "upstream.log")
     proxy = Service(
-        [CLI, "serve", "--workers", str(args.workers)],
+        [CLI, "serve", "--workers", str(workers)],
         {"DATABASE_URL": url, "UPSTREAM_BASE_URL": fake.url + "/v1", "API_KEYS": KEY, "LOG_LEVEL": "WARNING",
          "HISTORY_MAX_ROUNDS": str(HISTORY_ROUNDS), "HISTORY_MAX_TOKENS": "100000", "DATA_DIR": str(workdir)},
         "/healthz", workdir / "proxy.log",
@@ -254,12 +255,12 @@ def bench_db(db: str, url: str, args: argparse.Namespace, workdir: Path) -> tupl
         for n in args.levels:
             duration = args.duration * (2 if n == 1 else 1)
             p, d, rate = asyncio.run(run_level(proxy_url, direct_url, task_ids, n, args.interval, duration))
-            rows.append(Row(db, n, p, d, rate))
+            rows.append(Row(db, workers, n, p, d, rate))
             print(_table(HEADER, [rows[-1].cells()]).splitlines()[-1], flush=True)
         for n in args.saturation:
             p, d, rate = asyncio.run(run_level(proxy_url, direct_url, task_ids, n, args.interval, args.duration))
             added_p99 = _p(p.ttft, 0.99) - _p(d.ttft, 0.99)
-            saturation.append([db, str(n), f"{rate:.1f}", _ms(_p(d.ttft, 0.99)), _ms(_p(p.ttft, 0.99)),
+            saturation.append([db, str(workers), str(n), f"{rate:.1f}", _ms(_p(d.ttft, 0.99)), _ms(_p(p.ttft, 0.99)),
                                _ms(added_p99), str(p.errors + d.errors), "yes" if added_p99 > 0.050 else "no"])
             print(saturation[-1], flush=True)
             if added_p99 > 0.050:
@@ -297,7 +298,7 @@ def main() -> None:
     parser.add_argument("--saturation", type=int, nargs="+", default=[300, 400, 500, 600, 800])
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quick", action="store_true", help="short run: levels 1 and 50, 6 s each")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
@@ -308,18 +309,19 @@ def main() -> None:
     all_saturation: list[list[str]] = []
     dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     for db in dbs:
-        with tempfile.TemporaryDirectory(prefix=f"trtc-bench-{db}-") as tmp:
-            workdir = Path(tmp)
-            if db == "sqlite":
-                rows, sat = bench_db(db, f"sqlite+aiosqlite:///{workdir / 'bench.db'}", args, workdir)
-            else:
-                url, drop = _postgres_database(args.postgres_url)
-                try:
-                    rows, sat = bench_db(db, url, args, workdir)
-                finally:
-                    drop()
-            all_rows += rows
-            all_saturation += sat
+        for workers in args.workers:
+            with tempfile.TemporaryDirectory(prefix=f"trtc-bench-{db}-") as tmp:
+                workdir = Path(tmp)
+                if db == "sqlite":
+                    rows, sat = bench_db(db, f"sqlite+aiosqlite:///{workdir / 'bench.db'}", workers, args, workdir)
+                else:
+                    url, drop = _postgres_database(args.postgres_url)
+                    try:
+                        rows, sat = bench_db(db, url, workers, args, workdir)
+                    finally:
+                        drop()
+                all_rows += rows
+                all_saturation += sat
 
     command = "python bench/llm_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     section = "\n".join([
@@ -327,7 +329,7 @@ def main() -> None:
         "## Chat proxy (`bench/llm_bench.py`)",
         "",
         f"Command: `{command.strip()}` (via `make bench-llm`), {datetime.now(timezone.utc):%Y-%m-%d}, "
-        f"{os.cpu_count()} cores, proxy with {args.workers} worker(s); fake upstream, proxy and load generator "
+        f"{os.cpu_count()} cores; fake upstream, proxy (1 or 2 worker processes) and load generator "
         "share the machine. Times in ms. Each conversation sends a round every "
         f"{args.interval:g} s (open loop), alternating proxy and direct; each task holds a {HISTORY_ROUNDS}-round "
         "history in the store, which the direct path sends itself (101 messages + the new one). "
@@ -338,7 +340,7 @@ def main() -> None:
         "Saturation search (same load shape, more conversations): the first row whose added p99 TTFT passes 50 ms "
         "marks saturation; the row before it is the highest sustained rate.",
         "",
-        _table(["db", "conversations", "proxy rounds/s", "TTFT direct p99", "TTFT proxy p99", "added p99", "errors", "past 50 ms"],
+        _table(["db", "workers", "conversations", "proxy rounds/s", "TTFT direct p99", "TTFT proxy p99", "added p99", "errors", "past 50 ms"],
                all_saturation) if all_saturation else "(not run)",
         END,
     ])
