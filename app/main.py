@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -33,6 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.api_keys = resolve_api_keys(settings.api_key_list, settings.data_dir)
         app.state.chat = ChatService(settings, engine, upstream)
+        # Everything imported and built so far lives as long as the process: keep it out of the
+        # cyclic collector's full passes, which otherwise walk it again and again mid-request.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
