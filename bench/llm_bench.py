@@ -30,8 +30,10 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import httpx
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,6 +42,7 @@ from app.db import create_engine  # noqa: E402
 from llm_proxy.context import message_tokens  # noqa: E402
 from llm_proxy.models import Message, Round, Task  # noqa: E402
 from migrations import upgrade  # noqa: E402
+from tests.support import create_postgres_database, drop_postgres_database  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("trtc-backend"))
 KEY = "bench-key"
@@ -271,23 +274,12 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
     return rows, saturation
 
 
-def _postgres_database(admin_url: str) -> tuple[str, callable]:
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
+def _postgres_database(admin_url: str) -> tuple[str, Callable[[], None]]:
+    """A fresh database for one run, and how to drop it."""
     name = f"trtc_bench_{uuid.uuid4().hex[:8]}"
-    dsn = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    asyncio.run(create_postgres_database(admin_url, name))
     url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    return url, lambda: asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return url, lambda: asyncio.run(drop_postgres_database(admin_url, name))
 
 
 def main() -> None:

@@ -168,17 +168,17 @@ def _asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def create_postgres_database(admin_url: str, name: str) -> None:
+async def _admin(admin_url: str, sql: str) -> None:
     conn = await asyncpg.connect(_asyncpg_dsn(admin_url))
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(sql)
     finally:
         await conn.close()
+
+
+async def create_postgres_database(admin_url: str, name: str) -> None:
+    await _admin(admin_url, f'CREATE DATABASE "{name}"')
 
 
 async def drop_postgres_database(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(_asyncpg_dsn(admin_url))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await _admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
