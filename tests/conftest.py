@@ -79,14 +79,16 @@ def start_proxy(upstream: Upstream, tmp_path: Path) -> Iterator[callable]:
     """Start extra proxies with their own settings; all are stopped after the test."""
     started: list[Proxy] = []
 
-    def start(env: dict[str, str], *, workdir: Path | None = None, migrate: bool = True) -> Proxy:
+    def start(
+        env: dict[str, str], *, workdir: Path | None = None, migrate: bool = True, args: tuple[str, ...] = ()
+    ) -> Proxy:
         server = Proxy(workdir or tmp_path / f"proxy{len(started)}", {"UPSTREAM_BASE_URL": upstream.base_url, **env})
         if migrate:
             from migrations import upgrade
 
             upgrade(server.database_url)
         started.append(server)
-        server.start()
+        server.start(*args)
         return server
 
     yield start

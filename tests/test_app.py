@@ -182,3 +182,23 @@ def test_an_unmigrated_database_is_not_ready(start_proxy) -> None:
     response = httpx.get(server.url + "/readyz")
     assert response.status_code == 503
     assert "trtc-backend db upgrade" in response.json()["database"]
+
+
+def test_metrics_add_up_over_several_workers(start_proxy) -> None:
+    server = start_proxy({}, args=("--workers", "2"))
+
+    async def one() -> None:
+        # A connection of its own and a slow upstream, so both workers take requests.
+        async with server.async_client() as client:
+            await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "[[first_delay:0.2]]"}],
+                extra_headers=headers(f"task-{marker()}"),
+            )
+
+    async def many() -> None:
+        await asyncio.gather(*(one() for _ in range(24)))
+
+    asyncio.run(many())
+    lines = httpx.get(server.url + "/metrics").text.splitlines()
+    completed = [line for line in lines if line.startswith('trtc_llm_rounds_total{outcome="completed"}')]
+    assert completed and float(completed[0].split()[-1]) == 24
