@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 
 import anyio
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import ApiError, bad_request
 from app.metrics import LLM_ADDED, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
@@ -141,7 +142,7 @@ class LiveRound:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, engine: Any, upstream: Upstream) -> None:
+    def __init__(self, settings: Settings, engine: AsyncEngine, upstream: Upstream) -> None:
         self.settings = settings
         self.engine = engine
         self.upstream = upstream
