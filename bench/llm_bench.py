@@ -19,10 +19,7 @@ import json
 import os
 import random
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,20 +39,13 @@ from app.db import create_engine  # noqa: E402
 from llm_proxy.context import message_tokens  # noqa: E402
 from llm_proxy.models import Message, Round, Task  # noqa: E402
 from migrations import upgrade  # noqa: E402
-from tests.support import create_postgres_database, drop_postgres_database  # noqa: E402
+from tests.support import Proxy, Upstream, create_postgres_database, drop_postgres_database  # noqa: E402
 
-CLI = str(Path(sys.executable).with_name("trtc-backend"))
 KEY = "bench-key"
 HISTORY_ROUNDS = 50
 SYSTEM = {"role": "system", "content": "You are a friendly voice assistant. Answer in one or two short sentences."}
 REPLY_WORDS = 20
 BEGIN, END = "<!-- llm-bench:begin -->", "<!-- llm-bench:end -->"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _history(task_n: int) -> list[dict]:
@@ -90,33 +80,6 @@ async def _seed(url: str, task_ids: list[str]) -> None:
             await conn.execute(Message.__table__.insert(), messages)
     finally:
         await engine.dispose()
-
-
-class Service:
-    def __init__(self, args: list[str], env: dict[str, str], ready_path: str, log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "ab")
-        self.proc = subprocess.Popen([*args, "--port", str(self.port)], env={**os.environ, **env},
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=log.parent)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(self.url + ready_path, timeout=1).status_code < 500:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"service did not start: {args}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
 
 
 @dataclass
@@ -243,13 +206,14 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
     max_conv = max([*args.levels, *args.saturation])
     task_ids = [f"bench-{uuid.uuid4().hex[:8]}-{n}" for n in range(max_conv)]
     asyncio.run(_seed(url, task_ids))
-    fake = Service([CLI, "fake-upstream", "--no-record"], {}, "/v1/models", workdir / "upstream.log")
-    proxy = Service(
-        [CLI, "serve", "--workers", str(workers)],
-        {"DATABASE_URL": url, "UPSTREAM_BASE_URL": fake.url + "/v1", "API_KEYS": KEY, "LOG_LEVEL": "WARNING",
-         "HISTORY_MAX_ROUNDS": str(HISTORY_ROUNDS), "HISTORY_MAX_TOKENS": "100000", "DATA_DIR": str(workdir)},
-        "/healthz", workdir / "proxy.log",
+    fake = Upstream(workdir / "upstream.log", record=False)
+    fake.start()
+    proxy = Proxy(
+        workdir,
+        {"DATABASE_URL": url, "UPSTREAM_BASE_URL": fake.base_url, "API_KEYS": KEY, "LOG_LEVEL": "WARNING",
+         "HISTORY_MAX_ROUNDS": str(HISTORY_ROUNDS), "HISTORY_MAX_TOKENS": "100000"},
     )
+    proxy.start("--workers", str(workers))
     rows: list[Row] = []
     saturation: list[list[str]] = []
     try:

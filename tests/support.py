@@ -90,12 +90,14 @@ class _Process:
 class Upstream(_Process):
     """The fake OpenAI upstream (`trtc-backend fake-upstream`)."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, *, record: bool = True) -> None:
         super().__init__(log_path)
         self.base_url = f"{self.url}/v1"
+        self._record = record
 
     def start(self) -> None:
-        self._spawn([CLI, "fake-upstream", "--port", str(self.port)], {}, self.log_path.parent)
+        record = [] if self._record else ["--no-record"]
+        self._spawn([CLI, "fake-upstream", "--port", str(self.port), *record], {}, self.log_path.parent)
         self._wait_ready("/v1/models")
 
     def requests(self, marker: str) -> list[dict[str, Any]]:
