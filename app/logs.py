@@ -11,7 +11,9 @@ import logging
 import sys
 import time
 from contextvars import ContextVar
+from typing import Mapping
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 task_id_var: ContextVar[str | None] = ContextVar("task_id", default=None)
@@ -57,16 +59,9 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def request_id_from(scope: Scope) -> str | None:
+def request_id(headers: Mapping[str, str]) -> str | None:
     """The orchestrator's request id; one page of its docs spells the header `X-Rquest-Id`."""
-    return header(scope, b"x-request-id") or header(scope, b"x-rquest-id")
+    return headers.get("x-request-id") or headers.get("x-rquest-id")
 
 
 _access_log = logging.getLogger("trtc.access")
@@ -82,8 +77,9 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        task_token = task_id_var.set(header(scope, b"x-task-id"))
-        request_token = request_id_var.set(request_id_from(scope))
+        headers = Headers(scope=scope)
+        task_token = task_id_var.set(headers.get("x-task-id"))
+        request_token = request_id_var.set(request_id(headers))
         started = time.perf_counter()
         status = 500
 

@@ -20,6 +20,7 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import ApiError, bad_request
+from app.logs import request_id
 from app.metrics import LLM_ADDED, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
 from app.settings import Settings
 from llm_proxy import store
@@ -40,7 +41,7 @@ def task_info(headers: Mapping[str, str]) -> TaskInfo | None:
         return None
     return TaskInfo(
         task_id=task_id,
-        request_id=headers.get("x-request-id") or headers.get("x-rquest-id"),
+        request_id=request_id(headers),
         sdk_app_id=headers.get("x-sdk-app-id"),
         user_id=headers.get("x-user-id"),
         room_id=headers.get("x-room-id"),
