@@ -94,6 +94,8 @@ class Upstream:
         )
         self._llm = ChatOpenAI(
             model=_PLACEHOLDER_MODEL,
+            # Unused for chat (the transport is ours) but validated: ChatOpenAI still builds an
+            # SDK client from them and refuses an empty key (a local upstream may need none).
             base_url=base_url,
             api_key=api_key or "unused",
             async_client=RawChatCompletions(self._http),
