@@ -8,9 +8,9 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from app import metrics
-from app.db import transaction
 from migrations import head_revision
 
 router = APIRouter()
@@ -28,14 +28,17 @@ async def readyz(request: Request) -> JSONResponse:
     expected = head_revision()
     try:
         async with asyncio.timeout(2):
-            async with transaction(request.app.state.engine) as conn:
-                current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+            current = await request.app.state.db.run(_schema_revision)
     except Exception as exc:  # any failure means "not ready", with the reason
         log.warning("database not ready: %s", exc)
         return _unavailable(f"{type(exc).__name__}: {exc}; run `trtc-backend db upgrade` if the schema is missing")
     if current != expected:
         return _unavailable(f"schema at revision {current}, expected {expected}: run `trtc-backend db upgrade`")
     return JSONResponse({"status": "ok", "database": "ok"})
+
+
+def _schema_revision(conn: Connection) -> str | None:
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def _unavailable(reason: str) -> JSONResponse:

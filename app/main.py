@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app import health
 from app.auth import resolve_api_keys
-from app.db import create_engine
+from app.db import Database
 from app.errors import install_error_handlers
 from app.logs import RequestContextMiddleware, configure_logging
 from app.settings import Settings, get_settings
@@ -25,15 +25,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(
+        db = Database(
             settings.resolved_database_url,
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
         )
         upstream = Upstream(settings.upstream_base_url, settings.upstream_api_key, settings.upstream_timeout_s)
-        app.state.engine = engine
+        app.state.db = db
         app.state.api_keys = resolve_api_keys(settings.api_key_list, settings.data_dir)
-        app.state.chat = ChatService(settings, engine, upstream)
+        app.state.chat = ChatService(settings, db, upstream)
         # Everything imported and built so far lives as long as the process: keep it out of the
         # cyclic collector's full passes, which otherwise walk it again and again mid-request.
         gc.collect()
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await upstream.aclose()
-            await engine.dispose()
+            await db.dispose()
 
     app = FastAPI(title="trtc-backend", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(RequestContextMiddleware)

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     history_max_rounds: int = Field(default=50, ge=0)
     history_max_tokens: int = Field(default=8000, ge=0)
     round_wait_timeout_s: float = Field(default=10.0, ge=0)
+    # Tasks whose history window each process keeps in memory (0: read it from the DB every round).
+    history_cache_tasks: int = Field(default=10_000, ge=0)
 
     log_level: str = "INFO"
 

@@ -30,16 +30,15 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.db import create_engine  # noqa: E402
 from llm_proxy.context import message_tokens  # noqa: E402
 from llm_proxy.models import Message, Round, Task  # noqa: E402
 from migrations import upgrade  # noqa: E402
-from tests.support import Proxy, Upstream, create_postgres_database, drop_postgres_database  # noqa: E402
+from tests.support import Proxy, Upstream, create_postgres_database, drop_postgres_database, run_db  # noqa: E402
 
 KEY = "bench-key"
 HISTORY_ROUNDS = 50
@@ -56,30 +55,29 @@ def _history(task_n: int) -> list[dict]:
     return out
 
 
-async def _seed(url: str, task_ids: list[str]) -> None:
-    engine = create_engine(url, pool_size=1, max_overflow=0)
+def _seed(url: str, task_ids: list[str]) -> None:
     now = datetime.now(timezone.utc)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(Task.__table__.insert(), [
-                {"id": t, "last_seq": HISTORY_ROUNDS, "created_at": now, "updated_at": now} for t in task_ids
-            ])
-            rounds, messages = [], []
-            for n, task_id in enumerate(task_ids):
-                history = _history(n)
-                for r in range(HISTORY_ROUNDS):
-                    round_id = uuid.uuid4().hex
-                    pair = history[2 * r: 2 * r + 2]
-                    rounds.append({"id": round_id, "task_id": task_id, "seq": r + 1, "status": "completed",
-                                   "interrupted": False, "tokens": sum(message_tokens(m) for m in pair),
-                                   "created_at": now, "finished_at": now})
-                    for position, m in enumerate(pair):
-                        messages.append({"round_id": round_id, "position": position, "role": m["role"],
-                                         "content": m["content"], "tokens": message_tokens(m)})
-            await conn.execute(Round.__table__.insert(), rounds)
-            await conn.execute(Message.__table__.insert(), messages)
-    finally:
-        await engine.dispose()
+    rounds, messages = [], []
+    for n, task_id in enumerate(task_ids):
+        history = _history(n)
+        for r in range(HISTORY_ROUNDS):
+            round_id = uuid.uuid4().hex
+            pair = history[2 * r: 2 * r + 2]
+            rounds.append({"id": round_id, "task_id": task_id, "seq": r + 1, "status": "completed",
+                           "interrupted": False, "tokens": sum(message_tokens(m) for m in pair),
+                           "created_at": now, "finished_at": now})
+            for position, m in enumerate(pair):
+                messages.append({"round_id": round_id, "position": position, "role": m["role"],
+                                 "content": m["content"], "tokens": message_tokens(m)})
+
+    def insert(conn: Connection) -> None:
+        conn.execute(Task.__table__.insert(), [
+            {"id": t, "last_seq": HISTORY_ROUNDS, "created_at": now, "updated_at": now} for t in task_ids
+        ])
+        conn.execute(Round.__table__.insert(), rounds)
+        conn.execute(Message.__table__.insert(), messages)
+
+    run_db(url, insert)
 
 
 @dataclass
@@ -205,7 +203,7 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
     upgrade(url)
     max_conv = max([*args.levels, *args.saturation])
     task_ids = [f"bench-{uuid.uuid4().hex[:8]}-{n}" for n in range(max_conv)]
-    asyncio.run(_seed(url, task_ids))
+    _seed(url, task_ids)
     fake = Upstream(workdir / "upstream.log", record=False)
     fake.start()
     proxy = Proxy(

@@ -45,6 +45,9 @@ class Task(Base):
     room_id_type: Mapped[str | None] = mapped_column(String(8))
     # Last round sequence number handed out; incremented under the row lock.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Bumped by every change to the task's stored rounds, so a process that keeps a copy of the
+    # history window knows when another process (or an edit) made it stale.
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

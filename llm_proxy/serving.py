@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 
 import anyio
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.db import Database
 from app.errors import ApiError, bad_request
 from app.logs import request_id
 from app.metrics import LLM_ADDED, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
 from app.settings import Settings
 from llm_proxy import store
-from llm_proxy.context import Msg, history_messages, split_turn
+from llm_proxy.context import Msg, StoredRound, history_messages, split_turn, window
+from llm_proxy.history_cache import HistoryCache
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event, usage_dict
 from llm_proxy.store import Claim, TaskInfo
 from llm_proxy.upstream import Delta, Upstream
@@ -114,19 +115,14 @@ class LiveRound:
             if self._claim is None:
                 outcome = "stateless"
             else:
-                reply = {"role": "assistant", "content": sent_text}
-                try:
-                    await store.finish_round(
-                        self._service.engine,
-                        self._claim,
-                        [*self._new_turn, reply],
-                        interrupted=interrupted,
-                        model=self.model,
-                        finish_reason=None if interrupted else self.finish_reason,
-                        usage=self.usage,
-                    )
-                finally:
-                    self._service.round_done(self._claim.round_id)
+                await self._service.store(
+                    self._claim,
+                    [*self._new_turn, {"role": "assistant", "content": sent_text}],
+                    interrupted=interrupted,
+                    model=self.model,
+                    finish_reason=None if interrupted else self.finish_reason,
+                    usage=self.usage,
+                )
             LLM_ROUNDS.labels(outcome).inc()
 
     async def release(self) -> None:
@@ -143,10 +139,11 @@ class LiveRound:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, engine: AsyncEngine, upstream: Upstream) -> None:
+    def __init__(self, settings: Settings, db: Database, upstream: Upstream) -> None:
         self.settings = settings
-        self.engine = engine
+        self.db = db
         self.upstream = upstream
+        self.history = HistoryCache(settings.history_cache_tasks, settings.history_max_rounds)
         # Rounds of this process still streaming; a later round of the same task awaits these
         # instead of polling the database.
         self._running: dict[str, asyncio.Event] = {}
@@ -162,35 +159,18 @@ class ChatService:
             return await self._start(None, [], messages, request, model, include_usage, started)
 
         turn = split_turn(request.messages)
-        claim = await self._claim(task)
+        claim = await self._claim(task, turn.new, model)
         if claim.replay_text is not None:
             LLM_ROUNDS.labels("replayed").inc()
             return Replay(
                 "chatcmpl-" + claim.round_id, model, claim.replay_text, claim.replay_usage, include_usage
             )
-        self._running[claim.round_id] = asyncio.Event()
         try:
-            history = claim.history
-            if history is None:
-                await self._wait_for(claim.pending_before)
-                history = await store.load_history(
-                    self.engine,
-                    task.task_id,
-                    claim.seq,
-                    max_rounds=self.settings.history_max_rounds,
-                    max_tokens=self.settings.history_max_tokens,
-                )
+            history = window(await self._history(claim), self.settings.history_max_rounds, self.settings.history_max_tokens)
             messages = [*turn.system, *history_messages(history), *turn.new]
             return await self._start(claim, turn.new, messages, request, model, include_usage, started)
         except asyncio.CancelledError:
-            # The client left before the first token: keep what the user said, reply empty.
-            with anyio.CancelScope(shield=True):
-                await store.finish_round(
-                    self.engine, claim, [*turn.new, {"role": "assistant", "content": ""}],
-                    interrupted=True, model=model, finish_reason=None, usage=None,
-                )
-                self.round_done(claim.round_id)
-                LLM_ROUNDS.labels("interrupted").inc()
+            await self._abandon(claim, turn.new, model)
             raise
         except BaseException:
             await self.release(claim)
@@ -233,18 +213,93 @@ class ChatService:
             first=first,
         )
 
-    async def _claim(self, task: TaskInfo) -> Claim:
-        limits = {
-            "max_rounds": self.settings.history_max_rounds,
-            "max_tokens": self.settings.history_max_tokens,
-        }
-        claim = await store.claim_round(self.engine, task, **limits)
+    async def _claim(self, task: TaskInfo, new_turn: list[Msg], model: str) -> Claim:
+        claim = await self._claim_once(task, new_turn, model, take_over_pending=False)
         if claim.in_flight:
             # A retry while the first attempt still runs (it usually is being cancelled, as the
             # orchestrator gave up on it): wait for it, then replay or redo its round.
             await self._wait_for([claim.round_id])
-            claim = await store.claim_round(self.engine, task, take_over_pending=True, **limits)
+            claim = await self._claim_once(task, new_turn, model, take_over_pending=True)
+        if claim.is_new_work:
+            self._running[claim.round_id] = asyncio.Event()
         return claim
+
+    async def _claim_once(self, task: TaskInfo, new_turn: list[Msg], model: str, *, take_over_pending: bool) -> Claim:
+        """The claim runs to its end even if the client leaves meanwhile; a round it took is then
+        stored as abandoned rather than left pending, which would stall the task's next round."""
+        job = asyncio.ensure_future(
+            self.db.run(
+                store.claim_round,
+                task,
+                max_rounds=self.settings.history_max_rounds,
+                known=self.history.known(task.task_id),
+                take_over_pending=take_over_pending,
+            )
+        )
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            claim = await job
+            if claim.is_new_work:
+                await self._abandon(claim, new_turn, model)
+            raise
+
+    async def _history(self, claim: Claim) -> list[StoredRound]:
+        """The finished rounds before the claimed one, newest first: read with the claim, or
+        this process's current copy, or (after waiting for earlier rounds) read again."""
+        if claim.history is not None:
+            if not claim.regenerate:
+                self.history.put(claim.task_id, claim.version, claim.seq, claim.history)
+            return claim.history
+        if not claim.regenerate and not claim.pending_before:
+            cached = self.history.get(claim.task_id, claim.version, claim.seq)
+            if cached is not None:
+                return cached
+        await self._wait_for(claim.pending_before)
+        return await self.db.run(
+            store.load_history, claim.task_id, claim.seq, max_rounds=self.settings.history_max_rounds
+        )
+
+    async def store(
+        self,
+        claim: Claim,
+        messages: list[Msg],
+        *,
+        interrupted: bool,
+        model: str,
+        finish_reason: str | None,
+        usage: dict[str, int] | None,
+    ) -> None:
+        """Store a claimed round with its messages, and let rounds waiting for it go on."""
+        try:
+            version, stored = await self.db.run(
+                store.finish_round,
+                claim,
+                messages,
+                interrupted=interrupted,
+                model=model,
+                finish_reason=finish_reason,
+                usage=usage,
+            )
+            if claim.regenerate:
+                self.history.drop(claim.task_id)
+            else:
+                self.history.advance(claim.task_id, version, stored)
+        finally:
+            self.round_done(claim.round_id)
+
+    async def _abandon(self, claim: Claim, new_turn: list[Msg], model: str) -> None:
+        """The client left before the first token: keep what the user said, reply empty."""
+        with anyio.CancelScope(shield=True):
+            await self.store(
+                claim,
+                [*new_turn, {"role": "assistant", "content": ""}],
+                interrupted=True,
+                model=model,
+                finish_reason=None,
+                usage=None,
+            )
+            LLM_ROUNDS.labels("interrupted").inc()
 
     async def _wait_for(self, round_ids: list[str]) -> None:
         """Wait until the given rounds are stored, at most `ROUND_WAIT_TIMEOUT_S` in all."""
@@ -261,7 +316,7 @@ class ChatService:
                 break
         while remote and time.monotonic() < deadline:
             # Rounds running in another worker or replica: the database is the only signal.
-            remote = await store.still_pending(self.engine, remote)
+            remote = await self.db.run(store.still_pending, remote)
             if remote:
                 await asyncio.sleep(_POLL_S)
         if time.monotonic() >= deadline:
@@ -276,7 +331,7 @@ class ChatService:
     async def release(self, claim: Claim) -> None:
         with anyio.CancelScope(shield=True):
             try:
-                await store.release_round(self.engine, claim)
+                await self.db.run(store.release_round, claim)
             finally:
                 self.round_done(claim.round_id)
 

@@ -5,23 +5,24 @@ upsert on the task row, which holds that row's lock (PostgreSQL) or the write lo
 `BEGIN IMMEDIATE`) until the claim commits. A round then waits for every earlier round of its task
 that is still pending before it reads the history, so its context includes them.
 
-Every function runs one short transaction; no connection is held while the upstream streams.
+Each function is one short transaction, run by `Database.run`; no connection is held while the
+upstream streams. Every change to a task's stored rounds bumps `tasks.version` (taking the task
+row first, so it queues behind a claim), which is what lets `HistoryCache` trust its copy.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from functools import cache
 from datetime import datetime, timezone
+from functools import cache
 from typing import Any, Sequence
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection
 
-from app.db import transaction
-from llm_proxy.context import Msg, StoredRound, message_tokens, window
+from llm_proxy.context import Msg, StoredRound, message_tokens
 from llm_proxy.models import (
     FINISHED_STATUSES,
     ROUND_COMPLETED,
@@ -47,8 +48,11 @@ class TaskInfo:
 
 @dataclass
 class Claim:
+    task_id: str
     round_id: str
     seq: int
+    # The task's version when the claim committed.
+    version: int = 0
     # A retry of an interrupted round: answered again in place, replacing its messages.
     regenerate: bool = False
     # A retry of a completed round: its stored reply, sent again without the upstream.
@@ -58,68 +62,74 @@ class Claim:
     in_flight: bool = False
     # Earlier rounds of the task still pending when this one was claimed.
     pending_before: list[str] = field(default_factory=list)
-    # Loaded in the claim's own transaction when nothing earlier was pending.
+    # Finished rounds before this one, newest first (at most `max_rounds`), read in the claim's
+    # own transaction; None when the caller's copy is current (`known`) or rounds are pending.
     history: list[StoredRound] | None = None
+
+    @property
+    def is_new_work(self) -> bool:
+        """The claim holds a pending round that must be finished or released."""
+        return self.replay_text is None and not self.in_flight
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-async def claim_round(
-    engine: AsyncEngine,
+def claim_round(
+    conn: Connection,
     task: TaskInfo,
     *,
     max_rounds: int,
-    max_tokens: int,
+    known: tuple[int, int] | None = None,
     take_over_pending: bool = False,
 ) -> Claim:
     """Take the task's next sequence number for a new round, or find the round this request
-    retries; and, unless an earlier round is still pending, read the history window. Three
-    statements on the usual path: each costs a thread hop on SQLite, so they are kept few."""
-    async with transaction(engine) as conn:
-        statements = _statements(conn.dialect.name)
-        now = _now()
-        seq = (
-            await conn.execute(
-                statements.next_seq,
-                {
-                    "id": task.task_id,
-                    "sdk_app_id": task.sdk_app_id,
-                    "user_id": task.user_id,
-                    "room_id": task.room_id,
-                    "room_id_type": task.room_id_type,
-                    "last_seq": 1,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-        ).scalar_one()
-        round_id = uuid.uuid4().hex
-        inserted = await conn.execute(
-            statements.insert_round,
-            {
-                "id": round_id,
-                "task_id": task.task_id,
-                "seq": seq,
-                "request_id": task.request_id,
-                "status": ROUND_PENDING,
-                "interrupted": False,
-                "tokens": 0,
-                "created_at": now,
-            },
-        )
-        if inserted.first() is not None:
-            claim = Claim(round_id, seq)
-        else:
-            # The same request id was seen before: this is the orchestrator retrying.
-            claim = await _claim_retry(conn, task, take_over_pending)
-            if claim.replay_text is not None or claim.in_flight:
-                return claim
-        claim.pending_before, history = await _window(conn, task.task_id, claim.seq, max_rounds, max_tokens)
-        if not claim.pending_before:
-            claim.history = history
-        return claim
+    retries; then read the history window, unless an earlier round is still pending or `known`
+    (version, last seq) says the caller's copy of it is current."""
+    statements = _statements(conn.dialect.name)
+    now = _now()
+    seq, version = conn.execute(
+        statements.next_seq,
+        {
+            "id": task.task_id,
+            "sdk_app_id": task.sdk_app_id,
+            "user_id": task.user_id,
+            "room_id": task.room_id,
+            "room_id_type": task.room_id_type,
+            "last_seq": 1,
+            "version": 0,
+            "created_at": now,
+            "updated_at": now,
+        },
+    ).one()
+    round_id = uuid.uuid4().hex
+    inserted = conn.execute(
+        statements.insert_round,
+        {
+            "id": round_id,
+            "task_id": task.task_id,
+            "seq": seq,
+            "request_id": task.request_id,
+            "status": ROUND_PENDING,
+            "interrupted": False,
+            "tokens": 0,
+            "created_at": now,
+        },
+    )
+    if inserted.first() is not None:
+        claim = Claim(task.task_id, round_id, seq, version)
+        if known == (version, seq - 1):
+            return claim
+    else:
+        # The same request id was seen before: this is the orchestrator retrying.
+        claim = _claim_retry(conn, task, take_over_pending)
+        if not claim.is_new_work:
+            return claim
+    claim.pending_before, history = _window(conn, task.task_id, claim.seq, max_rounds)
+    if not claim.pending_before:
+        claim.history = history
+    return claim
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,7 @@ def _statements(dialect_name: str) -> _Statements:
             "room_id": func.coalesce(excluded.room_id, Task.room_id),
             "room_id_type": func.coalesce(excluded.room_id_type, Task.room_id_type),
         },
-    ).returning(Task.last_seq)
+    ).returning(Task.last_seq, Task.version)
     insert_round = (
         dialect.insert(Round)
         .on_conflict_do_nothing(index_elements=[Round.task_id, Round.request_id])
@@ -154,24 +164,27 @@ def _statements(dialect_name: str) -> _Statements:
     return _Statements(next_seq, insert_round)
 
 
-async def _claim_retry(conn: AsyncConnection, task: TaskInfo, take_over_pending: bool) -> Claim:
-    row = (
-        await conn.execute(
-            select(Round.id, Round.seq, Round.status, Round.usage).where(
-                Round.task_id == task.task_id, Round.request_id == task.request_id
-            )
-        )
+def _claim_retry(conn: Connection, task: TaskInfo, take_over_pending: bool) -> Claim:
+    row = conn.execute(
+        select(Round.id, Round.seq, Round.status, Round.usage, Task.version)
+        .join(Task, Task.id == Round.task_id)
+        .where(Round.task_id == task.task_id, Round.request_id == task.request_id)
     ).one()
+    claim = Claim(task.task_id, row.id, row.seq, row.version)
     if row.status == ROUND_COMPLETED:
-        return Claim(row.id, row.seq, replay_text=await _reply_text(conn, row.id), replay_usage=row.usage)
-    if row.status == ROUND_PENDING and not take_over_pending:
-        return Claim(row.id, row.seq, in_flight=True)
-    await conn.execute(update(Round).where(Round.id == row.id).values(status=ROUND_PENDING))
-    return Claim(row.id, row.seq, regenerate=True)
+        claim.replay_text, claim.replay_usage = _reply_text(conn, row.id), row.usage
+    elif row.status == ROUND_PENDING and not take_over_pending:
+        claim.in_flight = True
+    else:
+        # Back to pending, which changes what a later round's context waits for.
+        claim.version = conn.execute(_BUMP_VERSION, {"task_id": task.task_id}).scalar_one()
+        conn.execute(update(Round).where(Round.id == row.id).values(status=ROUND_PENDING))
+        claim.regenerate = True
+    return claim
 
 
-async def _reply_text(conn: AsyncConnection, round_id: str) -> str:
-    result = await conn.execute(
+def _reply_text(conn: Connection, round_id: str) -> str:
+    result = conn.execute(
         select(Message.content)
         .where(Message.round_id == round_id, Message.role == "assistant")
         .order_by(Message.position.desc())
@@ -180,12 +193,10 @@ async def _reply_text(conn: AsyncConnection, round_id: str) -> str:
     return result.scalar() or ""
 
 
-async def load_history(
-    engine: AsyncEngine, task_id: str, before_seq: int, *, max_rounds: int, max_tokens: int
-) -> list[StoredRound]:
-    async with transaction(engine) as conn:
-        _pending, history = await _window(conn, task_id, before_seq, max_rounds, max_tokens)
-        return history
+def load_history(conn: Connection, task_id: str, before_seq: int, *, max_rounds: int) -> list[StoredRound]:
+    """Finished rounds before `before_seq`, newest first (at most `max_rounds`)."""
+    _pending, history = _window(conn, task_id, before_seq, max_rounds)
+    return history
 
 
 _recent = (
@@ -212,13 +223,11 @@ _WINDOW = (
 )
 
 
-async def _window(
-    conn: AsyncConnection, task_id: str, before_seq: int, max_rounds: int, max_tokens: int
-) -> tuple[list[str], list[StoredRound]]:
-    """The still-pending rounds among the last `max_rounds` before `before_seq`, and the history
-    window of finished ones, in one query (rounds joined with their messages). A pending round
-    further back than the window is a dead one (its process crashed) and is not waited for."""
-    rows = await conn.execute(_WINDOW, {"task_id": task_id, "before_seq": before_seq, "limit": max(max_rounds, 1)})
+def _window(conn: Connection, task_id: str, before_seq: int, max_rounds: int) -> tuple[list[str], list[StoredRound]]:
+    """The still-pending rounds among the last `max_rounds` before `before_seq`, and the finished
+    ones, newest first, in one query (rounds joined with their messages). A pending round further
+    back than that is a dead one (its process crashed) and is not waited for."""
+    rows = conn.execute(_WINDOW, {"task_id": task_id, "before_seq": before_seq, "limit": max(max_rounds, 1)})
     pending: list[str] = []
     finished: list[StoredRound] = []
     for round_id, seq, tokens, status, role, content, name, tool_call_id, tool_calls in rows:
@@ -230,7 +239,7 @@ async def _window(
             finished.append(StoredRound(seq, tokens, []))
         if role is not None:
             finished[-1].messages.append(_message(role, content, name, tool_call_id, tool_calls))
-    return pending, window(finished, max_rounds, max_tokens)
+    return pending, finished
 
 
 def _message(
@@ -246,35 +255,13 @@ def _message(
     return message
 
 
-async def _messages_by_round(conn: AsyncConnection, round_ids: list[str]) -> dict[str, list[Msg]]:
-    by_id: dict[str, list[Msg]] = {round_id: [] for round_id in round_ids}
-    rows = await conn.execute(
-        select(
-            Message.round_id,
-            Message.role,
-            Message.content,
-            Message.name,
-            Message.tool_call_id,
-            Message.tool_calls,
-        )
-        .where(Message.round_id.in_(round_ids))
-        .order_by(Message.round_id, Message.position)
-    )
-    for round_id, role, content, name, tool_call_id, tool_calls in rows:
-        by_id[round_id].append(_message(role, content, name, tool_call_id, tool_calls))
-    return by_id
+def still_pending(conn: Connection, round_ids: Sequence[str]) -> list[str]:
+    result = conn.execute(select(Round.id).where(Round.id.in_(list(round_ids)), Round.status == ROUND_PENDING))
+    return list(result.scalars())
 
 
-async def still_pending(engine: AsyncEngine, round_ids: Sequence[str]) -> list[str]:
-    async with transaction(engine) as conn:
-        result = await conn.execute(
-            select(Round.id).where(Round.id.in_(list(round_ids)), Round.status == ROUND_PENDING)
-        )
-        return list(result.scalars())
-
-
-async def finish_round(
-    engine: AsyncEngine,
+def finish_round(
+    conn: Connection,
     claim: Claim,
     messages: Sequence[Msg],
     *,
@@ -282,8 +269,10 @@ async def finish_round(
     model: str,
     finish_reason: str | None,
     usage: dict[str, int] | None,
-) -> None:
-    """Store the round's messages and mark it finished, in one transaction."""
+) -> tuple[int, StoredRound]:
+    """Store the round's messages and mark it finished; returns the task's new version and the
+    round as the history window holds it."""
+    version = conn.execute(_BUMP_VERSION, {"task_id": claim.task_id}).scalar_one()
     rows = [
         {
             "round_id": claim.round_id,
@@ -297,48 +286,55 @@ async def finish_round(
         }
         for position, message in enumerate(messages)
     ]
-    async with transaction(engine) as conn:
-        if claim.regenerate:
-            await conn.execute(delete(Message).where(Message.round_id == claim.round_id))
-        await conn.execute(insert(Message), rows)
-        await conn.execute(
-            update(Round)
-            .where(Round.id == claim.round_id)
-            .values(
-                status=ROUND_INTERRUPTED if interrupted else ROUND_COMPLETED,
-                interrupted=interrupted,
-                tokens=sum(row["tokens"] for row in rows),
-                model=model,
-                finish_reason=finish_reason,
-                usage=usage,
-                finished_at=_now(),
-            )
+    if claim.regenerate:
+        conn.execute(delete(Message).where(Message.round_id == claim.round_id))
+    conn.execute(insert(Message), rows)
+    tokens = sum(row["tokens"] for row in rows)
+    conn.execute(
+        update(Round)
+        .where(Round.id == claim.round_id)
+        .values(
+            status=ROUND_INTERRUPTED if interrupted else ROUND_COMPLETED,
+            interrupted=interrupted,
+            tokens=tokens,
+            model=model,
+            finish_reason=finish_reason,
+            usage=usage,
+            finished_at=_now(),
         )
+    )
+    stored = [_message(r["role"], r["content"], r["name"], r["tool_call_id"], r["tool_calls"]) for r in rows]
+    return version, StoredRound(claim.seq, tokens, stored)
 
 
-async def release_round(engine: AsyncEngine, claim: Claim) -> None:
+_BUMP_VERSION = (
+    update(Task).where(Task.id == bindparam("task_id")).values(version=Task.version + 1).returning(Task.version)
+)
+
+
+def release_round(conn: Connection, claim: Claim) -> None:
     """Undo a claim whose upstream failed before answering: nothing of the round stays
     (a regenerated round goes back to its earlier, interrupted state)."""
-    async with transaction(engine) as conn:
-        if claim.regenerate:
-            await conn.execute(
-                update(Round).where(Round.id == claim.round_id).values(status=ROUND_INTERRUPTED)
-            )
-        else:
-            await conn.execute(delete(Round).where(Round.id == claim.round_id))
+    if claim.regenerate:
+        conn.execute(update(Round).where(Round.id == claim.round_id).values(status=ROUND_INTERRUPTED))
+    else:
+        conn.execute(delete(Round).where(Round.id == claim.round_id))
 
 
-async def round_messages(engine: AsyncEngine, task_id: str) -> list[dict[str, Any]]:
+def round_messages(conn: Connection, task_id: str) -> list[dict[str, Any]]:
     """Every finished round of a task, oldest first, with its messages (for tests and tools)."""
-    async with transaction(engine) as conn:
-        rounds = (
-            await conn.execute(
-                select(Round.id, Round.seq, Round.status, Round.interrupted, Round.request_id)
-                .where(Round.task_id == task_id, Round.status.in_(FINISHED_STATUSES))
-                .order_by(Round.seq)
-            )
-        ).all()
-        by_id = await _messages_by_round(conn, [row.id for row in rounds])
+    rounds = conn.execute(
+        select(Round.id, Round.seq, Round.status, Round.interrupted, Round.request_id)
+        .where(Round.task_id == task_id, Round.status.in_(FINISHED_STATUSES))
+        .order_by(Round.seq)
+    ).all()
+    by_id: dict[str, list[Msg]] = {row.id: [] for row in rounds}
+    for round_id, role, content, name, tool_call_id, tool_calls in conn.execute(
+        select(Message.round_id, Message.role, Message.content, Message.name, Message.tool_call_id, Message.tool_calls)
+        .where(Message.round_id.in_(list(by_id)))
+        .order_by(Message.round_id, Message.position)
+    ):
+        by_id[round_id].append(_message(role, content, name, tool_call_id, tool_calls))
     return [
         {
             "id": row.id,

@@ -1,4 +1,4 @@
-"""Alembic environment: runs migrations on the async engine the app itself uses."""
+"""Alembic environment: runs migrations through the `Database` the app itself uses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 import llm_proxy.models  # noqa: F401  (registers the tables on Base.metadata)
-from app.db import Base, create_engine, is_sqlite
+from app.db import Base, Database, is_sqlite
 
 config = context.config
 target_metadata = Base.metadata
@@ -26,13 +26,11 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_online() -> None:
-    engine = create_engine(config.attributes["database_url"], pool_size=1, max_overflow=0)
+    db = Database(config.attributes["database_url"], pool_size=1, max_overflow=0)
     try:
-        async with engine.connect() as connection:
-            await connection.run_sync(_run)
-            await connection.commit()
+        await db.run(_run)
     finally:
-        await engine.dispose()
+        await db.dispose()
 
 
 asyncio.run(_run_online())

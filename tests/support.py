@@ -17,9 +17,9 @@ import asyncpg
 import httpx
 import openai
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 
-from app.db import create_engine
+from app.db import Database
 from llm_proxy import store
 from llm_proxy.models import Task
 
@@ -133,23 +133,27 @@ class Proxy(_Process):
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **kwargs)
 
     def rounds(self, task_id: str) -> list[dict[str, Any]]:
-        return asyncio.run(_with_engine(self.database_url, lambda e: store.round_messages(e, task_id)))
+        return run_db(self.database_url, store.round_messages, task_id)
 
     def task_row(self, task_id: str) -> dict[str, Any] | None:
-        async def fetch(engine: Any) -> dict[str, Any] | None:
-            async with engine.connect() as conn:
-                row = (await conn.execute(select(Task).where(Task.id == task_id))).mappings().first()
-                return dict(row) if row else None
+        def fetch(conn: Connection) -> dict[str, Any] | None:
+            row = conn.execute(select(Task).where(Task.id == task_id)).mappings().first()
+            return dict(row) if row else None
 
-        return asyncio.run(_with_engine(self.database_url, fetch))
+        return run_db(self.database_url, fetch)
 
 
-async def _with_engine(url: str, work: Callable[[Any], Any]) -> Any:
-    engine = create_engine(url, pool_size=1, max_overflow=0)
-    try:
-        return await work(engine)
-    finally:
-        await engine.dispose()
+def run_db(url: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(conn, *args)` in one transaction on the database at `url`, from synchronous code."""
+
+    async def run() -> Any:
+        db = Database(url, pool_size=1, max_overflow=0)
+        try:
+            return await db.run(fn, *args)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(run())
 
 
 def headers(task_id: str | None, request_id: str | None = None, **extra: str) -> dict[str, str]:

@@ -11,8 +11,10 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from app.db import Base, create_engine
-from tests.support import API_KEY, Proxy, free_port, headers, marker
+from sqlalchemy.engine import Connection
+
+from app.db import Base
+from tests.support import API_KEY, Proxy, free_port, headers, marker, run_db
 
 CHAT = "/v1/chat/completions"
 
@@ -151,17 +153,10 @@ def test_without_api_keys_a_key_is_generated_and_required(start_proxy, tmp_path)
 
 
 def test_migrations_and_models_agree(migrated_url: str) -> None:
-    async def diff() -> list:
-        engine = create_engine(migrated_url, pool_size=1, max_overflow=0)
-        try:
-            async with engine.connect() as conn:
-                return await conn.run_sync(
-                    lambda sync: compare_metadata(MigrationContext.configure(sync, opts={"compare_type": True}), Base.metadata)
-                )
-        finally:
-            await engine.dispose()
+    def diff(conn: Connection) -> list:
+        return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
 
-    assert asyncio.run(diff()) == []
+    assert run_db(migrated_url, diff) == []
 
 
 def test_an_unreachable_database_is_reported_not_crashed_on(start_proxy) -> None:

@@ -194,3 +194,38 @@ def test_two_server_processes_serve_one_task_in_turn(
         {"role": "assistant", "content": first_done[0]},
         {"role": "user", "content": f"{tag} overlap"},
     ]
+
+
+def test_a_round_redone_by_another_process_reaches_the_first_ones_next_context(
+    start_proxy, upstream: Upstream, migrated_url: str
+) -> None:
+    # Each process keeps a copy of the task's history; an interrupted round being answered again
+    # by the other process must make the first one wait for the new reply, not send the old one.
+    one = start_proxy({"DATABASE_URL": migrated_url})
+    two = start_proxy({"DATABASE_URL": migrated_url})
+    tag = marker()
+    task_id = f"task-{tag}"
+    one.client().chat.completions.create(model="m", messages=_user(f"{tag} before"), extra_headers=headers(task_id))
+    stream = one.client().chat.completions.create(
+        model="m", stream=True, extra_headers=headers(task_id, f"req-{tag}"),
+        messages=_user(f"{tag} cut [[words:400]] [[delay:0.01]]"),
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    wait_until(lambda: len(one.rounds(task_id)) == 2 and one.rounds(task_id)[1]["interrupted"], what="interrupted round")
+    redo = threading.Thread(
+        target=lambda: two.client().chat.completions.create(
+            model="m", messages=_user(f"{tag} redo [[words:10]] [[delay:0.05]]"), extra_headers=headers(task_id, f"req-{tag}")
+        )
+    )
+    redo.start()
+    wait_until(lambda: upstream.requests(f"{tag} redo"), what="the retry reached the upstream")
+    one.client().chat.completions.create(model="m", messages=_user(f"{tag} after"), extra_headers=headers(task_id))
+    redo.join(10)
+    context = upstream.requests(f"{tag} after")[0]["messages"]
+    assert context[-2:] == [
+        {"role": "assistant", "content": " ".join(f"w{i}" for i in range(10))},
+        {"role": "user", "content": f"{tag} after"},
+    ]
