@@ -89,7 +89,7 @@ class Samples:
 
 async def _round(client: httpx.AsyncClient, url: str, body: dict, headers: dict, samples: Samples) -> None:
     started = time.perf_counter()
-    first = None
+    first = end = None
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
@@ -102,12 +102,12 @@ async def _round(client: httpx.AsyncClient, url: str, body: dict, headers: dict,
                     if delta.get("content"):
                         first = time.perf_counter()
                 elif line == "data: [DONE]":
-                    break
+                    end = time.perf_counter()
+            # (read on to the body's end, so the connection is reused, as a real client's would be)
     except httpx.HTTPError:
         samples.errors += 1
         return
-    end = time.perf_counter()
-    if first is None:
+    if first is None or end is None:
         samples.errors += 1
         return
     samples.ttft.append(first - started)

@@ -69,12 +69,16 @@ class _ChunkStream:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        done = False
+        # Read on to the body's end even after [DONE]: a response closed before its end takes
+        # its connection with it, and the next request pays for a new one.
         async for line in self._response.aiter_lines():
-            if not line.startswith("data:"):
+            if done or not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
-                return
+                done = True
+                continue
             chunk = json.loads(data)
             if chunk.get("error"):
                 error = chunk["error"]
