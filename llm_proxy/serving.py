@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 
 import anyio
+from langchain_core.messages import BaseMessage
 
 from app.db import Database
 from app.errors import ApiError, bad_request
@@ -24,7 +25,7 @@ from app.logs import request_id
 from app.metrics import LLM_ADDED, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
 from app.settings import Settings
 from llm_proxy import store
-from llm_proxy.context import Msg, StoredRound, history_messages, split_turn, window
+from llm_proxy.context import Msg, StoredRound, split_turn, upstream_messages, window
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event, usage_dict
 from llm_proxy.store import Claim, TaskInfo
@@ -155,7 +156,7 @@ class ChatService:
             raise bad_request("`model` is required (or set UPSTREAM_MODEL on the server).", "model_required")
         include_usage = request.include_usage or not request.stream
         if task is None:
-            messages = [m.to_dict() for m in request.messages]
+            messages = upstream_messages([], [], [m.to_dict() for m in request.messages])
             return await self._start(None, [], messages, request, model, include_usage, started)
 
         turn = split_turn(request.messages)
@@ -167,7 +168,7 @@ class ChatService:
             )
         try:
             history = window(await self._history(claim), self.settings.history_max_rounds, self.settings.history_max_tokens)
-            messages = [*turn.system, *history_messages(history), *turn.new]
+            messages = upstream_messages(turn.system, history, turn.new)
             return await self._start(claim, turn.new, messages, request, model, include_usage, started)
         except asyncio.CancelledError:
             await self._abandon(claim, turn.new, model)
@@ -181,7 +182,7 @@ class ChatService:
         self,
         claim: Claim | None,
         new_turn: list[Msg],
-        messages: list[Msg],
+        messages: list[BaseMessage],
         request: ChatCompletionRequest,
         model: str,
         include_usage: bool,

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import httpx
+from langchain_core.messages import BaseMessage
 from langchain_openai import ChatOpenAI
 
 from app.errors import ApiError
-from llm_proxy.context import Msg
 
 # The model name ChatOpenAI is built with; every request names its own model.
 _PLACEHOLDER_MODEL = "upstream-default"
@@ -114,12 +114,12 @@ class Upstream:
         await self._http.aclose()
 
     def stream(
-        self, messages: list[Msg], *, model: str, params: dict[str, Any], include_usage: bool
+        self, messages: list[BaseMessage], *, model: str, params: dict[str, Any], include_usage: bool
     ) -> AsyncIterator[Delta]:
         return self._deltas(messages, model, params, include_usage)
 
     async def _deltas(
-        self, messages: list[Msg], model: str, params: dict[str, Any], include_usage: bool
+        self, messages: list[BaseMessage], model: str, params: dict[str, Any], include_usage: bool
     ) -> AsyncIterator[Delta]:
         kwargs: dict[str, Any] = {"model": model, "stream_usage": include_usage}
         if params:
