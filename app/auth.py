@@ -37,9 +37,11 @@ def bearer_token(authorization: str | None) -> str | None:
     if not authorization:
         return None
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    # The orchestrator's docs show the key in quotes (`Bearer "API-KEY"`); accept both forms.
+    token = token.strip().strip('"')
+    if scheme.lower() != "bearer" or not token:
         return None
-    return token.strip()
+    return token
 
 
 def is_authorized(authorization: str | None, keys: list[str]) -> bool:

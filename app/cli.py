@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Optional
 
 import typer
 import uvicorn
@@ -22,8 +23,15 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="Port to bind."),
     workers: int = typer.Option(1, min=1, help="Worker processes (use PostgreSQL for more than one)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Serve only `llm` (the chat proxy) or `tts`."),
 ) -> None:
-    """Serve the chat proxy (and, later, the TTS server)."""
+    """Serve the chat proxy and the TTS server (or only one of them)."""
+    if only is not None:
+        if only not in ("llm", "tts"):
+            raise typer.BadParameter("--only takes `llm` or `tts`")
+        # The workers build their settings from the environment.
+        os.environ["SERVICES"] = only
+        get_settings.cache_clear()
     settings = get_settings()
     # Resolve (maybe generate) the key before workers start, so they all read the same one.
     resolve_api_keys(settings.api_key_list, settings.data_dir)

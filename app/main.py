@@ -1,9 +1,14 @@
-"""The app factory: routers per domain, resources opened once in the lifespan."""
+"""The app factory: routers per domain, resources opened once in the lifespan.
+
+`SERVICES` (set by `trtc-backend serve --only`) picks what this process serves: the chat proxy
+(`llm`), the TTS server (`tts`), or both (`all`), so operators can scale them separately.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import gc
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI
@@ -14,9 +19,6 @@ from app.db import Database
 from app.errors import install_error_handlers
 from app.logs import RequestContextMiddleware, configure_logging
 from app.settings import Settings, get_settings
-from llm_proxy.api_router import router as llm_router
-from llm_proxy.serving import ChatService
-from llm_proxy.upstream import Upstream
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -25,28 +27,66 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(
-            settings.resolved_database_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-        )
-        upstream = Upstream(settings.upstream_base_url, settings.upstream_api_key, settings.upstream_timeout_s)
-        app.state.db = db
-        app.state.api_keys = resolve_api_keys(settings.api_key_list, settings.data_dir)
-        app.state.chat = ChatService(settings, db, upstream)
-        # Everything imported and built so far lives as long as the process: keep it out of the
-        # cyclic collector's full passes, which otherwise walk it again and again mid-request.
-        gc.collect()
-        gc.freeze()
-        try:
+        app.state.settings = settings
+        app.state.db = None
+        app.state.tts = None
+        api_keys = resolve_api_keys(settings.api_key_list, settings.data_dir)
+        async with AsyncExitStack() as stack:
+            if settings.serves_llm:
+                await _open_chat(app, settings, api_keys, stack)
+            if settings.serves_tts:
+                await _open_tts(app, settings, api_keys, stack)
+            # Everything imported and built so far lives as long as the process: keep it out of
+            # the cyclic collector's full passes, which otherwise walk it again and again.
+            gc.collect()
+            gc.freeze()
             yield
-        finally:
-            await upstream.aclose()
-            await db.dispose()
 
     app = FastAPI(title="trtc-backend", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(llm_router)
+    if settings.serves_llm:
+        from llm_proxy.api_router import router as llm_router
+
+        app.include_router(llm_router)
+    if settings.serves_tts:
+        from tts_server.api_router import router as tts_router
+
+        app.include_router(tts_router)
     return app
+
+
+async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
+    from llm_proxy.serving import ChatService
+    from llm_proxy.upstream import Upstream
+
+    db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
+    stack.push_async_callback(db.dispose)
+    upstream = Upstream(settings.upstream_base_url, settings.upstream_api_key, settings.upstream_timeout_s)
+    stack.push_async_callback(upstream.aclose)
+    app.state.db = db
+    app.state.api_keys = api_keys
+    app.state.chat = ChatService(settings, db, upstream)
+
+
+async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
+    from tts_server.pool import SynthesisPool
+    from tts_server.serving import TtsService
+    from tts_server.voices import load_voices
+
+    def load():  # type: ignore[no-untyped-def]
+        voices = load_voices(
+            settings.voices_dir,
+            default=settings.tts_default_voice,
+            onnx_threads=settings.tts_onnx_threads,
+            espeak_fallback=settings.tts_espeak_fallback,
+        )
+        voices.warm_up()
+        return voices
+
+    voices = await asyncio.to_thread(load)
+    pool = SynthesisPool(settings.tts_workers)
+    stack.callback(pool.close)
+    app.state.tts_api_keys = settings.tts_api_key_list or api_keys
+    app.state.tts = TtsService(settings, voices, pool)

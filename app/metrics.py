@@ -36,6 +36,19 @@ LLM_ADDED = Histogram(
 )
 
 
+TTS_STREAMS = Counter(
+    "trtc_tts_streams_total",
+    "TTS requests by outcome (completed, cached, empty, cancelled, busy, failed).",
+    ["outcome"],
+)
+TTS_PIECES = Counter("trtc_tts_pieces_total", "Text pieces synthesized.")
+TTS_FIRST_AUDIO = Histogram(
+    "trtc_tts_first_audio_seconds",
+    "TTS request received to its first audio ready to send.",
+    buckets=_LATENCY_BUCKETS,
+)
+
+
 def render() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

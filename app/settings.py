@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,24 @@ class Settings(BaseSettings):
     # Tasks whose history window each process keeps in memory (0: read it from the DB every round).
     history_cache_tasks: int = Field(default=10_000, ge=0)
 
+    # The TTS server. Keys: TTS_API_KEYS, or API_KEYS when unset.
+    tts_api_keys: str = ""
+    voices_dir: Path = Path("./voices")
+    tts_default_voice: str = ""
+    # Per-key default voices: "key1:voice,key2:voice".
+    tts_key_voices: str = ""
+    tts_max_text_chars: int = Field(default=2000, ge=1)
+    # Syntheses at once, onnxruntime threads each (defaults for 2 cores: one synthesis on both
+    # cores, which gives the first audio soonest), and how long a request may wait for a worker.
+    tts_workers: int = Field(default=1, ge=1)
+    tts_onnx_threads: int = Field(default=2, ge=1)
+    tts_queue_timeout_s: float = Field(default=2.0, gt=0)
+    tts_cache_mb: int = Field(default=32, ge=0)
+    tts_espeak_fallback: bool = True
+
+    # What `serve` runs: "all", "llm" (chat proxy) or "tts" (set by `serve --only`).
+    services: Literal["all", "llm", "tts"] = "all"
+
     log_level: str = "INFO"
 
     @field_validator("log_level")
@@ -45,8 +64,29 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{(self.data_dir / 'trtc.db').as_posix()}"
 
     @property
+    def serves_llm(self) -> bool:
+        return self.services in ("all", "llm")
+
+    @property
+    def serves_tts(self) -> bool:
+        return self.services in ("all", "tts")
+
+    @property
     def api_key_list(self) -> list[str]:
-        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+        return _split(self.api_keys)
+
+    @property
+    def tts_api_key_list(self) -> list[str]:
+        return _split(self.tts_api_keys)
+
+    @property
+    def tts_key_voice_map(self) -> dict[str, str]:
+        pairs = (item.rpartition(":") for item in _split(self.tts_key_voices))
+        return {key.strip(): voice.strip() for key, _, voice in pairs if key.strip()}
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 @lru_cache

@@ -110,3 +110,36 @@ def http(proxy: Proxy) -> Iterator[httpx.Client]:
 @pytest.fixture
 def task_id() -> str:
     return f"task-{uuid.uuid4().hex[:12]}"
+
+
+TTS_KEY = "tts-key-1"
+# A key whose default voice is the eSpeak Mandarin fallback (TTS_KEY_VOICES).
+TTS_ESPEAK_KEY = "tts-key-espeak"
+
+
+@pytest.fixture(scope="session")
+def tts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    """The TTS server on its own (`serve --only tts`), as operators scale it."""
+    server = Proxy(
+        tmp_path_factory.mktemp("tts"),
+        {"TTS_API_KEYS": f"{TTS_KEY},{TTS_ESPEAK_KEY}", "TTS_KEY_VOICES": f"{TTS_ESPEAK_KEY}:espeak-cmn"},
+    )
+    server.start("--only", "tts")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_tts(tmp_path: Path) -> Iterator[callable]:
+    """Start extra TTS servers with their own settings; all are stopped after the test."""
+    started: list[Proxy] = []
+
+    def start(env: dict[str, str]) -> Proxy:
+        server = Proxy(tmp_path / f"tts{len(started)}", {"TTS_API_KEYS": TTS_KEY, **env})
+        started.append(server)
+        server.start("--only", "tts")
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,105 @@
+"""The TTS server's plain modules, tested directly: text rules, audio encoding, the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import wave
+
+import numpy as np
+import pytest
+
+from tts_server.audio import PcmEncoder, wav_header
+from tts_server.pool import FIRST_PIECE, LATER_PIECE, SynthesisPool
+from tts_server.text import language, normalize, pieces
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("**Bold** and *italic* and __under__ and ~~gone~~", "Bold and italic and under and gone"),
+        ("# Title\n## Sub", "Title\nSub"),
+        ("- one\n* two\n+ three\n1. four\n2) five", "one\ntwo\nthree\nfour\nfive"),
+        ("> quoted", "quoted"),
+        ("see [the docs](https://x.y/z) and ![a chart](c.png)", "see the docs and a chart"),
+        ("visit https://example.com/a?b=c or www.example.org now", "visit or now"),
+        ("great 😀👍🏽 job 🇨🇳 ✅", "great job"),
+        ("`code` and ```\nblock\n```", "code and\nblock"),
+        ("| a | b |\n|---|---|\n| 1 | 2 |", "a b\n1 2"),
+        ("snake_case stays", "snake_case stays"),
+        ("<b>bold</b> tag", "bold tag"),
+        ("你好，**世界**！😀", "你好，世界！"),
+    ],
+)
+def test_normalize_leaves_only_what_should_be_said(text: str, said: str) -> None:
+    assert normalize(text) == said
+
+
+def test_sentences_are_pieces_and_a_long_first_sentence_is_cut_early() -> None:
+    assert pieces("Hi there! How are you? Fine.") == ["Hi there!", "How are you?", "Fine."]
+    first, *rest = pieces("Well, to be honest with you, the weather today is lovely. Let us go out.")
+    assert first == "Well, to be honest with you," and rest == ["the weather today is lovely.", "Let us go out."]
+    first, second = pieces("The quick brown fox jumps over the lazy dog near the quiet river bank today.")
+    assert len(first.split()) <= 6 and f"{first} {second}".startswith("The quick brown fox")
+
+
+def test_chinese_is_cut_at_chinese_punctuation() -> None:
+    assert pieces("你好，世界！这是流式 TTS API 的测试。") == ["你好，世界！", "这是流式 TTS API 的测试。"]
+    first, *rest = pieces("今天天气很好，我们一起去公园散步吧，然后去吃饭好不好？好的。")
+    assert first == "今天天气很好，" and rest[-1] == "好的。"
+    assert "".join([first, *rest]) == "今天天气很好，我们一起去公园散步吧，然后去吃饭好不好？好的。"
+
+
+def test_language_of_a_piece() -> None:
+    assert language("你好 world") == "zh"
+    assert language("こんにちは") == "ja"
+    assert language("안녕하세요") == "ko"
+    assert language("Hello, 42!") is None
+
+
+def test_wav_header_is_streaming_pcm() -> None:
+    header = wav_header(16000, 2)
+    assert len(header) == 44 and header[:4] == b"RIFF" and header[8:16] == b"WAVEfmt "
+    with wave.open(io.BytesIO(header + b"\x01\x00\x02\x00" * 10)) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 2, 2)
+        assert wav.readframes(100) == b"\x01\x00\x02\x00" * 10
+
+
+def test_resampling_is_continuous_across_pieces() -> None:
+    rate = 22050
+    t = np.arange(rate) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    whole = PcmEncoder(rate, 16000, 1)
+    at_once = whole.encode(tone) + whole.flush()
+    pieced = PcmEncoder(rate, 16000, 1)
+    parts = b"".join(pieced.encode(part) for part in np.array_split(tone, 7)) + pieced.flush()
+    a, b = np.frombuffer(at_once, "<i2"), np.frombuffer(parts, "<i2")
+    assert abs(len(a) - 16000) <= 2 and len(a) == len(b)
+    assert np.max(np.abs(a.astype(int) - b.astype(int))) <= 2  # no clicks at the seams
+
+
+def test_stereo_duplicates_mono() -> None:
+    samples = np.linspace(-0.5, 0.5, 100, dtype=np.float32)
+    stereo = np.frombuffer(PcmEncoder(16000, 16000, 2).encode(samples), "<i2").reshape(-1, 2)
+    assert np.array_equal(stereo[:, 0], stereo[:, 1]) and len(stereo) == 100
+
+
+def test_first_pieces_go_before_later_ones_and_unstarted_jobs_can_be_withdrawn() -> None:
+    async def scenario() -> list[str]:
+        pool = SynthesisPool(1)
+        ran: list[str] = []
+        gate = threading.Event()
+        blocker = pool.submit(gate.wait, LATER_PIECE)
+        await blocker.started.wait()
+        later = pool.submit(lambda: ran.append("later"), LATER_PIECE)
+        withdrawn = pool.submit(lambda: ran.append("withdrawn"), FIRST_PIECE)
+        first = pool.submit(lambda: ran.append("first"), FIRST_PIECE)
+        assert pool.withdraw(withdrawn)
+        gate.set()
+        await asyncio.gather(blocker.result, later.result, first.result)
+        assert not pool.withdraw(first)  # already ran
+        pool.close()
+        return ran
+
+    assert asyncio.run(scenario()) == ["first", "later"]

@@ -1,0 +1,67 @@
+"""HTTP routes of the TTS server: auth, parsing, and handing over to `TtsService`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from app.auth import bearer_token, is_authorized
+from tts_server.protocol import TtsError, parse_request
+from tts_server.serving import TtsService
+
+router = APIRouter()
+log = logging.getLogger("trtc.tts")
+
+
+def _service(request: Request) -> TtsService:
+    return request.app.state.tts
+
+
+def _authorize(request: Request) -> str:
+    authorization = request.headers.get("authorization")
+    if not is_authorized(authorization, request.app.state.tts_api_keys):
+        raise TtsError(401, "UNAUTHORIZED", 'Missing or invalid API key (Authorization: Bearer "<key>").')
+    return bearer_token(authorization) or ""
+
+
+@router.post("/api/v1/tts/stream")
+async def tts_stream(request: Request) -> Response:
+    try:
+        key = _authorize(request)
+        body = parse_request(await request.body())
+        service = _service(request)
+        voice = service.choose_voice(body, request.query_params.get("voice"), key)
+        log.info(
+            "tts %d chars, %s %d Hz x%d, voice %s",
+            len(body.text), body.format, body.sample_rate, body.channel, voice.info.name,
+            extra={"sdk_app_id": request.headers.get("x-sdk-app-id"), "user_id": request.headers.get("x-user-id"),
+                   "room_id": request.headers.get("x-room-id"), "room_id_type": request.headers.get("x-room-id-type")},
+        )
+        speech = await service.open(body, voice)
+    except TtsError as error:
+        return error.response()
+    # No Content-Length: the server sends it chunked, as the orchestrator requires.
+    return StreamingResponse(
+        speech.audio, media_type=body.content_type, headers={"X-TTS-Voice": ",".join(speech.voices)}
+    )
+
+
+@router.get("/api/v1/tts/voices")
+async def list_voices(request: Request) -> Any:
+    try:
+        _authorize(request)
+    except TtsError as error:
+        return error.response()
+    service = _service(request)
+    return JSONResponse(
+        {
+            "default": service.voices.default,
+            "voices": [
+                {"name": info.name, "language": info.language, "sample_rate": info.sample_rate, "engine": info.engine}
+                for info in service.voices.infos
+            ],
+        }
+    )

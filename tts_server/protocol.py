@@ -1,0 +1,100 @@
+"""The orchestrator's custom-TTS wire format: the request body, the content types, and the error
+shape `{"error": {"code", "message"}}` (the chat proxy's OpenAI shape has a `type` as well; this
+protocol has none, so TTS errors are built here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.responses import JSONResponse
+
+log = logging.getLogger("trtc.tts")
+
+CONTENT_TYPES = {"pcm": "audio/L16", "wav": "audio/wav"}
+# Named by the protocol as future formats; no encoder for them ships with this server.
+UNSUPPORTED_FORMATS = {"mp3", "ogg_opus"}
+MIN_RATE, MAX_RATE = 8000, 48000
+
+
+class TtsError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        level = logging.WARNING if self.status < 500 else logging.ERROR
+        log.log(level, "%s %s: %s", self.status, self.code, self.message, extra={"code": self.code})
+        return JSONResponse({"error": {"code": self.code, "message": self.message}}, status_code=self.status)
+
+
+class TtsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    text: str = Field(alias="Text")
+    format: Literal["pcm", "wav"] = Field(default="wav", alias="Format")
+    sample_rate: int = Field(default=16000, alias="SampleRate", ge=MIN_RATE, le=MAX_RATE)
+    channel: Literal[1, 2] = Field(default=1, alias="Channel")
+    voice: str | None = Field(default=None, alias="Voice")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+
+def parse_request(raw: bytes) -> TtsRequest:
+    """The body as a `TtsRequest`, or a 400 naming what is wrong."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TtsError(400, "INVALID_JSON", f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise TtsError(400, "INVALID_BODY", "The body must be a JSON object.")
+    if "SampleRate" not in body and "Sample Rate" in body:
+        # One table of the orchestrator's docs spells it with a space.
+        body["SampleRate"] = body.pop("Sample Rate")
+    text = body.get("Text")
+    if not isinstance(text, str) or not text.strip():
+        raise TtsError(400, "MISSING_TEXT", "`Text` is required and must be a non-empty string.")
+    fmt = body.get("Format")
+    if isinstance(fmt, str) and fmt.lower() in UNSUPPORTED_FORMATS:
+        raise TtsError(
+            400, "UNSUPPORTED_FORMAT", f"Format {fmt!r} is not supported by this server; use one of: pcm, wav."
+        )
+    try:
+        return TtsRequest.model_validate(body)
+    except ValidationError as exc:
+        raise TtsError(400, _error_code(exc), _describe(exc)) from exc
+
+
+_FIELD_CODES = {"Format": "INVALID_FORMAT", "SampleRate": "INVALID_SAMPLE_RATE", "Channel": "INVALID_CHANNEL"}
+
+
+def _error_code(exc: ValidationError) -> str:
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if field in _FIELD_CODES:
+            return _FIELD_CODES[field]
+    return "INVALID_BODY"
+
+
+def _describe(exc: ValidationError) -> str:
+    hints = {
+        "Format": "`Format` must be 'pcm' or 'wav'",
+        "SampleRate": f"`SampleRate` must be an integer from {MIN_RATE} to {MAX_RATE}",
+        "Channel": "`Channel` must be 1 or 2",
+    }
+    parts = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "body"
+        parts.append(hints.get(field, f"`{field}`: {error['msg']}") + f" (got {error.get('input')!r})")
+    return "; ".join(parts) + "."

@@ -1,0 +1,177 @@
+"""One TTS request from text to streamed audio.
+
+`TtsService.open` does everything that can still fail with a proper HTTP error: check the text,
+pick the voices, get admitted to the synthesis pool (or 503) and synthesize the first piece (or
+500). The response then streams that piece and the rest, each synthesized while the previous one
+is sent; a client that goes away withdraws the next piece at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Hashable
+
+from app.metrics import TTS_FIRST_AUDIO, TTS_PIECES, TTS_STREAMS
+from app.settings import Settings
+from tts_server import text as text_rules
+from tts_server.audio import PcmEncoder, wav_header
+from tts_server.cache import AudioCache
+from tts_server.pool import FIRST_PIECE, LATER_PIECE, Job, SynthesisPool
+from tts_server.protocol import TtsError, TtsRequest
+from tts_server.voices import Voice, VoiceRegistry
+
+log = logging.getLogger("trtc.tts")
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    voice: Voice
+
+
+@dataclass(frozen=True)
+class Speech:
+    # The voices that speak it, in order of first use (the `X-TTS-Voice` header).
+    voices: list[str]
+    audio: AsyncIterator[bytes]
+
+
+class _Renderer:
+    """Synthesizes and encodes one stream's pieces in order (in the pool's threads, one at a
+    time), keeping one resampler per voice rate so the audio stays continuous across pieces."""
+
+    def __init__(self, request: TtsRequest) -> None:
+        self._request = request
+        self._encoder: PcmEncoder | None = None
+        self._source_rate = 0
+
+    def render(self, piece: Piece, *, last: bool) -> bytes:
+        samples = piece.voice.synthesize(piece.text)
+        TTS_PIECES.inc()
+        out = b""
+        if piece.voice.info.sample_rate != self._source_rate:
+            if self._encoder is not None:
+                out += self._encoder.flush()
+            self._source_rate = piece.voice.info.sample_rate
+            self._encoder = PcmEncoder(self._source_rate, self._request.sample_rate, self._request.channel)
+        assert self._encoder is not None
+        out += self._encoder.encode(samples)
+        if last:
+            out += self._encoder.flush()
+        return out
+
+
+class TtsService:
+    def __init__(self, settings: Settings, voices: VoiceRegistry, pool: SynthesisPool) -> None:
+        self.settings = settings
+        self.voices = voices
+        self.pool = pool
+        self.cache = AudioCache(settings.tts_cache_mb * 1024 * 1024)
+        self._key_voices = settings.tts_key_voice_map
+
+    def choose_voice(self, request: TtsRequest, query_voice: str | None, api_key: str | None) -> Voice:
+        name = query_voice or request.voice or self._key_voices.get(api_key or "") or self.voices.default
+        voice = self.voices.get(name)
+        if voice is None:
+            names = ", ".join(info.name for info in self.voices.infos)
+            raise TtsError(400, "UNKNOWN_VOICE", f"No voice {name!r}; installed: {names}.")
+        return voice
+
+    def plan(self, request: TtsRequest, voice: Voice) -> list[Piece]:
+        """The text as pieces, each with a voice that speaks its language."""
+        if len(request.text) > self.settings.tts_max_text_chars:
+            raise TtsError(
+                413, "TEXT_TOO_LONG",
+                f"Text has {len(request.text)} characters; this server takes at most {self.settings.tts_max_text_chars}.",
+            )
+        planned = []
+        for piece in text_rules.pieces(request.text):
+            family = text_rules.language(piece)
+            speaker = self.voices.for_language(voice, family)
+            if speaker is None:
+                raise TtsError(
+                    400, "UNSUPPORTED_LANGUAGE",
+                    f"No installed voice speaks {family!r} (the text {piece[:30]!r}); add a piper voice for it to VOICES_DIR.",
+                )
+            planned.append(Piece(piece, speaker))
+        return planned
+
+    async def open(self, request: TtsRequest, voice: Voice) -> Speech:
+        started = time.perf_counter()
+        pieces = self.plan(request, voice)
+        voices = list(dict.fromkeys(piece.voice.info.name for piece in pieces)) or [voice.info.name]
+        key: Hashable = (voice.info.name, request.text, request.sample_rate, request.channel, request.format)
+        header = wav_header(request.sample_rate, request.channel) if request.format == "wav" else b""
+        cached = self.cache.get(key)
+        if cached is not None:
+            TTS_STREAMS.labels("cached").inc()
+            TTS_FIRST_AUDIO.observe(time.perf_counter() - started)
+            return Speech(voices, _once(header + cached))
+        if not pieces:
+            TTS_STREAMS.labels("empty").inc()
+            return Speech(voices, _once(header))
+        renderer = _Renderer(request)
+        first = await self._first_piece(renderer, pieces)
+        TTS_FIRST_AUDIO.observe(time.perf_counter() - started)
+        return Speech(voices, self._stream(renderer, pieces, header, first, key))
+
+    async def _first_piece(self, renderer: _Renderer, pieces: list[Piece]) -> bytes:
+        job = self.pool.submit(lambda: renderer.render(pieces[0], last=len(pieces) == 1), FIRST_PIECE)
+        try:
+            await asyncio.wait_for(job.started.wait(), self.settings.tts_queue_timeout_s)
+        except TimeoutError:
+            if self.pool.withdraw(job):
+                TTS_STREAMS.labels("busy").inc()
+                raise TtsError(
+                    503, "SERVER_BUSY",
+                    f"All {self.settings.tts_workers} synthesis workers stayed busy for "
+                    f"{self.settings.tts_queue_timeout_s:g} s; try again shortly.",
+                ) from None
+        except asyncio.CancelledError:
+            self.pool.withdraw(job)
+            raise
+        try:
+            return await job.result
+        except Exception as exc:
+            TTS_STREAMS.labels("failed").inc()
+            log.exception("synthesis failed", exc_info=exc)
+            raise TtsError(500, "ENGINE_FAILURE", f"Speech synthesis failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _stream(
+        self, renderer: _Renderer, pieces: list[Piece], header: bytes, first: bytes, key: Hashable
+    ) -> AsyncIterator[bytes]:
+        sent: list[bytes] = [first]
+        job = None
+        outcome = "cancelled"
+        try:
+            if len(pieces) > 1:
+                job = self._submit(renderer, pieces, 1)
+            yield header + first
+            for index in range(1, len(pieces)):
+                assert job is not None
+                audio = await job.result
+                job = self._submit(renderer, pieces, index + 1) if index + 1 < len(pieces) else None
+                sent.append(audio)
+                yield audio
+            outcome = "completed"
+            self.cache.put(key, b"".join(sent))
+        except Exception:
+            outcome = "failed"
+            log.exception("synthesis failed mid-stream; the stream ends early")
+        finally:
+            if job is not None:
+                self.pool.withdraw(job)
+            TTS_STREAMS.labels(outcome).inc()
+            if outcome == "cancelled":
+                log.info("client left; synthesis stopped after %d of %d pieces", len(sent), len(pieces))
+
+    def _submit(self, renderer: _Renderer, pieces: list[Piece], index: int) -> Job:
+        last = index == len(pieces) - 1
+        return self.pool.submit(lambda: renderer.render(pieces[index], last=last), LATER_PIECE)
+
+
+async def _once(audio: bytes) -> AsyncIterator[bytes]:
+    yield audio

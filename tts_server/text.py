@@ -1,0 +1,111 @@
+"""Text in, speakable pieces out: markdown, emoji and URLs removed; the text cut so the first
+audio comes early; the language of each piece detected so it goes to a voice that speaks it.
+
+Plain functions, tested directly.
+"""
+
+from __future__ import annotations
+
+import re
+
+_FENCE = re.compile(r"^\s*(```|~~~).*$", re.MULTILINE)
+_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
+_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
+_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_HTML_TAG = re.compile(r"</?[A-Za-z][^>]*>")
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s*", re.MULTILINE)
+_QUOTE = re.compile(r"^\s{0,3}>\s?", re.MULTILINE)
+_LIST_MARKER = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)])\s+", re.MULTILINE)
+_RULE = re.compile(r"^\s*(?:[-*_]\s*){3,}$", re.MULTILINE)
+_TABLE_RULE = re.compile(r"^\s*\|?(?:\s*:?-{2,}:?\s*\|)+\s*:?-*:?\s*$", re.MULTILINE)
+_EMPHASIS = re.compile(r"(\*{1,3}|_{2,3}|~~)(?=\S)(.+?)(?<=\S)\1")
+_LONE_MARKS = re.compile(r"[*`#|~^]+|(?<!\w)_+|_+(?!\w)")
+_EMOJI = re.compile(
+    "["
+    "\U0001f000-\U0001faff"  # pictographs, emoticons, transport, symbols and pictographs ext.
+    "\U00002600-\U000027bf"  # misc symbols, dingbats
+    "\U00002b00-\U00002bff"  # arrows and stars used as emoji
+    "\U0001f1e6-\U0001f1ff"  # flags
+    "\ufe0e\ufe0f\u200d\u20e3"  # variation selectors, joiner, keycap
+    "]+"
+)
+_SPACES = re.compile(r"[ \t\r\f\v]+")
+
+# Sentence ends (Western and CJK), then clause marks a long first sentence may be cut at.
+_SENTENCE_END = re.compile(r"(?<=[.!?…。！？；;])[\"'”’)）」』]*\s*|\n+")
+_CLAUSE_END = re.compile(r"(?<=[,:，、：—–])\s*")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_KANA = re.compile(r"[\u3040-\u30ff]")
+_HANGUL = re.compile(r"[\uac00-\ud7af]")
+_WORD = re.compile(r"[^\W_]", re.UNICODE)
+
+# The first piece is kept short so the first audio comes quickly: about this many words
+# (Western) or characters (CJK) before it is cut at a clause mark, or failing that at a space.
+FIRST_PIECE_WORDS = 5
+FIRST_PIECE_CJK_CHARS = 10
+
+
+def normalize(text: str) -> str:
+    """What should be read aloud: no markdown syntax, emoji, URLs or HTML tags."""
+    text = _FENCE.sub("", text)
+    text = _IMAGE.sub(r"\1", text)
+    text = _LINK.sub(r"\1", text)
+    text = _URL.sub("", text)
+    text = _HTML_TAG.sub("", text)
+    text = _TABLE_RULE.sub("", text)
+    text = _RULE.sub("", text)
+    text = _HEADING.sub("", text)
+    text = _QUOTE.sub("", text)
+    text = _LIST_MARKER.sub("", text)
+    for _ in range(2):  # nested emphasis, e.g. ***bold italic*** inside **bold**
+        text = _EMPHASIS.sub(r"\2", text)
+    text = _EMOJI.sub("", text)
+    text = _LONE_MARKS.sub(" ", text)
+    text = text.replace("|", " ")
+    lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def pieces(text: str) -> list[str]:
+    """Normalized text cut into sentences, the first one shortened to a clause: each piece is
+    synthesized and streamed on its own, so the first audio never waits for the whole text."""
+    sentences = [s.strip() for s in _SENTENCE_END.split(normalize(text))]
+    sentences = [s for s in sentences if s and _WORD.search(s)]
+    if not sentences:
+        return []
+    head, rest = _split_first(sentences[0])
+    return [head, *([rest] if rest else []), *sentences[1:]]
+
+
+def _split_first(sentence: str) -> tuple[str, str]:
+    cjk = bool(_CJK.search(sentence) or _KANA.search(sentence) or _HANGUL.search(sentence))
+    limit = FIRST_PIECE_CJK_CHARS if cjk else FIRST_PIECE_WORDS
+    if _length(sentence, cjk) <= limit * 3 // 2:
+        return sentence, ""
+    # The first clause mark past a few words, if it comes before twice the limit.
+    for match in _CLAUSE_END.finditer(sentence):
+        head = sentence[: match.start()].strip()
+        if _length(head, cjk) >= limit // 2:
+            if _length(head, cjk) <= limit * 2:
+                return head, sentence[match.end() :].strip()
+            break
+    if cjk:
+        return sentence[:limit].strip(), sentence[limit:].strip()
+    words = sentence.split(" ")
+    return " ".join(words[:limit]), " ".join(words[limit:])
+
+
+def _length(text: str, cjk: bool) -> int:
+    return len(text) if cjk else len(text.split())
+
+
+def language(text: str) -> str | None:
+    """The language a piece needs when it is not the voice's own: 'zh', 'ja', 'ko', or None
+    for text any voice can read (Latin script, digits)."""
+    if _KANA.search(text):
+        return "ja"
+    if _HANGUL.search(text):
+        return "ko"
+    if _CJK.search(text):
+        return "zh"
+    return None

