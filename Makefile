@@ -29,5 +29,9 @@ test-postgres: install
 bench-llm: install
 	$(BIN)/python bench/llm_bench.py $(BENCH_ARGS)
 
+bench-tts: install
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,bench]"
+	$(BIN)/python bench/tts_bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

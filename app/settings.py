@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         """The configured URL, or a SQLite file under the data dir."""
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'trtc.db').as_posix()}"
+        return f"sqlite:///{(self.data_dir / 'trtc.db').as_posix()}"
 
     @property
     def serves_llm(self) -> bool:

