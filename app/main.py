@@ -58,7 +58,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
+    import httpx
+
     from llm_proxy.serving import ChatService
+    from llm_proxy.tools.loader import load_tools
     from llm_proxy.upstream import Upstream
 
     db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
@@ -67,7 +70,10 @@ async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stac
     stack.push_async_callback(upstream.aclose)
     app.state.db = db
     app.state.api_keys = api_keys
-    app.state.chat = ChatService(settings, db, upstream)
+    tool_http = httpx.AsyncClient(timeout=settings.tool_timeout_s)
+    stack.push_async_callback(tool_http.aclose)
+    tools = load_tools(settings, tool_http)
+    app.state.chat = ChatService(settings, db, upstream, tools)
 
 
 async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:

@@ -31,6 +31,16 @@ class Settings(BaseSettings):
     # Tasks whose history window each process keeps in memory (0: read it from the DB every round).
     history_cache_tasks: int = Field(default=10_000, ge=0)
 
+    # Server-side tools: the built-ins, Python modules, an HTTP tools file; TOOLS_ENABLED (comma
+    # list, empty for none) narrows them. Tools run concurrently, each with a timeout.
+    builtin_tools: bool = True
+    faq_file: Path | None = None
+    tools_modules: str = ""
+    tools_file: Path | None = None
+    tools_enabled: str | None = None
+    tool_timeout_s: float = Field(default=10.0, gt=0)
+    tool_max_steps: int = Field(default=5, ge=1)
+
     # The TTS server. Keys: TTS_API_KEYS, or API_KEYS when unset.
     tts_api_keys: str = ""
     voices_dir: Path = Path("./voices")
@@ -74,6 +84,14 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return _split(self.api_keys)
+
+    @property
+    def tools_module_list(self) -> list[str]:
+        return _split(self.tools_modules)
+
+    @property
+    def tools_enabled_list(self) -> list[str] | None:
+        return None if self.tools_enabled is None else _split(self.tools_enabled)
 
     @property
     def tts_api_key_list(self) -> list[str]:

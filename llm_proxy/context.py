@@ -36,10 +36,18 @@ def message_tokens(message: Msg) -> int:
     return tokens
 
 
+# The result stored for a tool call that was still running when the client went away: the
+# call stays answered (a call without a result is invalid upstream), and a retry runs it again.
+INTERRUPTED_RESULT = '{"error": "interrupted: the user spoke before this tool finished"}'
+
+
 @dataclass(frozen=True)
 class Turn:
     system: list[Msg]
     new: list[Msg]
+    # Only `tool` results, for the client tools the task's last round called: they continue
+    # that round instead of starting one.
+    continues: bool = False
 
 
 def split_turn(messages: Sequence[ChatMessage]) -> Turn:
@@ -49,11 +57,38 @@ def split_turn(messages: Sequence[ChatMessage]) -> Turn:
     system = [m.to_dict() for m in messages if m.role in ("system", "developer")]
     last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
     new = [m.to_dict() for m in messages[last_assistant + 1 :] if m.role not in ("system", "developer")]
-    if not any(m["role"] == "user" for m in new):
-        raise bad_request(
-            "The request has no new user message after its last assistant message.", "no_user_message"
-        )
-    return Turn(system=system, new=new)
+    if any(m["role"] == "user" for m in new):
+        return Turn(system=system, new=new)
+    if new and all(m["role"] == "tool" and m.get("tool_call_id") for m in new):
+        return Turn(system=system, new=new, continues=True)
+    raise bad_request(
+        "The request has no new user message (or tool results) after its last assistant message.", "no_user_message"
+    )
+
+
+def unanswered_calls(messages: Sequence[Msg]) -> list[dict[str, Any]]:
+    """The calls of the last assistant message that have no `tool` result after it."""
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if message["role"] == "assistant":
+            answered = {m.get("tool_call_id") for m in messages[index + 1 :] if m["role"] == "tool"}
+            return [call for call in message.get("tool_calls") or [] if call.get("id") not in answered]
+    return []
+
+
+def finished_tool_exchanges(messages: Sequence[Msg]) -> list[Msg]:
+    """The tool calls of a round whose results all came in (not cut off), with their results:
+    what a retry of the round carries over instead of running the tools again."""
+    results = {m.get("tool_call_id"): m for m in messages if m["role"] == "tool"}
+    kept: list[Msg] = []
+    for message in messages:
+        calls = message.get("tool_calls") if message["role"] == "assistant" else None
+        if not calls:
+            continue
+        answers = [results.get(call.get("id")) for call in calls]
+        if all(answer is not None and answer.get("content") != INTERRUPTED_RESULT for answer in answers):
+            kept += [message, *answers]  # type: ignore[list-item]
+    return kept
 
 
 @dataclass(frozen=True)
@@ -91,15 +126,24 @@ def window(rounds_newest_first: Sequence[R], max_rounds: int, max_tokens: int) -
 
 
 def history_messages(rounds: Sequence[StoredRound]) -> list[Msg]:
-    """Flatten rounds for the upstream; an interrupted reply that never got a word out is
-    left out (the user's words stay, consecutive user messages are valid)."""
+    """Flatten rounds for the upstream, as a valid OpenAI message sequence: an interrupted reply
+    that never got a word out is left out (the user's words stay; consecutive user messages are
+    valid), and so is a tool call whose result never came (the client dropped its own tool)."""
     out: list[Msg] = []
     for stored in rounds:
+        results = {m.get("tool_call_id") for m in stored.messages if m["role"] == "tool"}
         for message in stored.messages:
+            if message["role"] == "assistant" and message.get("tool_calls"):
+                calls = [call for call in message["tool_calls"] if call.get("id") in results]
+                message = {**message, "tool_calls": calls} if calls else _without_calls(message)
             if message["role"] == "assistant" and not message.get("content") and not message.get("tool_calls"):
                 continue
             out.append(message)
     return out
+
+
+def _without_calls(message: Msg) -> Msg:
+    return {key: value for key, value in message.items() if key != "tool_calls"}
 
 
 def upstream_messages(system: list[Msg], history: Sequence[StoredRound], new: list[Msg]) -> list[BaseMessage]:

@@ -8,6 +8,10 @@ by directives in the last user message, so a test scripts the upstream through t
 - `[[first_delay:S]]`, `[[delay:S]]`: seconds before the first chunk, between chunks
 - `[[status:N]]`: fail with HTTP status N (429, 500, ...) in OpenAI's error shape
 - `[[fail_after:N]]`: send N chunks, then an error event mid-stream
+- `[[tool:NAME:ARGS]]` (repeatable): call these tools (ARGS as JSON; streamed in fragments the
+  way real models do), with `[[say:TEXT]]` streamed first; once results follow the user message
+  it answers "Results: ..." with them, unless `[[tool_loop:1]]` makes it call again (and again);
+  `tool_choice: none` always gets text
 
 Every request is recorded (`GET /_requests`), and so is every stream its client abandoned
 (`GET /_abandoned`), which is how tests see that the proxy stopped paying for tokens.
@@ -30,16 +34,46 @@ from starlette.routing import Route
 _DIRECTIVE = re.compile(r"\[\[(\w+):([^\]]*)\]\]")
 
 
-def _directives(body: dict[str, Any]) -> tuple[dict[str, str], str]:
-    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
-    content = users[-1].get("content") or "" if users else ""
+def _last_user(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The last user message's text, and the messages after it."""
+    messages = body.get("messages", [])
+    index = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    content = messages[index].get("content") or "" if index >= 0 else ""
     if isinstance(content, list):
         content = "".join(part.get("text", "") for part in content)
+    return content, messages[index + 1 :]
+
+
+def _directives(body: dict[str, Any]) -> tuple[dict[str, str], str]:
+    content, _after = _last_user(body)
     return dict(_DIRECTIVE.findall(content)), _DIRECTIVE.sub("", content).strip()
 
 
-def _reply_words(directives: dict[str, str], said: str) -> list[str]:
-    if "reply" in directives:
+def _tool_calls(body: dict[str, Any], directives: dict[str, str]) -> list[dict[str, Any]]:
+    """The calls this turn makes: none once tool results came back (unless `tool_loop`), or
+    when tools are off (`tool_choice: none`)."""
+    content, after = _last_user(body)
+    if body.get("tool_choice") == "none" or (any(m.get("role") == "tool" for m in after) and "tool_loop" not in directives):
+        return []
+    step = sum(1 for m in after if m.get("role") == "assistant")
+    calls = []
+    for n, (key, value) in enumerate(_DIRECTIVE.findall(content)):
+        if key == "tool":
+            name, _, arguments = value.partition(":")
+            calls.append({"id": f"call_{step}_{n}", "name": name, "arguments": arguments or "{}"})
+    return calls
+
+
+def _reply_words(directives: dict[str, str], said: str, body: dict[str, Any], calls: list[dict[str, Any]]) -> list[str]:
+    _content, after = _last_user(body)
+    results = [str(m.get("content")) for m in after if m.get("role") == "tool"]
+    if calls:
+        text = directives.get("say", "")
+        if not text:
+            return []
+    elif results:
+        text = "Results: " + " | ".join(results)
+    elif "reply" in directives:
         text = directives["reply"]
     elif "words" in directives:
         text = " ".join(f"w{i}" for i in range(int(directives["words"])))
@@ -65,24 +99,30 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
             requests.append({"headers": dict(request.headers), "body": body, "ts": time.time()})
         if "status" in directives:
             return _error(int(directives["status"]), f"fake upstream failure {directives['status']}")
-        words = _reply_words(directives, said)
+        calls = _tool_calls(body, directives)
+        words = _reply_words(directives, said, body, calls)
         model = body.get("model", "fake")
         if not body.get("stream"):
             await asyncio.sleep(float(directives.get("first_delay", 0)))
-            text = "".join(words)
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(words)}
+            if calls:
+                message["tool_calls"] = [
+                    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                    for c in calls
+                ]
             return JSONResponse(
                 {
                     "id": "chatcmpl-fake",
                     "object": "chat.completion",
                     "created": int(time.time()),
                     "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)},
                 }
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(
-            _stream(words, model, directives, include_usage, said, abandoned),
+            _stream(words, model, directives, include_usage, said, abandoned, calls),
             media_type="text/event-stream",
         )
 
@@ -112,6 +152,7 @@ async def _stream(
     include_usage: bool,
     said: str,
     abandoned: deque[dict[str, Any]],
+    calls: list[dict[str, Any]],
 ) -> AsyncIterator[str]:
     head = json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model})[:-1]
 
@@ -135,7 +176,14 @@ async def _stream(
                 await asyncio.sleep(delay)
             yield chunk({"content": word})
             sent += 1
-        yield chunk({}, "stop")
+        for index, call in enumerate(calls):
+            yield chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                          "function": {"name": call["name"], "arguments": ""}}]})
+            arguments = call["arguments"]
+            third = max(1, len(arguments) // 3)
+            for start in range(0, len(arguments), third):
+                yield chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[start:start + third]}}]})
+        yield chunk({}, "tool_calls" if calls else "stop")
         if include_usage:
             usage = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
             yield f'data: {head}, "choices": [], "usage": {json.dumps(usage)}}}\n\n'

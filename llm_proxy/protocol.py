@@ -19,7 +19,7 @@ from app.errors import ApiError, bad_request
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 # Fields the proxy itself interprets; everything else is passed through.
-_OWN_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n"})
+_OWN_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n", "tools"})
 
 
 class ChatMessage(BaseModel):
@@ -63,6 +63,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
+    # The client's own tools: forwarded with the server's, and their calls returned to it.
+    tools: list[dict[str, Any]] | None = None
 
     @field_validator("n")
     @classmethod
@@ -121,6 +123,11 @@ class ChunkWriter:
     def content(self, text: str) -> str:
         return self._chunk(f'{{"index": 0, "delta": {{"content": {json.dumps(text, ensure_ascii=False)}}}, "finish_reason": null}}')
 
+    def tool_calls(self, calls: list[dict[str, Any]]) -> str:
+        """Whole calls, one delta: the official clients accumulate fragments and whole calls alike."""
+        deltas = [{"index": index, **call} for index, call in enumerate(calls)]
+        return self._chunk(f'{{"index": 0, "delta": {{"tool_calls": {json.dumps(deltas, ensure_ascii=False)}}}, "finish_reason": null}}')
+
     def finish(self, reason: str) -> str:
         return self._chunk(f'{{"index": 0, "delta": {{}}, "finish_reason": {json.dumps(reason)}}}')
 
@@ -129,8 +136,16 @@ class ChunkWriter:
 
 
 def completion_body(
-    completion_id: str, model: str, text: str, finish_reason: str, usage: dict[str, int] | None
+    completion_id: str,
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, int] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -139,7 +154,7 @@ def completion_body(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "finish_reason": finish_reason,
             }
         ],

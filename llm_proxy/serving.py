@@ -4,7 +4,7 @@
 wait for earlier rounds of the task, read the history, call the upstream), so any failure there
 still becomes a proper HTTP error. The reply is then streamed (`sse_events`) or collected
 (`complete`); either way the round is stored exactly once, by `LiveRound.close`, with the text the
-client actually received.
+client actually received (and the tool calls the round made on the way).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping
 
 import anyio
@@ -25,10 +25,21 @@ from app.logs import request_id
 from app.metrics import LLM_ADDED, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
 from app.settings import Settings
 from llm_proxy import store
-from llm_proxy.context import Msg, StoredRound, split_turn, upstream_messages, window
+from llm_proxy.context import (
+    Msg,
+    StoredRound,
+    Turn,
+    finished_tool_exchanges,
+    split_turn,
+    unanswered_calls,
+    upstream_messages,
+    window,
+)
 from llm_proxy.history_cache import HistoryCache
-from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event, usage_dict
+from llm_proxy.live_round import LiveRound, UpstreamCall
+from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
 from llm_proxy.store import Claim, TaskInfo
+from llm_proxy.tools.registry import ToolRegistry
 from llm_proxy.upstream import Delta, Upstream
 
 log = logging.getLogger("trtc.llm")
@@ -60,90 +71,19 @@ class Replay:
     text: str
     usage: dict[str, int] | None
     include_usage: bool
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
-
-class LiveRound:
-    """A round whose upstream has produced its first token."""
-
-    def __init__(
-        self,
-        service: ChatService,
-        *,
-        claim: Claim | None,
-        new_turn: list[Msg],
-        model: str,
-        include_usage: bool,
-        stream: AsyncIterator[Delta],
-        first: Delta,
-    ) -> None:
-        self._service = service
-        self._claim = claim
-        self._new_turn = new_turn
-        self._stream = stream
-        self._first: Delta | None = first
-        self._closed = False
-        self.model = model
-        self.include_usage = include_usage
-        self.completion_id = "chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex)
-        self.finish_reason = "stop"
-        self.usage: dict[str, int] | None = None
-
-    async def deltas(self) -> AsyncIterator[Delta]:
-        """The upstream's deltas, the first one included; records finish reason and usage."""
-        first, self._first = self._first, None
-        if first is not None:
-            self._note(first)
-            yield first
-        async for delta in self._stream:
-            self._note(delta)
-            yield delta
-
-    def _note(self, delta: Delta) -> None:
-        if delta.finish_reason:
-            self.finish_reason = delta.finish_reason
-        if delta.usage:
-            self.usage = usage_dict(delta.usage)
-
-    async def close(self, sent_text: str, *, interrupted: bool) -> None:
-        """Stop the upstream and store the round with what the client received. Runs once,
-        shielded: it usually runs because the client went away and the task is being cancelled."""
-        if self._closed:
-            return
-        self._closed = True
-        with anyio.CancelScope(shield=True):
-            await self._stream.aclose()
-            outcome = "interrupted" if interrupted else "completed"
-            if self._claim is None:
-                outcome = "stateless"
-            else:
-                await self._service.store(
-                    self._claim,
-                    [*self._new_turn, {"role": "assistant", "content": sent_text}],
-                    interrupted=interrupted,
-                    model=self.model,
-                    finish_reason=None if interrupted else self.finish_reason,
-                    usage=self.usage,
-                )
-            LLM_ROUNDS.labels(outcome).inc()
-
-    async def release(self) -> None:
-        """Give the round up: the upstream failed after its first token, before the client got
-        any of it (non-streaming), so the request failed and nothing is kept."""
-        if self._closed:
-            return
-        self._closed = True
-        with anyio.CancelScope(shield=True):
-            await self._stream.aclose()
-            if self._claim is not None:
-                await self._service.release(self._claim)
-            LLM_ROUNDS.labels("failed").inc()
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls else "stop"
 
 
 class ChatService:
-    def __init__(self, settings: Settings, db: Database, upstream: Upstream) -> None:
+    def __init__(self, settings: Settings, db: Database, upstream: Upstream, tools: ToolRegistry) -> None:
         self.settings = settings
         self.db = db
         self.upstream = upstream
+        self.tools = tools
         self.history = HistoryCache(settings.history_cache_tasks, settings.history_max_rounds)
         # Rounds of this process still streaming; a later round of the same task awaits these
         # instead of polling the database.
@@ -154,43 +94,56 @@ class ChatService:
         model = self.settings.upstream_model or request.model
         if not model:
             raise bad_request("`model` is required (or set UPSTREAM_MODEL on the server).", "model_required")
-        include_usage = request.include_usage or not request.stream
+        call = self._upstream_call(request, model)
         if task is None:
-            messages = upstream_messages([], [], [m.to_dict() for m in request.messages])
-            return await self._start(None, [], messages, request, model, include_usage, started)
+            head = [m.to_dict() for m in request.messages]
+            return await self._start(None, head, upstream_messages([], [], head), call, started)
 
         turn = split_turn(request.messages)
-        claim = await self._claim(task, turn.new, model)
-        if claim.replay_text is not None:
+        claim = await self._claim(task, turn, model)
+        if claim.replay is not None:
             LLM_ROUNDS.labels("replayed").inc()
-            return Replay(
-                "chatcmpl-" + claim.round_id, model, claim.replay_text, claim.replay_usage, include_usage
-            )
+            return _replay(claim, claim.replay, call)
         try:
+            answered = _answered_before(claim, turn)
+            if answered is not None:
+                await self.release(claim)
+                LLM_ROUNDS.labels("replayed").inc()
+                return _replay(claim, answered, call)
+            head = _head(claim, turn)
             history = window(await self._history(claim), self.settings.history_max_rounds, self.settings.history_max_tokens)
-            messages = upstream_messages(turn.system, history, turn.new)
-            return await self._start(claim, turn.new, messages, request, model, include_usage, started)
+            return await self._start(claim, head, upstream_messages(turn.system, history, head), call, started)
         except asyncio.CancelledError:
-            await self._abandon(claim, turn.new, model)
+            await self._abandon(claim, turn, model)
             raise
         except BaseException:
             await self.release(claim)
             LLM_ROUNDS.labels("failed").inc()
             raise
 
+    def _upstream_call(self, request: ChatCompletionRequest, model: str) -> UpstreamCall:
+        client_tools = request.tools or []
+        client_names = frozenset(tool.get("function", {}).get("name", "") for tool in client_tools)
+        server_tools = [t for t in self.tools.schemas() if t["function"]["name"] not in client_names]
+        return UpstreamCall(
+            model=model,
+            params=request.passthrough(),
+            include_usage=request.include_usage or not request.stream,
+            tools=[*server_tools, *client_tools] or None,
+            client_tools=client_names,
+        )
+
     async def _start(
         self,
         claim: Claim | None,
-        new_turn: list[Msg],
-        messages: list[BaseMessage],
-        request: ChatCompletionRequest,
-        model: str,
-        include_usage: bool,
+        head: list[Msg],
+        context: list[BaseMessage],
+        call: UpstreamCall,
         started: float,
     ) -> LiveRound:
         LLM_ADDED.observe(time.perf_counter() - started)
         stream = self.upstream.stream(
-            messages, model=model, params=request.passthrough(), include_usage=include_usage
+            context, model=call.model, params=call.params, include_usage=call.include_usage, tools=call.tools
         )
         try:
             first = await anext(stream)
@@ -207,25 +160,26 @@ class ChatService:
         return LiveRound(
             self,
             claim=claim,
-            new_turn=new_turn,
-            model=model,
-            include_usage=include_usage,
+            head=head,
+            context=context,
+            call=call,
             stream=stream,
             first=first,
+            completion_id="chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex),
         )
 
-    async def _claim(self, task: TaskInfo, new_turn: list[Msg], model: str) -> Claim:
-        claim = await self._claim_once(task, new_turn, model, take_over_pending=False)
+    async def _claim(self, task: TaskInfo, turn: Turn, model: str) -> Claim:
+        claim = await self._claim_once(task, turn, model, take_over_pending=False)
         if claim.in_flight:
             # A retry while the first attempt still runs (it usually is being cancelled, as the
             # orchestrator gave up on it): wait for it, then replay or redo its round.
             await self._wait_for([claim.round_id])
-            claim = await self._claim_once(task, new_turn, model, take_over_pending=True)
+            claim = await self._claim_once(task, turn, model, take_over_pending=True)
         if claim.is_new_work:
             self._running[claim.round_id] = asyncio.Event()
         return claim
 
-    async def _claim_once(self, task: TaskInfo, new_turn: list[Msg], model: str, *, take_over_pending: bool) -> Claim:
+    async def _claim_once(self, task: TaskInfo, turn: Turn, model: str, *, take_over_pending: bool) -> Claim:
         """The claim runs to its end even if the client leaves meanwhile; a round it took is then
         stored as abandoned rather than left pending, which would stall the task's next round."""
         job = asyncio.ensure_future(
@@ -235,24 +189,31 @@ class ChatService:
                 max_rounds=self.settings.history_max_rounds,
                 known=self.history.known(task.task_id),
                 take_over_pending=take_over_pending,
+                continue_round=turn.continues,
             )
         )
         try:
-            return await asyncio.shield(job)
+            claim = await asyncio.shield(job)
         except asyncio.CancelledError:
             claim = await job
-            if claim.is_new_work:
-                await self._abandon(claim, new_turn, model)
+            if claim is not None and claim.is_new_work:
+                await self._abandon(claim, turn, model)
             raise
+        if claim is None:
+            raise bad_request(
+                "These tool results answer no open tool call: the task's last round did not end in calls of your tools.",
+                "no_open_tool_calls",
+            )
+        return claim
 
     async def _history(self, claim: Claim) -> list[StoredRound]:
         """The finished rounds before the claimed one, newest first: read with the claim, or
         this process's current copy, or (after waiting for earlier rounds) read again."""
         if claim.history is not None:
-            if not claim.regenerate:
+            if claim.reopened_status is None:
                 self.history.put(claim.task_id, claim.version, claim.seq, claim.history)
             return claim.history
-        if not claim.regenerate and not claim.pending_before:
+        if claim.reopened_status is None and not claim.pending_before:
             cached = self.history.get(claim.task_id, claim.version, claim.seq)
             if cached is not None:
                 return cached
@@ -282,19 +243,23 @@ class ChatService:
                 finish_reason=finish_reason,
                 usage=usage,
             )
-            if claim.regenerate:
+            if claim.reopened_status is not None:
                 self.history.drop(claim.task_id)
             else:
                 self.history.advance(claim.task_id, version, stored)
         finally:
             self.round_done(claim.round_id)
 
-    async def _abandon(self, claim: Claim, new_turn: list[Msg], model: str) -> None:
+    async def _abandon(self, claim: Claim, turn: Turn, model: str) -> None:
         """The client left before the first token: keep what the user said, reply empty."""
+        try:
+            head = _head(claim, turn)
+        except ApiError:
+            head = claim.stored or turn.new
         with anyio.CancelScope(shield=True):
             await self.store(
                 claim,
-                [*new_turn, {"role": "assistant", "content": ""}],
+                [*head, {"role": "assistant", "content": ""}],
                 interrupted=True,
                 model=model,
                 finish_reason=None,
@@ -340,7 +305,9 @@ class ChatService:
         """A non-streaming answer, built from the upstream's stream."""
         reply = await self.open(request, task)
         if isinstance(reply, Replay):
-            return completion_body(reply.completion_id, reply.model, reply.text, "stop", reply.usage)
+            return completion_body(
+                reply.completion_id, reply.model, reply.text, reply.finish_reason, reply.usage, reply.tool_calls
+            )
         parts: list[str] = []
         stored = False
         try:
@@ -356,7 +323,9 @@ class ChatService:
             if not stored:
                 # Cancelled: the client left before the answer was sent, so it heard nothing.
                 await reply.close("", interrupted=True)
-        return completion_body(reply.completion_id, reply.model, text, reply.finish_reason, reply.usage)
+        return completion_body(
+            reply.completion_id, reply.model, text, reply.finish_reason, reply.usage, reply.client_calls
+        )
 
 
 async def sse_events(reply: LiveRound | Replay) -> AsyncIterator[str]:
@@ -367,7 +336,9 @@ async def sse_events(reply: LiveRound | Replay) -> AsyncIterator[str]:
         yield writer.role()
         if reply.text:
             yield writer.content(reply.text)
-        yield writer.finish("stop")
+        if reply.tool_calls:
+            yield writer.tool_calls(reply.tool_calls)
+        yield writer.finish(reply.finish_reason)
         if reply.include_usage and reply.usage:
             yield writer.usage(reply.usage)
         yield "[DONE]"
@@ -382,6 +353,8 @@ async def sse_events(reply: LiveRound | Replay) -> AsyncIterator[str]:
                 sent.append(delta.text)
         # Stored before the closing events, so the task's next round never waits on this one.
         await reply.close("".join(sent), interrupted=False)
+        if reply.client_calls:
+            yield writer.tool_calls(reply.client_calls)
         yield writer.finish(reply.finish_reason)
         if reply.include_usage and reply.usage:
             yield writer.usage(reply.usage)
@@ -393,3 +366,44 @@ async def sse_events(reply: LiveRound | Replay) -> AsyncIterator[str]:
     finally:
         # Client gone (cancelled, or the generator closed): keep what it received.
         await reply.close("".join(sent), interrupted=True)
+
+
+def _answered_before(claim: Claim, turn: Turn) -> Msg | None:
+    """For tool results the round already holds (the client retried its request), the reply
+    that followed them, to replay."""
+    if not turn.continues:
+        return None
+    answered = {m.get("tool_call_id") for m in claim.stored if m["role"] == "tool"}
+    if not {m["tool_call_id"] for m in turn.new} <= answered:
+        return None
+    return next((m for m in reversed(claim.stored) if m["role"] == "assistant"), {"role": "assistant", "content": ""})
+
+
+def _head(claim: Claim, turn: Turn) -> list[Msg]:
+    """The messages the round starts with. A retry of an interrupted round carries over the tool
+    calls that finished (they are not run again); tool results continue the round that called the
+    client's tools."""
+    if claim.regenerate:
+        return [*turn.new, *finished_tool_exchanges(claim.stored)]
+    if not turn.continues:
+        return turn.new
+    open_ids = {call["id"] for call in unanswered_calls(claim.stored)}
+    answered = {m.get("tool_call_id") for m in claim.stored if m["role"] == "tool"}
+    given = {m["tool_call_id"] for m in turn.new}
+    if given <= open_ids:
+        return [*claim.stored, *turn.new]
+    raise bad_request(
+        f"Tool results for unknown calls {sorted(given - open_ids - answered)}; open calls: {sorted(open_ids)}.",
+        "unknown_tool_call",
+    )
+
+
+def _replay(claim: Claim, reply: Msg, call: UpstreamCall) -> Replay:
+    return Replay(
+        "chatcmpl-" + claim.round_id,
+        call.model,
+        reply.get("content") or "",
+        claim.replay_usage,
+        call.include_usage,
+        reply.get("tool_calls") or [],
+    )

@@ -22,7 +22,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from llm_proxy.context import Msg, StoredRound, message_tokens
+from llm_proxy.context import Msg, StoredRound, message_tokens, unanswered_calls
 from llm_proxy.models import (
     FINISHED_STATUSES,
     ROUND_COMPLETED,
@@ -53,10 +53,13 @@ class Claim:
     seq: int
     # The task's version when the claim committed.
     version: int = 0
-    # A retry of an interrupted round: answered again in place, replacing its messages.
-    regenerate: bool = False
-    # A retry of a completed round: its stored reply, sent again without the upstream.
-    replay_text: str | None = None
+    # An existing round taken up again: a retry of an interrupted round (answered again in place)
+    # or the client's tool results continuing the round that called its tools. Its messages as
+    # stored, and the status it goes back to if the new attempt fails.
+    reopened_status: str | None = None
+    stored: list[Msg] = field(default_factory=list)
+    # A retry of a completed round: its last assistant message, sent again without the upstream.
+    replay: Msg | None = None
     replay_usage: dict[str, int] | None = None
     # A retry whose first attempt is still pending: wait for it, then claim again.
     in_flight: bool = False
@@ -69,7 +72,11 @@ class Claim:
     @property
     def is_new_work(self) -> bool:
         """The claim holds a pending round that must be finished or released."""
-        return self.replay_text is None and not self.in_flight
+        return self.replay is None and not self.in_flight
+
+    @property
+    def regenerate(self) -> bool:
+        return self.reopened_status == ROUND_INTERRUPTED
 
 
 def _now() -> datetime:
@@ -83,10 +90,18 @@ def claim_round(
     max_rounds: int,
     known: tuple[int, int] | None = None,
     take_over_pending: bool = False,
-) -> Claim:
+    continue_round: bool = False,
+) -> Claim | None:
     """Take the task's next sequence number for a new round, or find the round this request
-    retries; then read the history window, unless an earlier round is still pending or `known`
-    (version, last seq) says the caller's copy of it is current."""
+    retries (or, with `continue_round`, the task's last round, to add the client's tool results
+    to it); then read the history window, unless an earlier round is still pending or `known`
+    (version, last seq) says the caller's copy of it is current. None: nothing to continue."""
+    if continue_round:
+        claim = _reopen_last(conn, task)
+        if claim is None:
+            return None
+        claim.pending_before, claim.history = _window(conn, task.task_id, claim.seq, max_rounds)
+        return claim
     statements = _statements(conn.dialect.name)
     now = _now()
     seq, version = conn.execute(
@@ -172,25 +187,51 @@ def _claim_retry(conn: Connection, task: TaskInfo, take_over_pending: bool) -> C
     ).one()
     claim = Claim(task.task_id, row.id, row.seq, row.version)
     if row.status == ROUND_COMPLETED:
-        claim.replay_text, claim.replay_usage = _reply_text(conn, row.id), row.usage
+        messages = _round_messages(conn, row.id)
+        reply = next((m for m in reversed(messages) if m["role"] == "assistant"), {"role": "assistant", "content": ""})
+        calls = unanswered_calls(messages)
+        claim.replay = {"role": "assistant", "content": reply.get("content") or "", **({"tool_calls": calls} if calls else {})}
+        claim.replay_usage = row.usage
     elif row.status == ROUND_PENDING and not take_over_pending:
         claim.in_flight = True
     else:
-        # Back to pending, which changes what a later round's context waits for.
-        claim.version = conn.execute(_BUMP_VERSION, {"task_id": task.task_id}).scalar_one()
-        conn.execute(update(Round).where(Round.id == row.id).values(status=ROUND_PENDING))
-        claim.regenerate = True
+        claim.version = _reopen(conn, task.task_id, row.id)
+        claim.reopened_status = ROUND_INTERRUPTED
+        claim.stored = _round_messages(conn, row.id)
     return claim
 
 
-def _reply_text(conn: Connection, round_id: str) -> str:
-    result = conn.execute(
-        select(Message.content)
-        .where(Message.round_id == round_id, Message.role == "assistant")
-        .order_by(Message.position.desc())
-        .limit(1)
+def _reopen_last(conn: Connection, task: TaskInfo) -> Claim | None:
+    """The task's last round, reopened for the client's tool results, if it is a completed one."""
+    version = conn.execute(_BUMP_VERSION, {"task_id": task.task_id}).scalar()
+    if version is None:
+        return None
+    row = conn.execute(
+        select(Round.id, Round.seq, Round.status).where(Round.task_id == task.task_id).order_by(Round.seq.desc()).limit(1)
+    ).first()
+    if row is None or row.status != ROUND_COMPLETED:
+        return None
+    conn.execute(update(Round).where(Round.id == row.id).values(status=ROUND_PENDING))
+    claim = Claim(task.task_id, row.id, row.seq, version, reopened_status=ROUND_COMPLETED)
+    claim.stored = _round_messages(conn, row.id)
+    return claim
+
+
+def _reopen(conn: Connection, task_id: str, round_id: str) -> int:
+    """Set a finished round back to pending, which changes what a later round's context waits
+    for; returns the task's new version."""
+    version = conn.execute(_BUMP_VERSION, {"task_id": task_id}).scalar_one()
+    conn.execute(update(Round).where(Round.id == round_id).values(status=ROUND_PENDING))
+    return version
+
+
+def _round_messages(conn: Connection, round_id: str) -> list[Msg]:
+    rows = conn.execute(
+        select(Message.role, Message.content, Message.name, Message.tool_call_id, Message.tool_calls)
+        .where(Message.round_id == round_id)
+        .order_by(Message.position)
     )
-    return result.scalar() or ""
+    return [_message(*row) for row in rows]
 
 
 def load_history(conn: Connection, task_id: str, before_seq: int, *, max_rounds: int) -> list[StoredRound]:
@@ -270,8 +311,8 @@ def finish_round(
     finish_reason: str | None,
     usage: dict[str, int] | None,
 ) -> tuple[int, StoredRound]:
-    """Store the round's messages and mark it finished; returns the task's new version and the
-    round as the history window holds it."""
+    """Store the round's messages (all of them: a reopened round's are replaced) and mark it
+    finished; returns the task's new version and the round as the history window holds it."""
     version = conn.execute(_BUMP_VERSION, {"task_id": claim.task_id}).scalar_one()
     rows = [
         {
@@ -286,7 +327,7 @@ def finish_round(
         }
         for position, message in enumerate(messages)
     ]
-    if claim.regenerate:
+    if claim.reopened_status is not None:
         conn.execute(delete(Message).where(Message.round_id == claim.round_id))
     conn.execute(insert(Message), rows)
     tokens = sum(row["tokens"] for row in rows)
@@ -314,9 +355,9 @@ _BUMP_VERSION = (
 
 def release_round(conn: Connection, claim: Claim) -> None:
     """Undo a claim whose upstream failed before answering: nothing of the round stays
-    (a regenerated round goes back to its earlier, interrupted state)."""
-    if claim.regenerate:
-        conn.execute(update(Round).where(Round.id == claim.round_id).values(status=ROUND_INTERRUPTED))
+    (a reopened round goes back to how it was)."""
+    if claim.reopened_status is not None:
+        conn.execute(update(Round).where(Round.id == claim.round_id).values(status=claim.reopened_status))
     else:
         conn.execute(delete(Round).where(Round.id == claim.round_id))
 

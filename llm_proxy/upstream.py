@@ -27,10 +27,22 @@ _PLACEHOLDER_MODEL = "upstream-default"
 
 
 @dataclass(frozen=True, slots=True)
+class CallFragment:
+    """A piece of a streamed tool call: the first piece of a call has its id and name, the
+    arguments arrive in pieces; `index` says which call of the turn it belongs to."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     text: str
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
+    calls: tuple[CallFragment, ...] = ()
 
 
 class RawChatCompletions:
@@ -114,16 +126,25 @@ class Upstream:
         await self._http.aclose()
 
     def stream(
-        self, messages: list[BaseMessage], *, model: str, params: dict[str, Any], include_usage: bool
-    ) -> AsyncIterator[Delta]:
-        return self._deltas(messages, model, params, include_usage)
-
-    async def _deltas(
-        self, messages: list[BaseMessage], model: str, params: dict[str, Any], include_usage: bool
+        self,
+        messages: list[BaseMessage],
+        *,
+        model: str,
+        params: dict[str, Any],
+        include_usage: bool,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | None = None,
     ) -> AsyncIterator[Delta]:
         kwargs: dict[str, Any] = {"model": model, "stream_usage": include_usage}
         if params:
             kwargs["extra_body"] = params
+        if tools:
+            kwargs["tools"] = tools
+            if tool_choice:
+                kwargs["tool_choice"] = tool_choice
+        return self._deltas(messages, kwargs)
+
+    async def _deltas(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
         try:
             async for chunk in self._llm.astream(messages, **kwargs):
                 text = chunk.content if isinstance(chunk.content, str) else chunk.text
@@ -134,8 +155,12 @@ class Upstream:
                         "prompt_tokens": chunk.usage_metadata["input_tokens"],
                         "completion_tokens": chunk.usage_metadata["output_tokens"],
                     }
-                if text or finish_reason or usage:
-                    yield Delta(text, finish_reason, usage)
+                calls = tuple(
+                    CallFragment(part.get("index") or 0, part.get("id"), part.get("name"), part.get("args") or "")
+                    for part in chunk.tool_call_chunks
+                )
+                if text or finish_reason or usage or calls:
+                    yield Delta(text, finish_reason, usage, calls)
         except Exception as exc:
             raise upstream_error(exc) from exc
 

@@ -1,0 +1,172 @@
+"""A round whose upstream has produced its first token, through to its stored messages.
+
+`LiveRound.deltas` runs the tool loop: text streams to the client as it comes (so "let me check
+the weather" is heard while the tool runs); when a turn ends in calls of server tools, the proxy
+runs them (concurrently, each with a timeout), adds the assistant `tool_calls` message and the
+`tool` results to the context and calls the upstream again, up to `TOOL_MAX_STEPS`, the last time
+with `tool_choice: none`. Calls of the client's own tools end the round: they go back to the
+client, whose next request brings their results (`Turn.continues`).
+
+`close` stores the round once, with exactly the text the client received: its head (the user's
+turn, and what a reopened round already had), the tool calls and results, then the final text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import anyio
+from langchain_core.messages import BaseMessage, convert_to_messages
+
+from app.metrics import LLM_ROUNDS
+from llm_proxy.context import Msg
+from llm_proxy.protocol import usage_dict
+from llm_proxy.store import Claim
+from llm_proxy.tool_calls import CallAccumulator, answer_missing, call_name, run_calls
+from llm_proxy.upstream import Delta
+
+if TYPE_CHECKING:
+    from llm_proxy.serving import ChatService
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """What every upstream call of one round shares."""
+
+    model: str
+    params: dict[str, Any]
+    include_usage: bool
+    # Server tools and the client's, merged (the client's win a name clash); None: no tools.
+    tools: list[dict[str, Any]] | None
+    client_tools: frozenset[str] = field(default_factory=frozenset)
+
+
+class LiveRound:
+    def __init__(
+        self,
+        service: ChatService,
+        *,
+        claim: Claim | None,
+        head: list[Msg],
+        context: list[BaseMessage],
+        call: UpstreamCall,
+        stream: AsyncIterator[Delta],
+        first: Delta,
+        completion_id: str,
+    ) -> None:
+        self._service = service
+        self._claim = claim
+        self._head = head
+        self._context = context
+        self._call = call
+        self._stream = stream
+        self._first: Delta | None = first
+        self._closed = False
+        # Tool calls and results of this round, and the length of the text streamed before them.
+        self._produced: list[Msg] = []
+        self._consumed = 0
+        self.model = call.model
+        self.include_usage = call.include_usage
+        self.completion_id = completion_id
+        self.finish_reason = "stop"
+        self.usage: dict[str, int] | None = None
+        # Calls of the client's own tools that end the round, in the OpenAI message format.
+        self.client_calls: list[dict[str, Any]] = []
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The client's text deltas, through every step of the tool loop."""
+        steps = 0
+        while True:
+            accumulator = CallAccumulator()
+            text: list[str] = []
+            async for delta in self._step_deltas():
+                if delta.calls:
+                    accumulator.add(delta.calls)
+                if delta.text:
+                    text.append(delta.text)
+                    yield delta
+            calls = accumulator.calls()
+            if not calls:
+                return
+            said = "".join(text)
+            self._consumed += len(said)
+            self._produced.append({"role": "assistant", "content": said, "tool_calls": calls})
+            server_calls = [c for c in calls if call_name(c) not in self._call.client_tools]
+            self._produced += await run_calls(self._service.tools, server_calls)
+            client_calls = [c for c in calls if call_name(c) in self._call.client_tools]
+            if client_calls:
+                self.client_calls = client_calls
+                self.finish_reason = "tool_calls"
+                return
+            steps += 1
+            last = steps >= self._service.settings.tool_max_steps
+            self._stream = self._service.upstream.stream(
+                [*self._context, *convert_to_messages(self._produced)],
+                model=self._call.model,
+                params=self._call.params,
+                include_usage=self._call.include_usage,
+                tools=self._call.tools,
+                tool_choice="none" if last else None,
+            )
+
+    async def _step_deltas(self) -> AsyncIterator[Delta]:
+        first, self._first = self._first, None
+        if first is not None:
+            self._note(first)
+            yield first
+        async for delta in self._stream:
+            self._note(delta)
+            yield delta
+
+    def _note(self, delta: Delta) -> None:
+        if delta.finish_reason:
+            self.finish_reason = delta.finish_reason
+        if delta.usage:
+            usage = usage_dict(delta.usage) or {}
+            if self.usage:
+                usage = {key: self.usage.get(key, 0) + value for key, value in usage.items()}
+            self.usage = usage
+
+    def messages(self, sent_text: str) -> list[Msg]:
+        """The round as stored: head, tool calls and results (an unanswered call gets an
+        'interrupted' result, unless it waits for the client), final text."""
+        produced = self._produced if self.client_calls else answer_missing(self._produced)
+        out = [*self._head, *produced]
+        if not self.client_calls:
+            out.append({"role": "assistant", "content": sent_text[self._consumed :]})
+        return out
+
+    async def close(self, sent_text: str, *, interrupted: bool) -> None:
+        """Stop the upstream and store the round with what the client received. Runs once,
+        shielded: it usually runs because the client went away and the task is being cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()
+            outcome = "interrupted" if interrupted else "completed"
+            if self._claim is None:
+                outcome = "stateless"
+            else:
+                await self._service.store(
+                    self._claim,
+                    self.messages(sent_text),
+                    interrupted=interrupted,
+                    model=self.model,
+                    finish_reason=None if interrupted else self.finish_reason,
+                    usage=self.usage,
+                )
+            LLM_ROUNDS.labels(outcome).inc()
+
+    async def release(self) -> None:
+        """Give the round up: the upstream failed before the client got any of it
+        (non-streaming), so the request failed and nothing is kept."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()
+            if self._claim is not None:
+                await self._service.release(self._claim)
+            LLM_ROUNDS.labels("failed").inc()

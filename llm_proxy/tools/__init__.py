@@ -1,0 +1,1 @@
+"""Server-side tools: what the proxy runs itself when the model calls a function."""

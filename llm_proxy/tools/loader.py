@@ -1,0 +1,22 @@
+"""Builds the tool registry at start-up from every source, in one place."""
+
+from __future__ import annotations
+
+import httpx
+
+from app.settings import Settings
+from llm_proxy.tools.builtins import builtin_tools
+from llm_proxy.tools.http_tools import load_http_tools
+from llm_proxy.tools.python_tools import load_entry_points, load_modules
+from llm_proxy.tools.registry import ToolRegistry
+
+
+def load_tools(settings: Settings, http: httpx.AsyncClient) -> ToolRegistry:
+    tools = builtin_tools(settings.faq_file) if settings.builtin_tools else []
+    tools += load_entry_points()
+    tools += load_modules(settings.tools_module_list)
+    if settings.tools_file:
+        tools += load_http_tools(settings.tools_file, http)
+    registry = ToolRegistry(tools, default_timeout_s=settings.tool_timeout_s)
+    enabled = settings.tools_enabled_list
+    return registry.narrowed(enabled) if enabled is not None else registry
