@@ -38,13 +38,13 @@ sys.path.insert(0, str(ROOT))
 from llm_proxy.context import message_tokens  # noqa: E402
 from llm_proxy.models import Message, Round, Task  # noqa: E402
 from migrations import upgrade  # noqa: E402
+from report import table, write_section  # noqa: E402
 from tests.support import Proxy, Upstream, create_postgres_database, drop_postgres_database, run_db  # noqa: E402
 
 KEY = "bench-key"
 HISTORY_ROUNDS = 50
 SYSTEM = {"role": "system", "content": "You are a friendly voice assistant. Answer in one or two short sentences."}
 REPLY_WORDS = 20
-BEGIN, END = "<!-- llm-bench:begin -->", "<!-- llm-bench:end -->"
 
 
 def _history(task_n: int) -> list[dict]:
@@ -193,12 +193,6 @@ HEADER = ["db", "workers", "conversations", "proxy rounds/s", "proxy rounds", "T
           "total direct median", "total proxy median", "total direct p99", "total proxy p99", "errors"]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir: Path) -> tuple[list[Row], list[list[str]]]:
     upgrade(url)
     max_conv = max([*args.levels, *args.saturation])
@@ -221,7 +215,7 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
             duration = args.duration * (2 if n == 1 else 1)
             p, d, rate = asyncio.run(run_level(proxy_url, direct_url, task_ids, n, args.interval, duration))
             rows.append(Row(db, workers, n, p, d, rate))
-            print(_table(HEADER, [rows[-1].cells()]).splitlines()[-1], flush=True)
+            print(table(HEADER, [rows[-1].cells()]).splitlines()[-1], flush=True)
         for n in args.saturation:
             p, d, rate = asyncio.run(run_level(proxy_url, direct_url, task_ids, n, args.interval, args.duration))
             added_p99 = _p(p.ttft, 0.99) - _p(d.ttft, 0.99)
@@ -279,7 +273,6 @@ def main() -> None:
 
     command = "python bench/llm_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     section = "\n".join([
-        BEGIN,
         "## Chat proxy (`bench/llm_bench.py`)",
         "",
         f"Command: `{command.strip()}` (via `make bench-llm`), {datetime.now(timezone.utc):%Y-%m-%d}, "
@@ -289,24 +282,17 @@ def main() -> None:
         "history in the store, which the direct path sends itself (101 messages + the new one). "
         f"Reply: {REPLY_WORDS} streamed words. \"added\" = proxy minus direct.",
         "",
-        _table(HEADER, [r.cells() for r in all_rows]),
+        table(HEADER, [r.cells() for r in all_rows]),
         "",
         "Saturation search (same load shape, more conversations): the first row whose added p99 TTFT passes 50 ms "
         "marks saturation; the row before it is the highest sustained rate.",
         "",
-        _table(["db", "workers", "conversations", "proxy rounds/s", "TTFT direct p99", "TTFT proxy p99", "added p99", "errors", "past 50 ms"],
+        table(["db", "workers", "conversations", "proxy rounds/s", "TTFT direct p99", "TTFT proxy p99", "added p99", "errors", "past 50 ms"],
                all_saturation) if all_saturation else "(not run)",
-        END,
     ])
     print(section)
     if not args.no_write:
-        path = ROOT / "docs" / "benchmarks.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        path.write_text(text)
+        write_section("llm-bench", section)
 
 
 if __name__ == "__main__":

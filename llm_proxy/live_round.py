@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import anyio
-from langchain_core.messages import BaseMessage, convert_to_messages
+from langchain_core.messages import BaseMessage
 
 from app.metrics import LLM_ROUNDS
-from llm_proxy.context import Msg
+from llm_proxy.context import Msg, as_langchain
 from llm_proxy.protocol import usage_dict
 from llm_proxy.store import Claim
 from llm_proxy.tool_calls import CallAccumulator, answer_missing, call_name, run_calls
@@ -102,7 +102,7 @@ class LiveRound:
             steps += 1
             last = steps >= self._service.settings.tool_max_steps
             self._stream = self._service.upstream.stream(
-                [*self._context, *convert_to_messages(self._produced)],
+                [*self._context, *as_langchain(self._produced)],
                 model=self._call.model,
                 params=self._call.params,
                 include_usage=self._call.include_usage,

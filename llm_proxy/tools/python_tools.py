@@ -23,7 +23,12 @@ ENTRY_POINT_GROUP = "trtc_backend.tools"
 
 def as_tool(obj: BaseTool | Callable[..., Any], *, source: str = "python") -> Tool:
     """A LangChain tool, or a typed function with a docstring, as a registry `Tool`."""
-    lc_tool = obj if isinstance(obj, BaseTool) else StructuredTool.from_function(obj)
+    if isinstance(obj, BaseTool):
+        lc_tool = obj
+    elif inspect.iscoroutinefunction(obj):
+        lc_tool = StructuredTool.from_function(coroutine=obj)
+    else:
+        lc_tool = StructuredTool.from_function(obj)
     function = convert_to_openai_tool(lc_tool)["function"]
 
     async def run(arguments: dict[str, Any]) -> Any:
