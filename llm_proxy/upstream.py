@@ -81,22 +81,58 @@ class _ChunkStream:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of each network read, text-only neighbours merged (`coalesce`). Reads on
+        to the body's end even after [DONE]: a response closed before its end takes its
+        connection with it, and the next request pays for a new one."""
+        pending = ""
         done = False
-        # Read on to the body's end even after [DONE]: a response closed before its end takes
-        # its connection with it, and the next request pays for a new one.
-        async for line in self._response.aiter_lines():
-            if done or not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
-                continue
-            chunk = json.loads(data)
-            if chunk.get("error"):
-                error = chunk["error"]
-                message = error.get("message") if isinstance(error, dict) else str(error)
-                raise ApiError(502, f"Upstream failed mid-stream: {message}", "upstream_error", "upstream_failed")
-            yield chunk
+        async for text in self._response.aiter_text():
+            *lines, pending = (pending + text).split("\n")
+            batch = []
+            for line in lines:
+                if done or not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    continue
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    error = chunk["error"]
+                    message = error.get("message") if isinstance(error, dict) else str(error)
+                    raise ApiError(502, f"Upstream failed mid-stream: {message}", "upstream_error", "upstream_failed")
+                batch.append(chunk)
+            for chunk in coalesce(batch):
+                yield chunk
+
+
+def coalesce(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge neighbouring chunks that only carry text into one. Chunks that arrived in one
+    network read are all ready at once; each one passed on separately costs a langchain chunk,
+    an SSE event and a socket write. A model streaming token by token sends one per read, so this
+    only changes anything when the proxy or the network falls behind, which is when it helps."""
+    out: list[dict[str, Any]] = []
+    for chunk in chunks:
+        text = _text_only(chunk)
+        if text is not None and out and _text_only(out[-1]) is not None:
+            merged = out[-1]["choices"][0]["delta"]
+            merged["content"] += text
+            continue
+        out.append(chunk)
+    return out
+
+
+def _text_only(chunk: dict[str, Any]) -> str | None:
+    """The chunk's text if that is all it carries (one choice, a content delta, nothing else)."""
+    choices = chunk.get("choices")
+    if chunk.get("usage") or not choices or len(choices) != 1:
+        return None
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    if choice.get("finish_reason") or choice.get("logprobs") or set(delta) - {"content"}:
+        return None
+    content = delta.get("content")
+    return content if isinstance(content, str) else None
 
 
 class Upstream:

@@ -66,3 +66,15 @@ def test_chunks_are_valid_openai_json() -> None:
         assert chunk["model"] == 'model-"quoted"'
     assert json.loads(writer.content('he said "你好"\n'))["choices"][0]["delta"]["content"] == 'he said "你好"\n'
     assert json.loads(writer.usage({"prompt_tokens": 1}))["choices"] == []
+
+
+def test_text_chunks_of_one_read_are_merged_and_others_kept() -> None:
+    from llm_proxy.upstream import coalesce
+
+    def text(t: str) -> dict:
+        return {"id": "c", "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+
+    role = {"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    finish = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    merged = coalesce([role, text("a"), text(" b"), text(" c"), finish, text("d")])
+    assert merged == [role, text("a b c"), finish, text("d")]
