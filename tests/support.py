@@ -166,6 +166,15 @@ def headers(task_id: str | None, request_id: str | None = None, **extra: str) ->
     return out
 
 
+def first_text(stream: Any) -> str:
+    """Read a streamed answer up to its first piece of text, and return that piece (the caller
+    then closes the stream: the user interrupts the bot)."""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            return chunk.choices[0].delta.content
+    raise AssertionError("the stream ended without text")
+
+
 def marker() -> str:
     """A unique word to find a request again at the upstream."""
     return "m" + uuid.uuid4().hex[:10]

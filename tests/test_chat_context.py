@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import Proxy, Upstream, headers, marker
+from tests.support import Proxy, Upstream, first_text, headers, marker, wait_until
 
 SYSTEM = {"role": "system", "content": "You are a helpful voice assistant."}
 
@@ -109,12 +109,8 @@ def test_retry_of_an_interrupted_round_answers_it_again_in_place(
         model="m", stream=True, extra_headers=headers(task_id, f"req-{tag}"),
         messages=[SYSTEM, {"role": "user", "content": f"{tag} [[words:400]] [[delay:0.01]]"}],
     )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            break
+    first_text(stream)
     stream.close()
-    from tests.support import wait_until
-
     wait_until(lambda: len(proxy.rounds(task_id)) == 2 and proxy.rounds(task_id)[1]["interrupted"], what="interrupted round")
     retry = client.chat.completions.create(
         model="m", extra_headers=headers(task_id, f"req-{tag}"),

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import API_KEY, Proxy, Upstream, headers, marker, wait_until
+from tests.support import API_KEY, Proxy, Upstream, first_text, headers, marker, wait_until
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 
@@ -158,11 +158,14 @@ def test_restart_with_the_same_database_keeps_the_conversation(
     ]
 
 
-def test_two_server_processes_serve_one_task_in_turn(
-    start_proxy, upstream: Upstream, migrated_url: str
-) -> None:
-    one = start_proxy({"DATABASE_URL": migrated_url})
-    two = start_proxy({"DATABASE_URL": migrated_url})
+@pytest.fixture
+def two_servers(start_proxy, migrated_url: str) -> tuple[Proxy, Proxy]:
+    """Two server processes sharing one database."""
+    return start_proxy({"DATABASE_URL": migrated_url}), start_proxy({"DATABASE_URL": migrated_url})
+
+
+def test_two_server_processes_serve_one_task_in_turn(two_servers: tuple[Proxy, Proxy], upstream: Upstream) -> None:
+    one, two = two_servers
     tag = marker()
     task_id = f"task-{tag}"
     for n in range(6):
@@ -197,12 +200,11 @@ def test_two_server_processes_serve_one_task_in_turn(
 
 
 def test_a_round_redone_by_another_process_reaches_the_first_ones_next_context(
-    start_proxy, upstream: Upstream, migrated_url: str
+    two_servers: tuple[Proxy, Proxy], upstream: Upstream
 ) -> None:
     # Each process keeps a copy of the task's history; an interrupted round being answered again
     # by the other process must make the first one wait for the new reply, not send the old one.
-    one = start_proxy({"DATABASE_URL": migrated_url})
-    two = start_proxy({"DATABASE_URL": migrated_url})
+    one, two = two_servers
     tag = marker()
     task_id = f"task-{tag}"
     one.client().chat.completions.create(model="m", messages=_user(f"{tag} before"), extra_headers=headers(task_id))
@@ -210,9 +212,7 @@ def test_a_round_redone_by_another_process_reaches_the_first_ones_next_context(
         model="m", stream=True, extra_headers=headers(task_id, f"req-{tag}"),
         messages=_user(f"{tag} cut [[words:400]] [[delay:0.01]]"),
     )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            break
+    first_text(stream)
     stream.close()
     wait_until(lambda: len(one.rounds(task_id)) == 2 and one.rounds(task_id)[1]["interrupted"], what="interrupted round")
     redo = threading.Thread(

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from llm_proxy.context import INTERRUPTED_RESULT
-from tests.support import ROOT, Proxy, Upstream, headers, marker, wait_until
+from tests.support import ROOT, Proxy, Upstream, first_text, headers, marker, wait_until
 
 WEATHER = {
     "type": "function",
@@ -240,9 +240,7 @@ def test_interrupted_during_a_tool_call_is_stored_consistently(
     stream = tc.chat.completions.create(
         model="m", stream=True, messages=[{"role": "user", "content": text}], extra_headers=headers(task_id)
     )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            break
+    first_text(stream)
     wait_until((tool_proxy.workdir / "gates" / f"never-{tag}.running").exists, what="the tool to run")
     stream.close()
     wait_until(lambda: tool_proxy.rounds(task_id), what="the interrupted round")
@@ -278,9 +276,7 @@ def test_retries_do_not_run_tools_again(tool_proxy: Proxy, tc: openai.OpenAI, up
     stream = tc.chat.completions.create(
         model="m", stream=True, messages=[{"role": "user", "content": slow}], extra_headers=headers(task_id, f"{request_id}-2")
     )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            break
+    first_text(stream)
     stream.close()
     wait_until(lambda: len(tool_proxy.rounds(task_id)) == 2, what="the interrupted round")
     retry = tc.chat.completions.create(
