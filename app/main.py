@@ -84,9 +84,9 @@ async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stac
 async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
     from tts_server.pool import SynthesisPool
     from tts_server.serving import TtsService
-    from tts_server.voices import load_voices
+    from tts_server.voices import VoiceRegistry, load_voices
 
-    def load():  # type: ignore[no-untyped-def]
+    def load() -> VoiceRegistry:
         voices = load_voices(
             settings.voices_dir,
             default=settings.tts_default_voice,

@@ -56,13 +56,8 @@ class ToolRegistry:
                     "tool names must be unique."
                 )
             self._tools[tool.name] = tool
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._tools)
-
-    def get(self, name: str) -> Tool | None:
-        return self._tools.get(name)
+        # Sent with every request: built once.
+        self._schemas = [tool.openai_schema() for tool in self._tools.values()]
 
     def narrowed(self, allowed: list[str]) -> ToolRegistry:
         """Only the named tools (an unknown name is a configuration error)."""
@@ -72,7 +67,7 @@ class ToolRegistry:
         return ToolRegistry([self._tools[name] for name in allowed], default_timeout_s=self.default_timeout_s)
 
     def schemas(self) -> list[dict[str, Any]]:
-        return [tool.openai_schema() for tool in self._tools.values()]
+        return self._schemas
 
     async def run_call(self, name: str, raw_arguments: str) -> str:
         """Run one call and return what the model gets back: the tool's result, or an error
