@@ -76,6 +76,17 @@ def unanswered_calls(messages: Sequence[Msg]) -> list[dict[str, Any]]:
     return []
 
 
+def replayed_reply(messages: Sequence[Msg]) -> Msg:
+    """A stored round's reply as a retry gets it again: its last assistant text, with the calls
+    that still wait for the client's results."""
+    last = next((m for m in reversed(messages) if m["role"] == "assistant"), {})
+    reply: Msg = {"role": "assistant", "content": last.get("content") or ""}
+    calls = unanswered_calls(messages)
+    if calls:
+        reply["tool_calls"] = calls
+    return reply
+
+
 def finished_tool_exchanges(messages: Sequence[Msg]) -> list[Msg]:
     """The tool calls of a round whose results all came in (not cut off), with their results:
     what a retry of the round carries over instead of running the tools again."""

@@ -30,6 +30,7 @@ from llm_proxy.context import (
     StoredRound,
     Turn,
     finished_tool_exchanges,
+    replayed_reply,
     split_turn,
     unanswered_calls,
     upstream_messages,
@@ -376,7 +377,7 @@ def _answered_before(claim: Claim, turn: Turn) -> Msg | None:
     answered = {m.get("tool_call_id") for m in claim.stored if m["role"] == "tool"}
     if not {m["tool_call_id"] for m in turn.new} <= answered:
         return None
-    return next((m for m in reversed(claim.stored) if m["role"] == "assistant"), {"role": "assistant", "content": ""})
+    return replayed_reply(claim.stored)
 
 
 def _head(claim: Claim, turn: Turn) -> list[Msg]:

@@ -22,7 +22,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from llm_proxy.context import Msg, StoredRound, message_tokens, unanswered_calls
+from llm_proxy.context import Msg, StoredRound, message_tokens, replayed_reply
 from llm_proxy.models import (
     FINISHED_STATUSES,
     ROUND_COMPLETED,
@@ -187,10 +187,7 @@ def _claim_retry(conn: Connection, task: TaskInfo, take_over_pending: bool) -> C
     ).one()
     claim = Claim(task.task_id, row.id, row.seq, row.version)
     if row.status == ROUND_COMPLETED:
-        messages = _round_messages(conn, row.id)
-        reply = next((m for m in reversed(messages) if m["role"] == "assistant"), {"role": "assistant", "content": ""})
-        calls = unanswered_calls(messages)
-        claim.replay = {"role": "assistant", "content": reply.get("content") or "", **({"tool_calls": calls} if calls else {})}
+        claim.replay = replayed_reply(_round_messages(conn, row.id))
         claim.replay_usage = row.usage
     elif row.status == ROUND_PENDING and not take_over_pending:
         claim.in_flight = True
