@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shlex
@@ -29,7 +28,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import httpx
 from sqlalchemy.engine import Connection, make_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +37,11 @@ from llm_proxy.context import message_tokens  # noqa: E402
 from llm_proxy.models import Message, Round, Task  # noqa: E402
 from migrations import upgrade  # noqa: E402
 from report import table, write_section  # noqa: E402
-from tests.support import Proxy, Upstream, create_postgres_database, drop_postgres_database, run_db  # noqa: E402
+from loadgen import Client  # noqa: E402
+from tests.support import Proxy, ServerProcess, create_postgres_database, drop_postgres_database, run_db  # noqa: E402
 
 KEY = "bench-key"
+CHAT_PATH = "/v1/chat/completions"
 HISTORY_ROUNDS = 50
 SYSTEM = {"role": "system", "content": "You are a friendly voice assistant. Answer in one or two short sentences."}
 REPLY_WORDS = 20
@@ -80,6 +80,28 @@ def _seed(url: str, task_ids: list[str]) -> None:
     run_db(url, insert)
 
 
+class FastUpstream(ServerProcess):
+    """`bench/fast_upstream.py` in its own process."""
+
+    def start(self) -> None:
+        script = str(ROOT / "bench" / "fast_upstream.py")
+        self._spawn([sys.executable, script, "--port", str(self.port)], {}, self.log_path.parent)
+        self._wait_ready("/v1/models")
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and its descendants (uvicorn's workers)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += _cpu_s(int(child))
+    return total
+
+
 @dataclass
 class Samples:
     ttft: list[float] = field(default_factory=list)
@@ -87,41 +109,26 @@ class Samples:
     errors: int = 0
 
 
-async def _round(client: httpx.AsyncClient, url: str, body: dict, headers: dict, samples: Samples) -> None:
+async def _round(client: Client, body: dict, headers: dict, samples: Samples) -> None:
     started = time.perf_counter()
-    first = end = None
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                await response.aread()
-                samples.errors += 1
-                return
-            async for line in response.aiter_lines():
-                if first is None and line.startswith("data: {") and '"content": "' in line:
-                    delta = json.loads(line[6:])["choices"][0]["delta"]
-                    if delta.get("content"):
-                        first = time.perf_counter()
-                elif line == "data: [DONE]":
-                    end = time.perf_counter()
-            # (read on to the body's end, so the connection is reused, as a real client's would be)
-    except httpx.HTTPError:
+        outcome = await client.post(CHAT_PATH, body, headers)
+    except OSError:
         samples.errors += 1
         return
-    if first is None or end is None:
+    if outcome.status != 200 or outcome.first is None or outcome.done is None:
         samples.errors += 1
         return
-    samples.ttft.append(first - started)
-    samples.total.append(end - started)
+    samples.ttft.append(outcome.first - started)
+    samples.total.append(outcome.done - started)
 
 
 async def run_level(proxy_url: str, upstream_url: str, task_ids: list[str], conversations: int,
                     interval: float, duration: float) -> tuple[Samples, Samples, float]:
     """`conversations` open-loop conversations for `duration` s; returns proxy, direct, proxy rounds/s."""
     proxy, direct = Samples(), Samples()
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-    timeout = httpx.Timeout(30)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as pc, \
-            httpx.AsyncClient(limits=limits, timeout=timeout) as dc:
+    pc, dc = Client(proxy_url), Client(upstream_url)
+    try:
         in_flight: set[asyncio.Task] = set()
         rng = random.Random(conversations)
 
@@ -136,10 +143,10 @@ async def run_level(proxy_url: str, upstream_url: str, task_ids: list[str], conv
                 if k % 2 == 0:
                     body = {"model": "fake", "stream": True, "messages": [SYSTEM, user]}
                     headers = {"Authorization": f"Bearer {KEY}", "X-Task-Id": task_id, "X-Request-Id": uuid.uuid4().hex}
-                    job = _round(pc, proxy_url, body, headers, proxy)
+                    job = _round(pc, body, headers, proxy)
                 else:
                     body = {"model": "fake", "stream": True, "messages": [SYSTEM, *history, user]}
-                    job = _round(dc, upstream_url, body, {}, direct)
+                    job = _round(dc, body, {}, direct)
                 t = asyncio.ensure_future(job)
                 in_flight.add(t)
                 t.add_done_callback(in_flight.discard)
@@ -151,6 +158,9 @@ async def run_level(proxy_url: str, upstream_url: str, task_ids: list[str], conv
         if in_flight:
             await asyncio.gather(*in_flight)
         elapsed = time.perf_counter() - began
+    finally:
+        pc.close()
+        dc.close()
     return proxy, direct, len(proxy.ttft) / elapsed
 
 
@@ -173,6 +183,7 @@ class Row:
     proxy: Samples
     direct: Samples
     rate: float
+    cpu: dict[str, float]  # CPU seconds per round (proxy or direct) of each process
 
     def cells(self) -> list[str]:
         p, d = self.proxy, self.direct
@@ -184,13 +195,15 @@ class Row:
             f"{statistics.median(p.ttft) / statistics.median(d.ttft):.2f}",
             _ms(statistics.median(d.total)), _ms(statistics.median(p.total)),
             _ms(_p(d.total, 0.99)), _ms(_p(p.total, 0.99)),
+            _ms(2 * self.cpu["proxy"]), _ms(self.cpu["upstream"]), _ms(self.cpu["loadgen"]),
             str(p.errors + d.errors),
         ]
 
 
 HEADER = ["db", "workers", "conversations", "proxy rounds/s", "proxy rounds", "TTFT direct median", "TTFT proxy median",
           "added median", "TTFT direct p99", "TTFT proxy p99", "added p99", "TTFT ratio",
-          "total direct median", "total proxy median", "total direct p99", "total proxy p99", "errors"]
+          "total direct median", "total proxy median", "total direct p99", "total proxy p99",
+          "CPU proxy / proxy round", "CPU upstream / round", "CPU load generator / round", "errors"]
 
 
 def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir: Path) -> tuple[list[Row], list[list[str]]]:
@@ -198,26 +211,33 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
     max_conv = max([*args.levels, *args.saturation])
     task_ids = [f"bench-{uuid.uuid4().hex[:8]}-{n}" for n in range(max_conv)]
     _seed(url, task_ids)
-    fake = Upstream(workdir / "upstream.log", record=False)
+    fake = FastUpstream(workdir / "upstream.log")
     fake.start()
     proxy = Proxy(
         workdir,
-        {"DATABASE_URL": url, "UPSTREAM_BASE_URL": fake.base_url, "API_KEYS": KEY, "LOG_LEVEL": "WARNING",
+        {"DATABASE_URL": url, "UPSTREAM_BASE_URL": fake.url + "/v1", "API_KEYS": KEY, "LOG_LEVEL": "WARNING",
          "HISTORY_MAX_ROUNDS": str(HISTORY_ROUNDS), "HISTORY_MAX_TOKENS": "100000"},
     )
     proxy.start("--workers", str(workers), "--only", "llm")
     rows: list[Row] = []
     saturation: list[list[str]] = []
     try:
-        proxy_url, direct_url = proxy.url + "/v1/chat/completions", fake.url + "/v1/chat/completions"
-        asyncio.run(run_level(proxy_url, direct_url, task_ids, 4, 0.2, 2))  # warm-up
+        pids = {"proxy": proxy.pid, "upstream": fake.pid, "loadgen": os.getpid()}
+
+        def level(n: int, interval: float, duration: float) -> tuple[Samples, Samples, float, dict[str, float]]:
+            before = {name: _cpu_s(pid) for name, pid in pids.items()}
+            p, d, rate = asyncio.run(run_level(proxy.url, fake.url, task_ids, n, interval, duration))
+            rounds = max(1, len(p.ttft) + len(d.ttft))
+            cpu = {name: (_cpu_s(pid) - before[name]) / rounds for name, pid in pids.items()}
+            return p, d, rate, cpu
+
+        level(4, 0.2, 2)  # warm-up
         for n in args.levels:
-            duration = args.duration * (2 if n == 1 else 1)
-            p, d, rate = asyncio.run(run_level(proxy_url, direct_url, task_ids, n, args.interval, duration))
-            rows.append(Row(db, workers, n, p, d, rate))
+            p, d, rate, cpu = level(n, args.interval, args.duration * (2 if n == 1 else 1))
+            rows.append(Row(db, workers, n, p, d, rate, cpu))
             print(table(HEADER, [rows[-1].cells()]).splitlines()[-1], flush=True)
         for n in args.saturation:
-            p, d, rate = asyncio.run(run_level(proxy_url, direct_url, task_ids, n, args.interval, args.duration))
+            p, d, rate, _cpu = level(n, args.interval, args.duration)
             added_p99 = _p(p.ttft, 0.99) - _p(d.ttft, 0.99)
             saturation.append([db, str(workers), str(n), f"{rate:.1f}", _ms(_p(d.ttft, 0.99)), _ms(_p(p.ttft, 0.99)),
                                _ms(added_p99), str(p.errors + d.errors), "yes" if added_p99 > 0.050 else "no"])
@@ -243,7 +263,7 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--postgres-url", default=os.environ.get("TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 50, 200])
-    parser.add_argument("--saturation", type=int, nargs="+", default=[300, 400, 500, 600, 800])
+    parser.add_argument("--saturation", type=int, nargs="*", default=[300, 400, 500, 600, 800])
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -7,7 +7,9 @@ ChatOpenAI builds the request and turns the streamed chunks into messages; the H
 under it is `RawChatCompletions`, handed in as its `async_client`. ChatOpenAI takes plain dict
 chunks as well as SDK objects, and the openai SDK's own transport cost more than the rest of the
 proxy together: a recursive transform of every request parameter (~15 ms for a 50-round history)
-and a pydantic model built per chunk, which ChatOpenAI at once dumps back to a dict.
+and a pydantic model built per chunk, which ChatOpenAI at once dumps back to a dict. The HTTP
+client is aiohttp: per streamed request it costs 0.35 ms of CPU where httpx (the SDK's) costs
+1.2 ms, measured against the benchmark's upstream on this project's 2-core machine.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import httpx
+import aiohttp
 from langchain_core.messages import BaseMessage
 from langchain_openai import ChatOpenAI
 
@@ -24,6 +26,7 @@ from app.errors import ApiError
 
 # The model name ChatOpenAI is built with; every request names its own model.
 _PLACEHOLDER_MODEL = "upstream-default"
+_JSON = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,33 +52,35 @@ class RawChatCompletions:
     """The part of the openai SDK's `chat.completions` resource that ChatOpenAI streams with:
     `await create(**payload)` returning an async context manager that yields chunk dicts."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: aiohttp.ClientSession, base_url: str) -> None:
         self._http = http
+        self._url = base_url + "chat/completions"
 
     async def create(self, **payload: Any) -> _ChunkStream:
         extra = payload.pop("extra_body", None) or {}
-        body = {**payload, **extra}
-        request = self._http.build_request("POST", "chat/completions", json=body)
+        body = json.dumps({**payload, **extra}, ensure_ascii=False, separators=(",", ":")).encode()
         try:
-            response = await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self._http.post(self._url, data=body, headers=_JSON)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_error(exc) from exc
-        if response.status_code != 200:
-            await response.aread()
-            await response.aclose()
-            raise _status_error(response)
+        if response.status != 200:
+            error = await _status_error(response)
+            response.release()
+            raise error
         return _ChunkStream(response)
 
 
 class _ChunkStream:
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
 
     async def __aenter__(self) -> _ChunkStream:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
-        await self._response.aclose()
+        # Read to its end, the connection goes back to the pool; cut short, it is closed, which
+        # is what stops the upstream generating.
+        self._response.release()
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._chunks()
@@ -84,26 +89,29 @@ class _ChunkStream:
         """The chunks of each network read, text-only neighbours merged (`coalesce`). Reads on
         to the body's end even after [DONE]: a response closed before its end takes its
         connection with it, and the next request pays for a new one."""
-        pending = ""
+        pending = b""
         done = False
-        async for text in self._response.aiter_text():
-            *lines, pending = (pending + text).split("\n")
+        async for data in self._response.content.iter_any():
+            *lines, pending = (pending + data).split(b"\n")
             batch = []
+            failure = None
             for line in lines:
-                if done or not line.startswith("data:"):
+                if done or not line.startswith(b"data:"):
                     continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
                     done = True
                     continue
-                chunk = json.loads(data)
+                chunk = json.loads(payload)
                 if chunk.get("error"):
-                    error = chunk["error"]
-                    message = error.get("message") if isinstance(error, dict) else str(error)
-                    raise ApiError(502, f"Upstream failed mid-stream: {message}", "upstream_error", "upstream_failed")
+                    failure = chunk["error"]
+                    break
                 batch.append(chunk)
             for chunk in coalesce(batch):
                 yield chunk
+            if failure is not None:
+                message = failure.get("message") if isinstance(failure, dict) else str(failure)
+                raise ApiError(502, f"Upstream failed mid-stream: {message}", "upstream_error", "upstream_failed")
 
 
 def coalesce(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -136,13 +144,17 @@ def _text_only(chunk: dict[str, Any]) -> str | None:
 
 
 class Upstream:
+    """Made inside the running event loop (the HTTP session belongs to it)."""
+
     def __init__(self, base_url: str, api_key: str, timeout_s: float) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
+        self._base_url = base_url.rstrip("/") + "/"
+        self._http = aiohttp.ClientSession(
             headers=headers,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+            # Like the openai SDK's: a bound on connecting and on each wait for data, none on the
+            # whole reply, which may stream for minutes.
+            timeout=aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s),
+            connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60),
         )
         self._llm = ChatOpenAI(
             model=_PLACEHOLDER_MODEL,
@@ -150,7 +162,7 @@ class Upstream:
             # SDK client from them and refuses an empty key (a local upstream may need none).
             base_url=base_url,
             api_key=api_key or "unused",
-            async_client=RawChatCompletions(self._http),
+            async_client=RawChatCompletions(self._http, self._base_url),
             # Stalls are bounded by the HTTP read timeout; this knob costs a task per chunk.
             stream_chunk_timeout=None,
             max_retries=0,
@@ -159,7 +171,7 @@ class Upstream:
         )
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
     def stream(
         self,
@@ -202,24 +214,26 @@ class Upstream:
 
     async def model_ids(self) -> list[str]:
         try:
-            response = await self._http.get("models")
-        except httpx.HTTPError as exc:
+            async with self._http.get(self._base_url + "models") as response:
+                if response.status != 200:
+                    raise await _status_error(response)
+                listing = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise upstream_error(exc) from exc
-        if response.status_code != 200:
-            raise _status_error(response)
-        return [model["id"] for model in response.json().get("data", [])]
+        return [model["id"] for model in listing.get("data", [])]
 
 
-def _status_error(response: httpx.Response) -> ApiError:
+async def _status_error(response: aiohttp.ClientResponse) -> ApiError:
+    text = await response.text(errors="replace")
     try:
-        error = response.json().get("error") or {}
+        error = json.loads(text).get("error") or {}
         message = error.get("message") if isinstance(error, dict) else str(error)
-    except ValueError:
-        message = response.text[:200]
-    if response.status_code == 429:
+    except (ValueError, AttributeError):
+        message = text[:200]
+    if response.status == 429:
         return ApiError(429, f"Upstream rate limited the request: {message}", "rate_limit_error", "upstream_rate_limited")
     return ApiError(
-        502, f"Upstream failed with HTTP {response.status_code}: {message}", "upstream_error", "upstream_failed"
+        502, f"Upstream failed with HTTP {response.status}: {message}", "upstream_error", "upstream_failed"
     )
 
 
@@ -227,8 +241,8 @@ def upstream_error(exc: Exception) -> ApiError:
     """Map an upstream failure to the status the client should see."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return ApiError(504, "Upstream timed out.", "upstream_error", "upstream_timeout")
-    if isinstance(exc, httpx.HTTPError):
+    if isinstance(exc, aiohttp.ClientError):
         return ApiError(502, f"Upstream unreachable: {exc!r}", "upstream_error", "upstream_unreachable")
     return ApiError(502, f"Upstream failed: {type(exc).__name__}: {exc}", "upstream_error", "upstream_failed")

@@ -47,7 +47,9 @@ def wait_until(condition: Callable[[], T], timeout: float = 10.0, what: str = "c
         time.sleep(0.02)
 
 
-class _Process:
+class ServerProcess:
+    """A server in a child process on a free loopback port, its output in a log file."""
+
     def __init__(self, log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -73,6 +75,11 @@ class _Process:
 
         wait_until(up, timeout=30, what=f"{self.url}{path}")
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGINT)
@@ -88,7 +95,7 @@ class _Process:
         return self.log_path.read_text(errors="replace")
 
 
-class Upstream(_Process):
+class Upstream(ServerProcess):
     """The fake OpenAI upstream (`trtc-backend fake-upstream`)."""
 
     def __init__(self, log_path: Path, *, record: bool = True) -> None:
@@ -110,7 +117,7 @@ class Upstream(_Process):
         return [a for a in httpx.get(self.url + "/_abandoned").json() if marker in a["said"]]
 
 
-class Proxy(_Process):
+class Proxy(ServerProcess):
     """A `trtc-backend serve` process with its own working directory and settings."""
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
