@@ -15,12 +15,14 @@ client is aiohttp: per streamed request it costs 0.35 ms of CPU where httpx (the
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import aiohttp
 from langchain_core.messages import BaseMessage
 from langchain_openai import ChatOpenAI
+from pydantic import PrivateAttr
 
 from app.errors import ApiError
 
@@ -143,6 +145,39 @@ def _text_only(chunk: dict[str, Any]) -> str | None:
     return content if isinstance(content, str) else None
 
 
+class _WireForms:
+    """Each message object's request form, kept as long as the object lives. A stored round's
+    langchain messages live while the round stays in the history cache and go into every request
+    of their task; converting a 50-round history again for each request cost 0.3 ms."""
+
+    def __init__(self) -> None:
+        self._forms: dict[int, tuple[weakref.ref[BaseMessage], dict[str, Any]]] = {}
+
+    def get(self, message: BaseMessage) -> dict[str, Any] | None:
+        entry = self._forms.get(id(message))
+        return entry[1] if entry is not None and entry[0]() is message else None
+
+    def put(self, message: BaseMessage, form: dict[str, Any]) -> None:
+        key = id(message)
+        self._forms[key] = (weakref.ref(message, lambda _gone: self._forms.pop(key, None)), form)
+
+
+class _ChatOpenAI(ChatOpenAI):
+    """ChatOpenAI converting each message object to its request form once (`_WireForms`)."""
+
+    _forms: _WireForms = PrivateAttr(default_factory=_WireForms)
+
+    def _get_request_payload(self, input_: Any, *, stop: list[str] | None = None, **kwargs: Any) -> dict:
+        messages: list[BaseMessage] = input_
+        forms = self._forms
+        new = [m for m in messages if forms.get(m) is None]
+        payload = super()._get_request_payload(new, stop=stop, **kwargs)
+        for message, form in zip(new, payload["messages"]):
+            forms.put(message, form)
+        payload["messages"] = [forms.get(m) for m in messages]
+        return payload
+
+
 class Upstream:
     """Made inside the running event loop (the HTTP session belongs to it)."""
 
@@ -156,7 +191,7 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s),
             connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60),
         )
-        self._llm = ChatOpenAI(
+        self._llm = _ChatOpenAI(
             model=_PLACEHOLDER_MODEL,
             # Unused for chat (the transport is ours) but validated: ChatOpenAI still builds an
             # SDK client from them and refuses an empty key (a local upstream may need none).

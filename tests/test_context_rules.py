@@ -78,3 +78,29 @@ def test_text_chunks_of_one_read_are_merged_and_others_kept() -> None:
     finish = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
     merged = coalesce([role, text("a"), text(" b"), text(" c"), finish, text("d")])
     assert merged == [role, text("a b c"), finish, text("d")]
+
+
+def test_request_form_of_each_message_is_made_once_and_matches_chatopenai() -> None:
+    import gc
+
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    from llm_proxy.upstream import _ChatOpenAI
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{bad json"}}]
+    history = [HumanMessage("hi"), AIMessage("", additional_kwargs={"tool_calls": calls})]
+    new = [SystemMessage("be brief"), HumanMessage("你好")]
+    plain = ChatOpenAI(model="m", api_key="k")
+    ours = _ChatOpenAI(model="m", api_key="k")
+    for _ in range(2):  # the second time, the history's forms come from the memo
+        expected = plain._get_request_payload([*history, *new], stream=True)
+        assert ours._get_request_payload([*history, *new], stream=True) == expected
+    assert expected["messages"][1]["tool_calls"] == calls
+    memo = ours._forms._forms
+    assert len(memo) == 4
+    edited = AIMessage("edited")  # a stored round rewritten: new objects, so a new form
+    assert ours._get_request_payload([history[0], edited])["messages"][1]["content"] == "edited"
+    del history, new, edited
+    gc.collect()
+    assert memo == {}

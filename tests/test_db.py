@@ -1,0 +1,95 @@
+"""`Database.run` on SQLite: on the event loop while the write lock is free, on its own thread,
+waiting for the lock, while another process holds it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
+
+from app.db import Database
+
+
+def _create(conn: Connection) -> None:
+    conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+
+
+def _insert(conn: Connection, x: int) -> int:
+    conn.exec_driver_sql("INSERT INTO t (x) VALUES (?)", (x,))
+    return threading.get_ident()
+
+
+def _values(conn: Connection) -> list[int]:
+    return [row[0] for row in conn.exec_driver_sql("SELECT x FROM t ORDER BY x")]
+
+
+def _other_process_lock(path: Path) -> sqlite3.Connection:
+    """A connection holding SQLite's write lock, as another worker process in a transaction does."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t (x) VALUES (100)")
+    return other
+
+
+def test_free_lock_runs_on_the_event_loop(tmp_path: Path) -> None:
+    async def main() -> tuple[int, list[int]]:
+        db = Database(f"sqlite:///{tmp_path / 'a.db'}")
+        try:
+            await db.run(_create)
+            return await db.run(_insert, 1), await db.run(_values)
+        finally:
+            await db.dispose()
+
+    ran_on, values = asyncio.run(main())
+    assert ran_on == threading.get_ident()
+    assert values == [1]
+
+
+def test_held_lock_waits_on_the_thread_and_keeps_order(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+
+    async def main() -> tuple[list[int], set[int], list[int]]:
+        db = Database(f"sqlite:///{path}")
+        try:
+            await db.run(_create)
+            other = _other_process_lock(path)
+            first = asyncio.ensure_future(db.run(_insert, 1))
+            second = asyncio.ensure_future(db.run(_insert, 2))
+            await asyncio.sleep(0)  # both have tried the lock and queued
+            waiting = [first.done(), second.done()]
+            other.commit()
+            other.close()
+            threads = {await first, await second}
+            return [int(w) for w in waiting], threads, await db.run(_values)
+        finally:
+            await db.dispose()
+
+    waiting, threads, values = asyncio.run(main())
+    assert waiting == [0, 0]
+    assert threading.get_ident() not in threads
+    assert values == [1, 2, 100]
+
+
+def test_lock_held_past_the_busy_timeout_fails_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+
+    async def main() -> list[int]:
+        db = Database(f"sqlite:///{path}")
+        try:
+            await db.run(_create)
+            db._sqlite.BUSY_TIMEOUT_S = 0.05  # type: ignore[union-attr]
+            other = _other_process_lock(path)
+            with pytest.raises(OperationalError, match="locked"):
+                await db.run(_insert, 1)
+            other.rollback()
+            other.close()
+            return await db.run(_values)
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(main()) == []
