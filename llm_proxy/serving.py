@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Mapping
 
 import anyio
 from langchain_core.messages import BaseMessage
+from sse_starlette import ServerSentEvent
 
 from app.db import Database
 from app.errors import ApiError, bad_request
@@ -329,44 +330,49 @@ class ChatService:
         )
 
 
-async def sse_events(reply: LiveRound | Replay) -> AsyncIterator[str]:
-    """The `data:` payloads of a streamed answer. A chunk counts as sent once the SSE response
-    asks for the next one, which it does only after writing the previous one."""
+async def sse_events(reply: LiveRound | Replay) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed answer. Events that are ready together go out in one write: the
+    role with the first text, the closing events together. A chunk counts as sent once the SSE
+    response asks for the next one, which it does only after writing the previous one."""
     writer = ChunkWriter(reply.completion_id, reply.model)
     if isinstance(reply, Replay):
-        yield writer.role()
-        if reply.text:
-            yield writer.content(reply.text)
-        if reply.tool_calls:
-            yield writer.tool_calls(reply.tool_calls)
-        yield writer.finish(reply.finish_reason)
-        if reply.include_usage and reply.usage:
-            yield writer.usage(reply.usage)
-        yield "[DONE]"
+        yield _events(
+            writer.role(),
+            *([writer.content(reply.text)] if reply.text else []),
+            *([writer.tool_calls(reply.tool_calls)] if reply.tool_calls else []),
+            *_closing(writer, reply.finish_reason, reply.usage if reply.include_usage else None),
+        )
         return
 
     sent: list[str] = []
+    unsent = [writer.role()]
     try:
-        yield writer.role()
         async for delta in reply.deltas():
             if delta.text:
-                yield writer.content(delta.text)
+                yield _events(*unsent, writer.content(delta.text))
+                unsent = []
                 sent.append(delta.text)
         # Stored before the closing events, so the task's next round never waits on this one.
         await reply.close("".join(sent), interrupted=False)
         if reply.client_calls:
-            yield writer.tool_calls(reply.client_calls)
-        yield writer.finish(reply.finish_reason)
-        if reply.include_usage and reply.usage:
-            yield writer.usage(reply.usage)
-        yield "[DONE]"
+            unsent.append(writer.tool_calls(reply.client_calls))
+        usage = reply.usage if reply.include_usage else None
+        yield _events(*unsent, *_closing(writer, reply.finish_reason, usage))
     except ApiError as error:
         log.warning("upstream failed mid-stream: %s", error.message)
         await reply.close("".join(sent), interrupted=True)
-        yield error_event(error)
+        yield _events(*unsent, error_event(error))
     finally:
         # Client gone (cancelled, or the generator closed): keep what it received.
         await reply.close("".join(sent), interrupted=True)
+
+
+def _closing(writer: ChunkWriter, finish_reason: str, usage: dict[str, int] | None) -> list[str]:
+    return [writer.finish(finish_reason), *([writer.usage(usage)] if usage else []), "[DONE]"]
+
+
+def _events(*payloads: str) -> bytes:
+    return b"".join(ServerSentEvent(payload, sep="\n").encode() for payload in payloads)
 
 
 def _answered_before(claim: Claim, turn: Turn) -> Msg | None:

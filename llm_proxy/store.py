@@ -326,27 +326,43 @@ def finish_round(
     ]
     if claim.reopened_status is not None:
         conn.execute(delete(Message).where(Message.round_id == claim.round_id))
-    conn.execute(insert(Message), rows)
+    conn.execute(_INSERT_MESSAGES, rows)
     tokens = sum(row["tokens"] for row in rows)
     conn.execute(
-        update(Round)
-        .where(Round.id == claim.round_id)
-        .values(
-            status=ROUND_INTERRUPTED if interrupted else ROUND_COMPLETED,
-            interrupted=interrupted,
-            tokens=tokens,
-            model=model,
-            finish_reason=finish_reason,
-            usage=usage,
-            finished_at=_now(),
-        )
+        _FINISH,
+        {
+            "round_id": claim.round_id,
+            "new_status": ROUND_INTERRUPTED if interrupted else ROUND_COMPLETED,
+            "new_interrupted": interrupted,
+            "new_tokens": tokens,
+            "new_model": model,
+            "new_finish_reason": finish_reason,
+            "new_usage": usage,
+            "new_finished_at": _now(),
+        },
     )
     stored = [_message(r["role"], r["content"], r["name"], r["tool_call_id"], r["tool_calls"]) for r in rows]
     return version, StoredRound(claim.seq, tokens, stored)
 
 
+# Statements of every round, built once: building and cache-keying them per call cost about as
+# much as running them.
 _BUMP_VERSION = (
     update(Task).where(Task.id == bindparam("task_id")).values(version=Task.version + 1).returning(Task.version)
+)
+_INSERT_MESSAGES = insert(Message)
+_FINISH = (
+    update(Round)
+    .where(Round.id == bindparam("round_id"))
+    .values(
+        status=bindparam("new_status"),
+        interrupted=bindparam("new_interrupted"),
+        tokens=bindparam("new_tokens"),
+        model=bindparam("new_model"),
+        finish_reason=bindparam("new_finish_reason"),
+        usage=bindparam("new_usage", type_=Round.usage.type),
+        finished_at=bindparam("new_finished_at", type_=Round.finished_at.type),
+    )
 )
 
 

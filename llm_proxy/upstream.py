@@ -117,32 +117,45 @@ class _ChunkStream:
 
 
 def coalesce(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Merge neighbouring chunks that only carry text into one. Chunks that arrived in one
-    network read are all ready at once; each one passed on separately costs a langchain chunk,
-    an SSE event and a socket write. A model streaming token by token sends one per read, so this
-    only changes anything when the proxy or the network falls behind, which is when it helps."""
+    """Merge neighbouring chunks that only carry text (the first may also name the role, the last
+    may also finish) into one. Chunks that arrived in one network read are all ready at once;
+    each one passed on separately costs a langchain chunk, an SSE event and a socket write. A model
+    streaming token by token sends one per read, so this only changes anything when the proxy or
+    the network falls behind, or the model is quick, which is when it helps."""
     out: list[dict[str, Any]] = []
     for chunk in chunks:
-        text = _text_only(chunk)
-        if text is not None and out and _text_only(out[-1]) is not None:
-            merged = out[-1]["choices"][0]["delta"]
-            merged["content"] += text
+        if out and _continues(out[-1], chunk):
+            head, tail = out[-1]["choices"][0], chunk["choices"][0]
+            head["delta"]["content"] = (head["delta"].get("content") or "") + (tail["delta"].get("content") or "")
+            head["finish_reason"] = tail.get("finish_reason")
             continue
         out.append(chunk)
     return out
 
 
-def _text_only(chunk: dict[str, Any]) -> str | None:
-    """The chunk's text if that is all it carries (one choice, a content delta, nothing else)."""
+def _continues(head: dict[str, Any], tail: dict[str, Any]) -> bool:
+    """`tail` only adds text (and maybe the finish) to `head`, which only has text or the role."""
+    return (
+        _only(head, {"role", "content"})
+        and not head["choices"][0].get("finish_reason")
+        and _only(tail, {"content"})
+        and head["choices"][0].get("index") == tail["choices"][0].get("index")
+    )
+
+
+def _only(chunk: dict[str, Any], keys: set[str]) -> bool:
+    """One choice, no usage or logprobs, and a delta with nothing but `keys` (and nulls)."""
     choices = chunk.get("choices")
     if chunk.get("usage") or not choices or len(choices) != 1:
-        return None
+        return False
     choice = choices[0]
-    delta = choice.get("delta") or {}
-    if choice.get("finish_reason") or choice.get("logprobs") or set(delta) - {"content"}:
-        return None
+    delta = choice.get("delta")
+    if choice.get("logprobs") or not isinstance(delta, dict):
+        return False
     content = delta.get("content")
-    return content if isinstance(content, str) else None
+    return (content is None or isinstance(content, str)) and all(
+        value is None for key, value in delta.items() if key not in keys
+    )
 
 
 class _WireForms:

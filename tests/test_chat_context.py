@@ -229,14 +229,27 @@ def test_stream_options_include_usage(http: httpx.Client, task_id: str, include_
         "messages": [{"role": "user", "content": marker()}],
         "stream_options": {"include_usage": include_usage},
     }
-    response = http.post("/v1/chat/completions", json=body, headers=headers(task_id))
+    sent = headers(task_id)
+    response = http.post("/v1/chat/completions", json=body, headers=sent)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    # One `data:` line per event, events apart by a blank line, whether or not they were written
+    # together; the retry replays the same events.
+    raw = response.text
+    replayed = http.post("/v1/chat/completions", json=body, headers=sent).text
+    assert raw.endswith("data: [DONE]\n\n")
+    events = [block.removeprefix("data: ") for block in raw.split("\n\n")[:-1]]
+    assert all("\n" not in e for e in events)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    said = f"You said: {body['messages'][0]['content']}"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == said
+    assert replayed.endswith("data: [DONE]\n\n")
+    replay = [json.loads(block.removeprefix("data: ")) for block in replayed.split("\n\n")[:-2]]
+    assert [c["choices"][0]["delta"] for c in replay[:2]] == [{"role": "assistant", "content": ""}, {"content": said}]
+    assert replay[2]["choices"][0]["finish_reason"] == "stop"
     finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert [c["choices"][0]["finish_reason"] for c in finish] == ["stop"]
     usage = [c["usage"] for c in chunks if c.get("usage")]

@@ -71,13 +71,16 @@ def test_chunks_are_valid_openai_json() -> None:
 def test_text_chunks_of_one_read_are_merged_and_others_kept() -> None:
     from llm_proxy.upstream import coalesce
 
-    def text(t: str) -> dict:
-        return {"id": "c", "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+    def chunk(delta: dict, finish: str | None = None, **extra: object) -> dict:
+        return {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
 
-    role = {"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    finish = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-    merged = coalesce([role, text("a"), text(" b"), text(" c"), finish, text("d")])
-    assert merged == [role, text("a b c"), finish, text("d")]
+    role = chunk({"role": "assistant", "content": "", "refusal": None})
+    call = chunk({"tool_calls": [{"index": 0, "id": "x", "function": {"name": "f", "arguments": ""}}]})
+    usage = {"id": "c", "choices": [], "usage": {"prompt_tokens": 1}}
+    merged = coalesce([role, chunk({"content": "a"}), chunk({"content": " b"}), chunk({}, "stop"), chunk({"content": "d"})])
+    assert merged == [chunk({"role": "assistant", "content": "a b", "refusal": None}, "stop"), chunk({"content": "d"})]
+    kept = [chunk({"content": "a"}), call, chunk({"content": "b"}), usage, chunk({"content": "c"}, logprobs=None)]
+    assert coalesce([dict(c) for c in kept]) == kept
 
 
 def test_request_form_of_each_message_is_made_once_and_matches_chatopenai() -> None:
