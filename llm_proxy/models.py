@@ -48,6 +48,10 @@ class Task(Base):
     # Bumped by every change to the task's stored rounds, so a process that keeps a copy of the
     # history window knows when another process (or an edit) made it stale.
     version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Bumped only when a finished round is changed (taken up again, cut short): while it stays the
+    # same, a copy of the history stays right for the rounds it holds, and only newer rounds need
+    # reading.
+    edits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -40,7 +40,7 @@ from llm_proxy.context import (
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
-from llm_proxy.store import Claim, TaskInfo
+from llm_proxy.store import Claim, HistoryCopy, TaskInfo
 from llm_proxy.tools.registry import ToolRegistry
 from llm_proxy.upstream import Delta, Upstream
 
@@ -211,11 +211,16 @@ class ChatService:
     async def _history(self, claim: Claim) -> list[StoredRound]:
         """The finished rounds before the claimed one, newest first: read with the claim, or
         this process's current copy, or (after waiting for earlier rounds) read again."""
+        copy = HistoryCopy(claim.version, claim.seq - 1, claim.edits)
         if claim.history is not None:
             if claim.reopened_status is None:
-                self.history.put(claim.task_id, claim.version, claim.seq, claim.history)
+                self.history.put(claim.task_id, copy, claim.history)
             return claim.history
-        if claim.reopened_status is None and not claim.pending_before:
+        if claim.newer is not None:
+            extended = self.history.extend(claim.task_id, claim.newer_after, claim.newer, copy)
+            if extended is not None:
+                return extended
+        elif claim.reopened_status is None and not claim.pending_before:
             cached = self.history.get(claim.task_id, claim.version, claim.seq)
             if cached is not None:
                 return cached

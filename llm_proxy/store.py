@@ -7,7 +7,9 @@ that is still pending before it reads the history, so its context includes them.
 
 Each function is one short transaction, run by `Database.run`; no connection is held while the
 upstream streams. Every change to a task's stored rounds bumps `tasks.version` (taking the task
-row first, so it queues behind a claim), which is what lets `HistoryCache` trust its copy.
+row first, so it queues behind a claim), which is what lets `HistoryCache` trust its copy; a
+change to a finished round also bumps `tasks.edits`, and while that stays the same, a copy that
+fell behind is brought up to date by reading only the rounds added since.
 """
 
 from __future__ import annotations
@@ -46,13 +48,24 @@ class TaskInfo:
     room_id_type: str | None = None
 
 
+@dataclass(frozen=True)
+class HistoryCopy:
+    """What a process's copy of a task's history holds: every finished round up to `through_seq`
+    as of the task's `version` and `edits`."""
+
+    version: int
+    through_seq: int
+    edits: int
+
+
 @dataclass
 class Claim:
     task_id: str
     round_id: str
     seq: int
-    # The task's version when the claim committed.
+    # The task's version and edit count when the claim committed.
     version: int = 0
+    edits: int = 0
     # An existing round taken up again: a retry of an interrupted round (answered again in place)
     # or the client's tool results continuing the round that called its tools. Its messages as
     # stored, and the status it goes back to if the new attempt fails.
@@ -68,6 +81,10 @@ class Claim:
     # Finished rounds before this one, newest first (at most `max_rounds`), read in the claim's
     # own transaction; None when the caller's copy is current (`known`) or rounds are pending.
     history: list[StoredRound] | None = None
+    # Or, when the caller's copy is only missing rounds added since (by other processes): those
+    # rounds, newest first, the ones after seq `newer_after`.
+    newer: list[StoredRound] | None = None
+    newer_after: int = 0
 
     @property
     def is_new_work(self) -> bool:
@@ -88,14 +105,15 @@ def claim_round(
     task: TaskInfo,
     *,
     max_rounds: int,
-    known: tuple[int, int] | None = None,
+    known: HistoryCopy | None = None,
     take_over_pending: bool = False,
     continue_round: bool = False,
 ) -> Claim | None:
     """Take the task's next sequence number for a new round, or find the round this request
     retries (or, with `continue_round`, the task's last round, to add the client's tool results
-    to it); then read the history window, unless an earlier round is still pending or `known`
-    (version, last seq) says the caller's copy of it is current. None: nothing to continue."""
+    to it); then read the history window, unless an earlier round is still pending. With the
+    caller's copy of the history (`known`) it reads nothing when the copy is current, and only
+    the rounds after it when rounds were only added since. None: nothing to continue."""
     if continue_round:
         claim = _reopen_last(conn, task)
         if claim is None:
@@ -104,7 +122,7 @@ def claim_round(
         return claim
     statements = _statements(conn.dialect.name)
     now = _now()
-    seq, version = conn.execute(
+    seq, version, edits = conn.execute(
         statements.next_seq,
         {
             "id": task.task_id,
@@ -114,6 +132,7 @@ def claim_round(
             "room_id_type": task.room_id_type,
             "last_seq": 1,
             "version": 0,
+            "edits": 0,
             "created_at": now,
             "updated_at": now,
         },
@@ -133,8 +152,13 @@ def claim_round(
         },
     )
     if inserted.first() is not None:
-        claim = Claim(task.task_id, round_id, seq, version)
-        if known == (version, seq - 1):
+        claim = Claim(task.task_id, round_id, seq, version, edits)
+        if known is not None and known.edits == edits and known.through_seq < seq:
+            if known.version == version and known.through_seq == seq - 1:
+                return claim
+            claim.pending_before, newer = _window(conn, task.task_id, seq, max_rounds, after_seq=known.through_seq)
+            if not claim.pending_before:
+                claim.newer, claim.newer_after = newer, known.through_seq
             return claim
     else:
         # The same request id was seen before: this is the orchestrator retrying.
@@ -170,7 +194,7 @@ def _statements(dialect_name: str) -> _Statements:
             "room_id": func.coalesce(excluded.room_id, Task.room_id),
             "room_id_type": func.coalesce(excluded.room_id_type, Task.room_id_type),
         },
-    ).returning(Task.last_seq, Task.version)
+    ).returning(Task.last_seq, Task.version, Task.edits)
     insert_round = (
         dialect.insert(Round)
         .on_conflict_do_nothing(index_elements=[Round.task_id, Round.request_id])
@@ -181,18 +205,18 @@ def _statements(dialect_name: str) -> _Statements:
 
 def _claim_retry(conn: Connection, task: TaskInfo, take_over_pending: bool) -> Claim:
     row = conn.execute(
-        select(Round.id, Round.seq, Round.status, Round.usage, Task.version)
+        select(Round.id, Round.seq, Round.status, Round.usage, Task.version, Task.edits)
         .join(Task, Task.id == Round.task_id)
         .where(Round.task_id == task.task_id, Round.request_id == task.request_id)
     ).one()
-    claim = Claim(task.task_id, row.id, row.seq, row.version)
+    claim = Claim(task.task_id, row.id, row.seq, row.version, row.edits)
     if row.status == ROUND_COMPLETED:
         claim.replay = replayed_reply(_round_messages(conn, row.id))
         claim.replay_usage = row.usage
     elif row.status == ROUND_PENDING and not take_over_pending:
         claim.in_flight = True
     else:
-        claim.version = _reopen(conn, task.task_id, row.id)
+        claim.version, claim.edits = _reopen(conn, task.task_id, row.id)
         claim.reopened_status = ROUND_INTERRUPTED
         claim.stored = _round_messages(conn, row.id)
     return claim
@@ -200,8 +224,8 @@ def _claim_retry(conn: Connection, task: TaskInfo, take_over_pending: bool) -> C
 
 def _reopen_last(conn: Connection, task: TaskInfo) -> Claim | None:
     """The task's last round, reopened for the client's tool results, if it is a completed one."""
-    version = conn.execute(_BUMP_VERSION, {"task_id": task.task_id}).scalar()
-    if version is None:
+    bumped = conn.execute(_BUMP_EDITS, {"task_id": task.task_id}).first()
+    if bumped is None:
         return None
     row = conn.execute(
         select(Round.id, Round.seq, Round.status).where(Round.task_id == task.task_id).order_by(Round.seq.desc()).limit(1)
@@ -209,17 +233,17 @@ def _reopen_last(conn: Connection, task: TaskInfo) -> Claim | None:
     if row is None or row.status != ROUND_COMPLETED:
         return None
     conn.execute(update(Round).where(Round.id == row.id).values(status=ROUND_PENDING))
-    claim = Claim(task.task_id, row.id, row.seq, version, reopened_status=ROUND_COMPLETED)
+    claim = Claim(task.task_id, row.id, row.seq, bumped.version, bumped.edits, reopened_status=ROUND_COMPLETED)
     claim.stored = _round_messages(conn, row.id)
     return claim
 
 
-def _reopen(conn: Connection, task_id: str, round_id: str) -> int:
+def _reopen(conn: Connection, task_id: str, round_id: str) -> tuple[int, int]:
     """Set a finished round back to pending, which changes what a later round's context waits
-    for; returns the task's new version."""
-    version = conn.execute(_BUMP_VERSION, {"task_id": task_id}).scalar_one()
+    for; returns the task's new version and edit count."""
+    bumped = conn.execute(_BUMP_EDITS, {"task_id": task_id}).one()
     conn.execute(update(Round).where(Round.id == round_id).values(status=ROUND_PENDING))
-    return version
+    return bumped.version, bumped.edits
 
 
 def _round_messages(conn: Connection, round_id: str) -> list[Msg]:
@@ -239,7 +263,11 @@ def load_history(conn: Connection, task_id: str, before_seq: int, *, max_rounds:
 
 _recent = (
     select(Round.id, Round.seq, Round.tokens, Round.status)
-    .where(Round.task_id == bindparam("task_id"), Round.seq < bindparam("before_seq"))
+    .where(
+        Round.task_id == bindparam("task_id"),
+        Round.seq > bindparam("after_seq"),
+        Round.seq < bindparam("before_seq"),
+    )
     .order_by(Round.seq.desc())
     .limit(bindparam("limit"))
     .subquery()
@@ -261,11 +289,15 @@ _WINDOW = (
 )
 
 
-def _window(conn: Connection, task_id: str, before_seq: int, max_rounds: int) -> tuple[list[str], list[StoredRound]]:
-    """The still-pending rounds among the last `max_rounds` before `before_seq`, and the finished
-    ones, newest first, in one query (rounds joined with their messages). A pending round further
-    back than that is a dead one (its process crashed) and is not waited for."""
-    rows = conn.execute(_WINDOW, {"task_id": task_id, "before_seq": before_seq, "limit": max(max_rounds, 1)})
+def _window(
+    conn: Connection, task_id: str, before_seq: int, max_rounds: int, *, after_seq: int = 0
+) -> tuple[list[str], list[StoredRound]]:
+    """The still-pending rounds among the last `max_rounds` between `after_seq` and `before_seq`,
+    and the finished ones, newest first, in one query (rounds joined with their messages). A
+    pending round further back than that is a dead one (its process crashed) and is not waited
+    for."""
+    params = {"task_id": task_id, "after_seq": after_seq, "before_seq": before_seq, "limit": max(max_rounds, 1)}
+    rows = conn.execute(_WINDOW, params)
     pending: list[str] = []
     finished: list[StoredRound] = []
     for round_id, seq, tokens, status, role, content, name, tool_call_id, tool_calls in rows:
@@ -349,6 +381,12 @@ def finish_round(
 # much as running them.
 _BUMP_VERSION = (
     update(Task).where(Task.id == bindparam("task_id")).values(version=Task.version + 1).returning(Task.version)
+)
+_BUMP_EDITS = (
+    update(Task)
+    .where(Task.id == bindparam("task_id"))
+    .values(version=Task.version + 1, edits=Task.edits + 1)
+    .returning(Task.version, Task.edits)
 )
 _INSERT_MESSAGES = insert(Message)
 _FINISH = (
