@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any, Protocol, Sequence, TypeVar
+from typing import Any, Literal, Protocol, Sequence, TypeVar
 
 from langchain_core.messages import AIMessage, BaseMessage, convert_to_messages
+from pydantic import Field, SkipValidation
 
 from app.errors import bad_request
 from llm_proxy.protocol import ChatMessage
@@ -102,17 +102,27 @@ def finished_tool_exchanges(messages: Sequence[Msg]) -> list[Msg]:
     return kept
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)
 class StoredRound:
+    """A finished round as the history window holds it. Kept in the per-process history cache for
+    as long as its task is active, so it is a handful of plain objects, which the cyclic garbage
+    collector can ignore: as langchain messages, a cached round was ~25 tracked objects, and one
+    collection pass over a freshly loaded cache stalled every request for ~100 ms."""
+
     seq: int
     tokens: int
     messages: list[Msg]
+    # The round's messages as the upstream request carries them, made once by the upstream client.
+    request_form: tuple[Msg, ...] | None = None
 
-    @cached_property
-    def upstream_messages(self) -> list[BaseMessage]:
-        """This round as the upstream gets it, as langchain messages, built once while the round
-        stays cached: converting a 50-round history on every request cost ~0.5 ms."""
-        return as_langchain(history_messages([self]))
+
+class StoredHistory(BaseMessage):
+    """The history window in a langchain message list: it stands in for the stored rounds'
+    messages, which the upstream client puts in the request in its place, each round converted
+    once (`StoredRound.request_form`) rather than on every request."""
+
+    type: Literal["stored_history"] = "stored_history"
+    rounds: SkipValidation[list[StoredRound]] = Field(default_factory=list, exclude=True)
 
 
 class _Sized(Protocol):
@@ -159,11 +169,8 @@ def _without_calls(message: Msg) -> Msg:
 
 def upstream_messages(system: list[Msg], history: Sequence[StoredRound], new: list[Msg]) -> list[BaseMessage]:
     """The whole request for the upstream: system prompt, history window, new turn."""
-    out = as_langchain(system)
-    for stored in history:
-        out.extend(stored.upstream_messages)
-    out.extend(as_langchain(new))
-    return out
+    stored = [StoredHistory(content="", rounds=list(history))] if history else []
+    return [*as_langchain(system), *stored, *as_langchain(new)]
 
 
 def as_langchain(messages: Sequence[Msg]) -> list[BaseMessage]:

@@ -83,27 +83,29 @@ def test_text_chunks_of_one_read_are_merged_and_others_kept() -> None:
     assert coalesce([dict(c) for c in kept]) == kept
 
 
-def test_request_form_of_each_message_is_made_once_and_matches_chatopenai() -> None:
-    import gc
-
-    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+def test_stored_history_goes_into_the_request_as_chatopenai_would_send_its_messages() -> None:
     from langchain_openai import ChatOpenAI
 
+    from llm_proxy.context import StoredRound, as_langchain, history_messages, upstream_messages
     from llm_proxy.upstream import _ChatOpenAI
 
     calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{bad json"}}]
-    history = [HumanMessage("hi"), AIMessage("", additional_kwargs={"tool_calls": calls})]
-    new = [SystemMessage("be brief"), HumanMessage("你好")]
+    rounds = [
+        StoredRound(1, 5, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]),
+        StoredRound(2, 5, [
+            {"role": "user", "content": "look it up"},
+            {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"},
+            {"role": "assistant", "content": "It is 42."},
+        ]),
+        StoredRound(3, 5, [{"role": "user", "content": "again"}, {"role": "assistant", "content": ""}]),  # cut off silent
+    ]
+    system, new = [{"role": "system", "content": "be brief"}], [{"role": "user", "content": "你好"}]
     plain = ChatOpenAI(model="m", api_key="k")
     ours = _ChatOpenAI(model="m", api_key="k")
-    for _ in range(2):  # the second time, the history's forms come from the memo
-        expected = plain._get_request_payload([*history, *new], stream=True)
-        assert ours._get_request_payload([*history, *new], stream=True) == expected
-    assert expected["messages"][1]["tool_calls"] == calls
-    memo = ours._forms._forms
-    assert len(memo) == 4
-    edited = AIMessage("edited")  # a stored round rewritten: new objects, so a new form
-    assert ours._get_request_payload([history[0], edited])["messages"][1]["content"] == "edited"
-    del history, new, edited
-    gc.collect()
-    assert memo == {}
+    expected = plain._get_request_payload(as_langchain([*system, *history_messages(rounds), *new]), stream=True)
+    for _ in range(2):  # the second time from each round's stored form
+        assert ours._get_request_payload(upstream_messages(system, rounds, new), stream=True) == expected
+    assert all(r.request_form is not None for r in rounds)
+    assert expected["messages"][4]["tool_calls"] == calls  # the model's arguments, as it wrote them
+    assert ours._get_request_payload(upstream_messages(system, [], new)) == plain._get_request_payload(as_langchain([*system, *new]))
