@@ -109,3 +109,11 @@ def test_stored_history_goes_into_the_request_as_chatopenai_would_send_its_messa
     assert all(r.request_form is not None for r in rounds)
     assert expected["messages"][4]["tool_calls"] == calls  # the model's arguments, as it wrote them
     assert ours._get_request_payload(upstream_messages(system, [], new)) == plain._get_request_payload(as_langchain([*system, *new]))
+
+
+def test_request_body_encoding_keeps_what_orjson_refuses() -> None:
+    from llm_proxy.upstream import _encode
+
+    body = {"messages": [{"role": "user", "content": "你好 \u2028"}], "seed": 2**70, "temperature": 0.5}
+    assert json.loads(_encode(body)) == body
+    assert json.loads(_encode({"messages": [], "top_p": 1})) == {"messages": [], "top_p": 1}
