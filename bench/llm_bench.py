@@ -222,13 +222,14 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
     rows: list[Row] = []
     saturation: list[list[str]] = []
     try:
-        pids = {"proxy": proxy.pid, "upstream": fake.pid, "loadgen": os.getpid()}
+        def cpu_s() -> dict[str, float]:
+            return {"proxy": _cpu_s(proxy.pid), "upstream": _cpu_s(fake.pid), "loadgen": time.process_time()}
 
         def level(n: int, interval: float, duration: float) -> tuple[Samples, Samples, float, dict[str, float]]:
-            before = {name: _cpu_s(pid) for name, pid in pids.items()}
+            before = cpu_s()
             p, d, rate = asyncio.run(run_level(proxy.url, fake.url, task_ids, n, interval, duration))
             rounds = max(1, len(p.ttft) + len(d.ttft))
-            cpu = {name: (_cpu_s(pid) - before[name]) / rounds for name, pid in pids.items()}
+            cpu = {name: (used - before[name]) / rounds for name, used in cpu_s().items()}
             return p, d, rate, cpu
 
         # Warm-up: one unmeasured proxy round for every task, as in a running deployment, where a
