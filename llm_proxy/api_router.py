@@ -60,20 +60,33 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client disconnects first: before a response starts,
-    nothing else would notice, and the upstream would go on generating for nobody."""
-    task = asyncio.ensure_future(work)
+    """Run `work`, cancelled if the client disconnects first: before a response starts, nothing
+    else would notice, and the upstream would go on generating for nobody. The work runs in this
+    task (a task of its own cost a turn of the event loop on every request's way to its first
+    token); a watcher task cancels this one."""
+    current = asyncio.current_task()
+    assert current is not None
+    watching = True
+    left = False
+
+    def on_disconnect(_watcher: asyncio.Future[None]) -> None:
+        nonlocal left
+        if watching and not _watcher.cancelled():
+            left = True
+            current.cancel()
+
     watcher = asyncio.ensure_future(_disconnected(request))
+    watcher.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        current.uncancel()
+        raise ClientDisconnected() from None
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        watching = False
         watcher.cancel()
-    if task.cancelled():
-        raise ClientDisconnected()
-    return task.result()
 
 
 async def _disconnected(request: Request) -> None:

@@ -191,8 +191,9 @@ def _asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def _admin(admin_url: str, sql: str) -> None:
-    conn = await asyncpg.connect(_asyncpg_dsn(admin_url))
+async def postgres_execute(url: str, sql: str) -> None:
+    """One statement outside a transaction (CREATE DATABASE, VACUUM)."""
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
     try:
         await conn.execute(sql)
     finally:
@@ -200,8 +201,8 @@ async def _admin(admin_url: str, sql: str) -> None:
 
 
 async def create_postgres_database(admin_url: str, name: str) -> None:
-    await _admin(admin_url, f'CREATE DATABASE "{name}"')
+    await postgres_execute(admin_url, f'CREATE DATABASE "{name}"')
 
 
 async def drop_postgres_database(admin_url: str, name: str) -> None:
-    await _admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await postgres_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
