@@ -111,6 +111,9 @@ class _Sqlite:
         self._engine = engine
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._queued = 0
+        # Kept open between transactions (a pool checkout and return per transaction cost as
+        # much as a claim's statements); closed after a failure, so the next one starts afresh.
+        self._conn: Connection | None = None
 
     def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
@@ -148,18 +151,34 @@ class _Sqlite:
         self._queued -= 1
 
     def _transaction(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        with self._engine.connect() as conn:
-            try:
-                transaction = conn.begin()
-            except OperationalError as exc:
-                if getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF in _SQLITE_BUSY:
-                    raise _Busy() from exc
-                raise
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        conn = self._conn
+        try:
+            transaction = conn.begin()
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF in _SQLITE_BUSY:
+                raise _Busy() from exc
+            self._close()
+            raise
+        try:
             with transaction:
                 return fn(conn, *args)
+        except BaseException:
+            self._close()
+            raise
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def dispose(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._engine.dispose)
+        def close() -> None:
+            self._close()
+            self._engine.dispose()
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, close)
         self._thread.shutdown()
 
 

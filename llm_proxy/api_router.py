@@ -32,7 +32,6 @@ def _authorize(request: Request) -> None:
         raise unauthorized()
 
 
-@router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     _authorize(request)
     body = parse_request(await request.body())
@@ -41,10 +40,16 @@ async def chat_completions(request: Request) -> Response:
     try:
         if body.stream:
             reply = await _until_disconnect(request, service.open(body, task))
-            return EventSourceResponse(sse_events(reply), sep="\n")
+            # No keep-alive pings: the proxy's streams are never silent for their 15 s.
+            return EventSourceResponse(sse_events(reply), sep="\n", ping=0)
         return JSONResponse(await _until_disconnect(request, service.complete(body, task)))
     except ClientDisconnected:
         return Response(status_code=499)
+
+
+# A plain Starlette route: the body is parsed by `parse_request`, so FastAPI's request handling
+# (dependency solving, response serialization) would be cost without use on the hot path.
+router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 
 
 @router.get("/v1/models")
