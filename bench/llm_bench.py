@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--postgres-url", default=os.environ.get("TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 50, 200])
-    parser.add_argument("--saturation", type=int, nargs="*", default=[300, 400, 500, 600, 800])
+    parser.add_argument("--saturation", type=int, nargs="*", default=[300, 400, 500, 600, 700, 800])
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
