@@ -15,8 +15,8 @@ ordinary synchronous SQLAlchemy Core, and each dialect runs it the cheapest way:
 - PostgreSQL: asyncpg, with the function run through SQLAlchemy's greenlet bridge (`run_sync`),
   on the event loop. A URL without a driver (`postgresql://`) means asyncpg.
 
-Connections go back to the pool without the pool's extra rollback: every transaction here ends
-itself (commit, or rollback on error). SQLite gets WAL and `BEGIN IMMEDIATE`, so a transaction
+PostgreSQL connections go back to the pool without the pool's extra rollback: every transaction
+here ends itself (commit, or rollback on error). SQLite gets WAL and `BEGIN IMMEDIATE`, so a transaction
 takes the write lock before it does anything, and a busy database is only ever met at its start
 (a deferred transaction that upgrades from read to write fails midway when another process wrote
 in between).
@@ -111,8 +111,8 @@ class _Sqlite:
         self._engine = engine
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._queued = 0
-        # Kept open between transactions (a pool checkout and return per transaction cost as
-        # much as a claim's statements); closed after a failure, so the next one starts afresh.
+        # Kept open between transactions, which spares each one a pool checkout and return;
+        # closed after a failure, so the next transaction starts on a fresh connection.
         self._conn: Connection | None = None
 
     def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
