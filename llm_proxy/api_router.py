@@ -7,10 +7,10 @@ from typing import Any, Awaitable, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 
 from app.auth import is_authorized
 from app.errors import unauthorized
+from llm_proxy.event_stream import EventStream
 from llm_proxy.protocol import parse_request
 from llm_proxy.serving import ChatService, sse_events, task_info
 
@@ -40,8 +40,7 @@ async def chat_completions(request: Request) -> Response:
     try:
         if body.stream:
             reply = await _until_disconnect(request, service.open(body, task))
-            # No keep-alive pings: the proxy's streams are never silent for their 15 s.
-            return EventSourceResponse(sse_events(reply), sep="\n", ping=0)
+            return EventStream(sse_events(reply))
         return JSONResponse(await _until_disconnect(request, service.complete(body, task)))
     except ClientDisconnected:
         return Response(status_code=499)
