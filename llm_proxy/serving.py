@@ -182,31 +182,40 @@ class ChatService:
         return claim
 
     async def _claim_once(self, task: TaskInfo, turn: Turn, model: str, *, take_over_pending: bool) -> Claim:
-        """The claim runs to its end even if the client leaves meanwhile; a round it took is then
-        stored as abandoned rather than left pending, which would stall the task's next round."""
-        job = asyncio.ensure_future(
-            self.db.run(
+        max_rounds = self.settings.history_max_rounds
+        known = self.history.known(task.task_id)
+        claim = None
+        if self.db.dialect == "postgresql" and not turn.continues and not take_over_pending:
+            # A new round in one statement; for a retry nothing is claimed, and `claim_round` does it.
+            job = self.db.run_autocommit(store.claim_new_round, task, max_rounds=max_rounds, known=known)
+            claim = await self._settled(job, turn, model)
+        if claim is None:
+            job = self.db.run(
                 store.claim_round,
                 task,
-                max_rounds=self.settings.history_max_rounds,
-                known=self.history.known(task.task_id),
+                max_rounds=max_rounds,
+                known=known,
                 take_over_pending=take_over_pending,
                 continue_round=turn.continues,
             )
-        )
-        try:
-            claim = await asyncio.shield(job)
-        except asyncio.CancelledError:
-            claim = await job
-            if claim is not None and claim.is_new_work:
-                await self._abandon(claim, turn, model)
-            raise
+            claim = await self._settled(job, turn, model)
         if claim is None:
             raise bad_request(
                 "These tool results answer no open tool call: the task's last round did not end in calls of your tools.",
                 "no_open_tool_calls",
             )
         return claim
+
+    async def _settled(self, job: asyncio.Future[Claim | None], turn: Turn, model: str) -> Claim | None:
+        """The claim runs to its end even if the client leaves meanwhile; a round it took is then
+        stored as abandoned rather than left pending, which would stall the task's next round."""
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            claim = await job
+            if claim is not None and claim.is_new_work:
+                await self._abandon(claim, turn, model)
+            raise
 
     async def _history(self, claim: Claim) -> list[StoredRound]:
         """The finished rounds before the claimed one, newest first: read with the claim, or

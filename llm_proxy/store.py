@@ -5,7 +5,8 @@ upsert on the task row, which holds that row's lock (PostgreSQL) or the write lo
 `BEGIN IMMEDIATE`) until the claim commits. A round then waits for every earlier round of its task
 that is still pending before it reads the history, so its context includes them.
 
-Each function is one short transaction, run by `Database.run`; no connection is held while the
+Each function is one short transaction, run by `Database.run` (on PostgreSQL a new round is
+claimed in a single statement instead, `claim_new_round`); no connection is held while the
 upstream streams. Every change to a task's stored rounds bumps `tasks.version` (taking the task
 row first, so it queues behind a claim), which is what lets `HistoryCache` trust its copy; a
 change to a finished round also bumps `tasks.edits`, and while that stays the same, a copy that
@@ -20,7 +21,7 @@ from datetime import datetime, timezone
 from functools import cache
 from typing import Any, Sequence
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, literal, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -152,23 +153,59 @@ def claim_round(
         },
     )
     if inserted.first() is not None:
-        claim = Claim(task.task_id, round_id, seq, version, edits)
-        if known is not None and known.edits == edits and known.through_seq < seq:
-            if known.version == version and known.through_seq == seq - 1:
-                return claim
-            claim.pending_before, newer = _window(conn, task.task_id, seq, max_rounds, after_seq=known.through_seq)
-            if not claim.pending_before:
-                claim.newer, claim.newer_after = newer, known.through_seq
+        return _new_round(conn, Claim(task.task_id, round_id, seq, version, edits), known, max_rounds)
+    # The same request id was seen before: this is the orchestrator retrying.
+    claim = _claim_retry(conn, task, take_over_pending)
+    if claim.is_new_work:
+        _read_window(conn, claim, max_rounds)
+    return claim
+
+
+def claim_new_round(conn: Connection, task: TaskInfo, *, max_rounds: int, known: HistoryCopy | None = None) -> Claim | None:
+    """`claim_round` for the common case on PostgreSQL, run outside a transaction
+    (`Database.run_autocommit`): the next sequence number and the pending round in one statement,
+    one round trip where the transaction took four. The statement holds the task row's lock until
+    the round exists, so a later round of the task, claimed anywhere, finds this one pending;
+    reading the history after it needs no lock. None: the request id is taken (a retry), nothing
+    was claimed, and the caller claims with `claim_round`, whose transaction handles retries (the
+    sequence number this statement took stays unused: numbers order rounds, gaps are harmless)."""
+    round_id = uuid.uuid4().hex
+    now = _now()
+    seq, version, edits, inserted = conn.execute(
+        _claim_new_statement(),
+        {
+            "task_id": task.task_id,
+            "sdk_app_id": task.sdk_app_id,
+            "user_id": task.user_id,
+            "room_id": task.room_id,
+            "room_id_type": task.room_id_type,
+            "now": now,
+            "round_id": round_id,
+            "request_id": task.request_id,
+        },
+    ).one()
+    if inserted is None:
+        return None
+    return _new_round(conn, Claim(task.task_id, round_id, seq, version, edits), known, max_rounds)
+
+
+def _new_round(conn: Connection, claim: Claim, known: HistoryCopy | None, max_rounds: int) -> Claim:
+    """A newly claimed round, with the history its caller's copy lacks (nothing, if current)."""
+    if known is not None and known.edits == claim.edits and known.through_seq < claim.seq:
+        if known.version == claim.version and known.through_seq == claim.seq - 1:
             return claim
-    else:
-        # The same request id was seen before: this is the orchestrator retrying.
-        claim = _claim_retry(conn, task, take_over_pending)
-        if not claim.is_new_work:
-            return claim
-    claim.pending_before, history = _window(conn, task.task_id, claim.seq, max_rounds)
+        claim.pending_before, newer = _window(conn, claim.task_id, claim.seq, max_rounds, after_seq=known.through_seq)
+        if not claim.pending_before:
+            claim.newer, claim.newer_after = newer, known.through_seq
+        return claim
+    _read_window(conn, claim, max_rounds)
+    return claim
+
+
+def _read_window(conn: Connection, claim: Claim, max_rounds: int) -> None:
+    claim.pending_before, history = _window(conn, claim.task_id, claim.seq, max_rounds)
     if not claim.pending_before:
         claim.history = history
-    return claim
 
 
 @dataclass(frozen=True)
@@ -183,24 +220,79 @@ def _statements(dialect_name: str) -> _Statements:
     request cost about as much as running them."""
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     upsert = dialect.insert(Task)
-    excluded = upsert.excluded
-    next_seq = upsert.on_conflict_do_update(
-        index_elements=[Task.id],
-        set_={
-            "last_seq": Task.last_seq + 1,
-            "updated_at": excluded.updated_at,
-            "sdk_app_id": func.coalesce(excluded.sdk_app_id, Task.sdk_app_id),
-            "user_id": func.coalesce(excluded.user_id, Task.user_id),
-            "room_id": func.coalesce(excluded.room_id, Task.room_id),
-            "room_id_type": func.coalesce(excluded.room_id_type, Task.room_id_type),
-        },
-    ).returning(Task.last_seq, Task.version, Task.edits)
+    next_seq = upsert.on_conflict_do_update(index_elements=[Task.id], set_=_task_bump(upsert.excluded)).returning(
+        Task.last_seq, Task.version, Task.edits
+    )
     insert_round = (
         dialect.insert(Round)
         .on_conflict_do_nothing(index_elements=[Round.task_id, Round.request_id])
         .returning(Round.id)
     )
     return _Statements(next_seq, insert_round)
+
+
+@cache
+def _claim_new_statement() -> Any:
+    """PostgreSQL: the task upsert and the round insert as one statement (data-modifying CTEs).
+    `inserted` is null when the round's request id was already taken."""
+    upsert = (
+        postgresql.insert(Task)
+        .values(
+            id=bindparam("task_id", type_=Task.id.type),
+            sdk_app_id=bindparam("sdk_app_id", type_=Task.sdk_app_id.type),
+            user_id=bindparam("user_id", type_=Task.user_id.type),
+            room_id=bindparam("room_id", type_=Task.room_id.type),
+            room_id_type=bindparam("room_id_type", type_=Task.room_id_type.type),
+            last_seq=1,
+            version=0,
+            edits=0,
+            created_at=bindparam("now", type_=Task.created_at.type),
+            updated_at=bindparam("now", type_=Task.updated_at.type),
+        )
+    )
+    task = upsert.on_conflict_do_update(index_elements=[Task.id], set_=_task_bump(upsert.excluded)).returning(
+        Task.last_seq, Task.version, Task.edits
+    ).cte("task")
+    new_round = (
+        postgresql.insert(Round)
+        .from_select(
+            ["id", "task_id", "seq", "request_id", "status", "interrupted", "tokens", "created_at"],
+            select(
+                bindparam("round_id", type_=Round.id.type),
+                bindparam("task_id", type_=Round.task_id.type),
+                task.c.last_seq,
+                bindparam("request_id", type_=Round.request_id.type),
+                literal(ROUND_PENDING, Round.status.type),
+                literal(False, Round.interrupted.type),
+                literal(0, Round.tokens.type),
+                bindparam("now", type_=Round.created_at.type),
+            ),
+        )
+        .on_conflict_do_nothing(index_elements=[Round.task_id, Round.request_id])
+        .returning(Round.id)
+        .cte("new_round")
+    )
+    # Committed without waiting for the WAL flush (`SET LOCAL`, for this statement only): the
+    # wait was the larger part of the claim. A PostgreSQL crash can then lose a claim only of a
+    # round that is still streaming, which the crash ends anyway; a finished round's commit is
+    # flushed, and with it every claim before it.
+    no_flush = select(func.set_config("synchronous_commit", "off", True).label("setting")).cte("no_flush")
+    return select(
+        task.c.last_seq, task.c.version, task.c.edits, select(new_round.c.id).scalar_subquery().label("inserted")
+    ).select_from(task.join(no_flush, true()))
+
+
+def _task_bump(excluded: Any) -> dict[str, Any]:
+    """The claim's update of an existing task row: the next sequence number, and the TRTC
+    headers where the request has them."""
+    return {
+        "last_seq": Task.last_seq + 1,
+        "updated_at": excluded.updated_at,
+        "sdk_app_id": func.coalesce(excluded.sdk_app_id, Task.sdk_app_id),
+        "user_id": func.coalesce(excluded.user_id, Task.user_id),
+        "room_id": func.coalesce(excluded.room_id, Task.room_id),
+        "room_id_type": func.coalesce(excluded.room_id_type, Task.room_id_type),
+    }
 
 
 def _claim_retry(conn: Connection, task: TaskInfo, take_over_pending: bool) -> Claim:
