@@ -249,8 +249,10 @@ class ChatService:
         usage: dict[str, int] | None,
     ) -> None:
         """Store a claimed round with its messages, and let rounds waiting for it go on."""
+        # A new round's finish is one statement on PostgreSQL (see `finish_round`).
+        run = self.db.run if claim.reopened_status is not None else self.db.run_autocommit
         try:
-            version, stored = await self.db.run(
+            version, stored = await run(
                 store.finish_round,
                 claim,
                 messages,

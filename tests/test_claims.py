@@ -97,3 +97,31 @@ def test_the_one_statement_claim_leaves_the_connection_flushing_commits(migrated
         return conn.exec_driver_sql("SHOW synchronous_commit").scalar()
 
     assert _on_db(migrated_url, lambda db: db.run_autocommit(claim_then_show)) == "on"
+
+
+@only_postgres
+def test_a_new_round_is_finished_in_one_statement_with_every_message_field(migrated_url: str) -> None:
+    task = store.TaskInfo(f"finish-{uuid.uuid4().hex[:8]}", request_id="r1")
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Zürich"}'}}
+    said = [
+        {"role": "user", "content": "天气怎么样? \"quoted\" \\ and a newline\n"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1", "name": "weather"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+
+    async def work(db: Database) -> tuple[Any, ...]:
+        claim = await db.run_autocommit(store.claim_new_round, task, max_rounds=50)
+        version, stored = await db.run_autocommit(
+            store.finish_round, claim, said, interrupted=False, model="m", finish_reason="stop", usage={"prompt_tokens": 3}
+        )
+        history = await db.run(store.load_history, task.task_id, claim.seq + 1, max_rounds=50)
+        row = await db.run(lambda conn: conn.execute(
+            select(Round.status, Round.tokens, Round.usage, Task.version).join(Task).where(Round.id == claim.round_id)
+        ).one())
+        return version, stored, history, tuple(row)
+
+    version, stored, history, (status, tokens, usage, task_version) = _on_db(migrated_url, work)
+    assert [h.messages for h in history] == [said] == [stored.messages]
+    assert (status, usage, task_version) == ("completed", {"prompt_tokens": 3}, version)
+    assert tokens == stored.tokens > 0
