@@ -1,11 +1,14 @@
 """`Database.run` on SQLite: on the event loop while the write lock is free, on its own thread,
-waiting for the lock, while another process holds it."""
+waiting for the lock, while another process holds it; WAL checkpoints on a thread of their own."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import threading
+import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,39 @@ def test_lock_held_past_the_busy_timeout_fails_and_writes_nothing(tmp_path: Path
             await db.dispose()
 
     assert asyncio.run(main()) == []
+
+
+def test_the_wal_is_checkpointed_off_the_serving_connection(tmp_path: Path) -> None:
+    """The serving connection never checkpoints (the fsyncs would stall the event loop); the
+    checkpointer's own connection and thread move the WAL into the database file every `EVERY`
+    transactions."""
+    path = tmp_path / "a.db"
+
+    def main_file_rows() -> list[int] | None:
+        # The database file alone, without its WAL: what checkpoints have moved into it.
+        copy = tmp_path / f"copy-{uuid.uuid4().hex}.db"
+        shutil.copyfile(path, copy)
+        with closing(sqlite3.connect(copy)) as conn:
+            try:
+                return [row[0] for row in conn.execute("SELECT x FROM t ORDER BY x")]
+            except sqlite3.OperationalError:
+                return None  # not even the table yet
+
+    async def main() -> tuple[int, list[int] | None, list[int] | None]:
+        db = Database(f"sqlite:///{path}")
+        try:
+            checkpointer = db._sqlite.checkpointer  # type: ignore[union-attr]
+            assert checkpointer is not None
+            checkpointer.EVERY = 4
+            await db.run(_create)
+            autocheckpoint = await db.run(lambda conn: conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar())
+            await db.run(_insert, 1)
+            before = main_file_rows()
+            await db.run(_insert, 2)  # the 4th transaction
+            assert checkpointer.last is not None
+            await asyncio.wrap_future(checkpointer.last)
+            return autocheckpoint, before, main_file_rows()
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(main()) == (0, None, [1, 2])
