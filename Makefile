@@ -21,6 +21,7 @@ run: install
 	$(BIN)/trtc-backend serve --host $(HOST) --port $(PORT)
 
 test: install
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-postgres: install

@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from typing import Mapping
 
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 task_id_var: ContextVar[str | None] = ContextVar("task_id", default=None)
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -83,7 +83,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = 500
 
-        async def send_wrapper(message: dict) -> None:
+        async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

@@ -38,7 +38,7 @@ class CancelOnDisconnect:
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, _tb: TracebackType | None
-    ) -> bool:
+    ) -> None:
         self._watching = False
         assert self._watcher is not None and self._task is not None
         self._watcher.cancel()
@@ -48,7 +48,6 @@ class CancelOnDisconnect:
         if kind is asyncio.CancelledError and self._left:
             self._task.uncancel()
             raise ClientDisconnected() from None
-        return False
 
     def _on_disconnect(self, watcher: asyncio.Future[None]) -> None:
         if self._watching and not watcher.cancelled():

@@ -14,7 +14,7 @@ turn, and what a reopened round already had), the tool calls and results, then t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
 
 import anyio
 from langchain_core.messages import BaseMessage
@@ -51,7 +51,7 @@ class LiveRound:
         head: list[Msg],
         context: list[BaseMessage],
         call: UpstreamCall,
-        stream: AsyncIterator[Delta],
+        stream: AsyncGenerator[Delta, None],
         first: Delta,
         completion_id: str,
     ) -> None:

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncGenerator, Mapping
 
 import anyio
 from langchain_core.messages import BaseMessage
@@ -346,7 +346,7 @@ class ChatService:
         )
 
 
-async def sse_events(reply: LiveRound | Replay) -> AsyncIterator[bytes]:
+async def sse_events(reply: LiveRound | Replay) -> AsyncGenerator[bytes, None]:
     """The SSE body of a streamed answer. Events that are ready together go out in one write: the
     role with the first text, the closing events together. A chunk counts as sent once the SSE
     response asks for the next one, which it does only after writing the previous one."""

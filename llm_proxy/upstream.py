@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator, cast
 
 import aiohttp
 import orjson
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
 
 from app.errors import ApiError
 from llm_proxy.context import StoredHistory, StoredRound, as_langchain, history_messages
@@ -213,7 +214,7 @@ class Upstream:
             # Unused for chat (the transport is ours) but validated: ChatOpenAI still builds an
             # SDK client from them and refuses an empty key (a local upstream may need none).
             base_url=base_url,
-            api_key=api_key or "unused",
+            api_key=SecretStr(api_key or "unused"),
             async_client=RawChatCompletions(self._http, self._base_url),
             # Stalls are bounded by the HTTP read timeout; this knob costs a task per chunk.
             stream_chunk_timeout=None,
@@ -234,7 +235,7 @@ class Upstream:
         include_usage: bool,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         kwargs: dict[str, Any] = {"model": model, "stream_usage": include_usage}
         if params:
             kwargs["extra_body"] = params
@@ -244,14 +245,14 @@ class Upstream:
                 kwargs["tool_choice"] = tool_choice
         return self._deltas(messages, kwargs)
 
-    async def _deltas(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
+    async def _deltas(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> AsyncGenerator[Delta, None]:
         # ChatOpenAI's own streaming (`_astream`: request payload, transport, chunk conversion),
         # without the Runnable wrapper of `astream`: its callback manager and run bookkeeping, for
         # callbacks this proxy never registers, cost 0.13 ms before the request left and more on
         # every chunk (it also merged every chunk into a copy of the whole reply so far).
         try:
             async for generation in self._llm._astream(messages, **kwargs):
-                chunk = generation.message
+                chunk = cast(AIMessageChunk, generation.message)  # what ChatOpenAI streams
                 text = chunk.content if isinstance(chunk.content, str) else chunk.text
                 finish_reason = chunk.response_metadata.get("finish_reason")
                 usage = None
