@@ -131,8 +131,8 @@ class _Sqlite:
         self._engine = engine
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._queued = 0
-        path = engine.url.database
-        self.checkpointer = _Checkpointer(path) if path and path != ":memory:" else None
+        path = _sqlite_file(engine.url)
+        self.checkpointer = _Checkpointer(path) if path else None
         # Kept open between transactions, which spares each one a pool checkout and return;
         # closed after a failure, so the next transaction starts on a fresh connection.
         self._conn: Connection | None = None
@@ -206,7 +206,7 @@ class _Sqlite:
         await asyncio.get_running_loop().run_in_executor(self._thread, close)
         self._thread.shutdown()
         if self.checkpointer is not None:
-            self.checkpointer.close()
+            await asyncio.wrap_future(self.checkpointer.close())
 
 
 class _Checkpointer:
@@ -244,19 +244,28 @@ class _Checkpointer:
             # Harmless: the WAL only grows until a later checkpoint gets through.
             log.warning("SQLite checkpoint failed: %s", exc)
 
-    def close(self) -> None:
+    def close(self) -> Future[None]:
+        """Close the connection after a checkpoint still running; the returned future says when."""
+
         def close() -> None:
             if self._conn is not None:
                 self._conn.close()
 
-        self._thread.submit(close)
-        self._thread.shutdown(wait=True)
+        closed = self._thread.submit(close)
+        self._thread.shutdown(wait=False)
+        return closed
+
+
+def _sqlite_file(url: URL) -> str | None:
+    """The database file of a SQLite URL; None for an in-memory database."""
+    return url.database if url.database and url.database != ":memory:" else None
 
 
 def _sqlite_engine(url: URL) -> Engine:
     url = url.set(drivername="sqlite")
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    path = _sqlite_file(url)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = sqlalchemy.create_engine(
         url,
         pool_size=1,

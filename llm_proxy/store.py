@@ -21,21 +21,7 @@ from datetime import datetime, timezone
 from functools import cache
 from typing import Any, Sequence
 
-from sqlalchemy import (
-    JSON,
-    Integer,
-    String,
-    Text,
-    bindparam,
-    column,
-    delete,
-    func,
-    insert,
-    literal,
-    select,
-    true,
-    update,
-)
+from sqlalchemy import JSON, bindparam, column, delete, func, insert, literal, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -528,20 +514,12 @@ def _finish_new_statement() -> Any:
         .returning(Task.version)
         .cte("version")
     )
+    columns = ["position", "role", "content", "name", "tool_call_id", "tool_calls", "tokens"]
     given = (
         func.json_to_recordset(bindparam("messages", type_=JSON))
-        .table_valued(
-            column("position", Integer),
-            column("role", String),
-            column("content", Text),
-            column("name", String),
-            column("tool_call_id", String),
-            column("tool_calls", JSON),
-            column("tokens", Integer),
-        )
+        .table_valued(*(column(name, Message.__table__.c[name].type) for name in columns))
         .render_derived(name="given", with_types=True)
     )
-    columns = ["position", "role", "content", "name", "tool_call_id", "tool_calls", "tokens"]
     messages = (
         insert(Message)
         .from_select(
