@@ -65,12 +65,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
     import httpx
 
+    from llm_proxy.recovery import Lease
     from llm_proxy.serving import ChatService
     from llm_proxy.tools.loader import load_tools
     from llm_proxy.upstream import Upstream
 
     db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     stack.push_async_callback(db.dispose)
+    lease = Lease(db, settings.instance_lease_s)
+    await lease.start()
+    stack.push_async_callback(lease.stop)
     upstream = Upstream(settings.upstream_base_url, settings.upstream_api_key, settings.upstream_timeout_s)
     stack.push_async_callback(upstream.aclose)
     app.state.db = db
@@ -78,7 +82,7 @@ async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stac
     tool_http = httpx.AsyncClient(timeout=settings.tool_timeout_s)
     stack.push_async_callback(tool_http.aclose)
     tools = load_tools(settings, tool_http)
-    app.state.chat = ChatService(settings, db, upstream, tools)
+    app.state.chat = ChatService(settings, db, upstream, tools, lease)
 
 
 async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:

@@ -27,7 +27,12 @@ class Settings(BaseSettings):
 
     history_max_rounds: int = Field(default=50, ge=0)
     history_max_tokens: int = Field(default=8000, ge=0)
-    round_wait_timeout_s: float = Field(default=10.0, ge=0)
+    # How long a round waits for an earlier one of its task that is still streaming in a live
+    # process: below the orchestrator's default LLM timeout of 3 s.
+    round_wait_timeout_s: float = Field(default=2.0, ge=0)
+    # A process's lease on the rounds it answers, renewed every quarter of it; a round whose
+    # owner let it run out is settled as interrupted by the first process that meets it.
+    instance_lease_s: float = Field(default=2.0, gt=0)
     # Tasks whose history window each process keeps in memory (0: read it from the DB every round).
     history_cache_tasks: int = Field(default=10_000, ge=0)
 

@@ -3,6 +3,13 @@
 A round is one user turn and the assistant's reply (later also the tool calls and results in
 between). Rounds are immutable once finished, except the reply text of an interrupted round, which
 the orchestrator's callbacks may later cut to what the user actually heard.
+
+A pending round names the server process working on it (`owner`, an `Instance`); a process renews
+its lease while it runs, so a round whose owner's lease ran out belongs to a dead process and is
+settled by whichever process meets it first (`llm_proxy/recovery.py`).
+
+Identifiers the orchestrator sends (task, request, app, user, room) are at most `ID_MAX_CHARS`
+characters; longer ones are refused before anything is stored (`llm_proxy/limits.py`).
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Float,
     Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
@@ -30,6 +39,7 @@ ROUND_PENDING = "pending"
 ROUND_COMPLETED = "completed"
 ROUND_INTERRUPTED = "interrupted"
 FINISHED_STATUSES = (ROUND_COMPLETED, ROUND_INTERRUPTED)
+ID_MAX_CHARS = 256
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit id.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -38,11 +48,11 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 class Task(Base):
     __tablename__ = "tasks"
 
-    id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    sdk_app_id: Mapped[str | None] = mapped_column(String(64))
-    user_id: Mapped[str | None] = mapped_column(String(128))
-    room_id: Mapped[str | None] = mapped_column(String(128))
-    room_id_type: Mapped[str | None] = mapped_column(String(8))
+    id: Mapped[str] = mapped_column(String(ID_MAX_CHARS), primary_key=True)
+    sdk_app_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
+    user_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
+    room_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
+    room_id_type: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
     # Last round sequence number handed out; incremented under the row lock.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     # Bumped by every change to the task's stored rounds, so a process that keeps a copy of the
@@ -62,17 +72,26 @@ class Round(Base):
     __table_args__ = (
         UniqueConstraint("task_id", "seq", name="uq_rounds_task_seq"),
         UniqueConstraint("task_id", "request_id", name="uq_rounds_task_request"),
+        # Only pending rounds: the start-up and periodic sweeps for dead ones read this.
+        Index(
+            "ix_rounds_pending",
+            "owner",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
-    request_id: Mapped[str | None] = mapped_column(String(128))
+    request_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
     # The orchestrator's RoundId, once a callback tells it (event 903/904/905).
-    trtc_round_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    trtc_round_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS), index=True)
     status: Mapped[str] = mapped_column(String(16), default=ROUND_PENDING)
+    # The process answering a pending round (`Instance.id`).
+    owner: Mapped[str | None] = mapped_column(String(32))
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False)
-    model: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     # Estimated tokens of all the round's messages: the history window sums these.
     tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -90,7 +109,23 @@ class Message(Base):
     position: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str | None] = mapped_column(Text)
-    name: Mapped[str | None] = mapped_column(String(128))
-    tool_call_id: Mapped[str | None] = mapped_column(String(128))
+    # Whatever the client or the model named them: no length of theirs fails a round.
+    name: Mapped[str | None] = mapped_column(Text)
+    tool_call_id: Mapped[str | None] = mapped_column(Text)
     tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     tokens: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    """A server process that claims rounds, and its lease: renewed every `LEASE_RENEW_S` while it
+    runs, so `lease_expires` in the past means the process is gone (or stalled past its lease)."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # Where it runs, so a process on the same machine can tell at once that it is gone
+    # (`recovery.local_process_gone`): boot id, pid namespace, pid and start time.
+    process: Mapped[str | None] = mapped_column(String(200))
+    # Seconds since the epoch by the database's clock (all replicas read the same clock).
+    lease_expires: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

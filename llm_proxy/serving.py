@@ -40,6 +40,7 @@ from llm_proxy.context import (
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
+from llm_proxy.recovery import Lease
 from llm_proxy.store import Claim, HistoryCopy, TaskInfo
 from llm_proxy.tools.registry import ToolRegistry
 from llm_proxy.upstream import Delta, Upstream
@@ -81,9 +82,10 @@ class Replay:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, db: Database, upstream: Upstream, tools: ToolRegistry) -> None:
+    def __init__(self, settings: Settings, db: Database, upstream: Upstream, tools: ToolRegistry, lease: Lease) -> None:
         self.settings = settings
         self.db = db
+        self.lease = lease
         self.upstream = upstream
         self.tools = tools
         self.history = HistoryCache(settings.history_cache_tasks, settings.history_max_rounds)
@@ -184,16 +186,22 @@ class ChatService:
     async def _claim_once(self, task: TaskInfo, turn: Turn, model: str, *, take_over_pending: bool) -> Claim:
         max_rounds = self.settings.history_max_rounds
         known = self.history.known(task.task_id)
+        owner = self.lease.id
+        head = [] if turn.continues else turn.new
         claim = None
         if self.db.dialect == "postgresql" and not turn.continues and not take_over_pending:
             # A new round in one statement; for a retry nothing is claimed, and `claim_round` does it.
-            job = self.db.run_autocommit(store.claim_new_round, task, max_rounds=max_rounds, known=known)
+            job = self.db.run_autocommit(
+                store.claim_new_round, task, max_rounds=max_rounds, owner=owner, head=head, known=known
+            )
             claim = await self._settled(job, turn, model)
         if claim is None:
             job = self.db.run(
                 store.claim_round,
                 task,
                 max_rounds=max_rounds,
+                owner=owner,
+                head=head,
                 known=known,
                 take_over_pending=take_over_pending,
                 continue_round=turn.continues,
@@ -252,7 +260,7 @@ class ChatService:
         # A new round's finish is one statement on PostgreSQL (see `finish_round`).
         run = self.db.run if claim.reopened_status is not None else self.db.run_autocommit
         try:
-            version, stored = await run(
+            finished = await run(
                 store.finish_round,
                 claim,
                 messages,
@@ -261,10 +269,14 @@ class ChatService:
                 finish_reason=finish_reason,
                 usage=usage,
             )
-            if claim.reopened_status is not None:
+            if finished is None:
+                log.warning("round %s was settled by another process (this one's lease ran out); its reply is not stored",
+                            claim.round_id)
+                self.history.drop(claim.task_id)
+            elif claim.reopened_status is not None:
                 self.history.drop(claim.task_id)
             else:
-                self.history.advance(claim.task_id, version, stored)
+                self.history.advance(claim.task_id, *finished)
         finally:
             self.round_done(claim.round_id)
 
@@ -286,7 +298,8 @@ class ChatService:
             LLM_ROUNDS.labels("interrupted").inc()
 
     async def _wait_for(self, round_ids: list[str]) -> None:
-        """Wait until the given rounds are stored, at most `ROUND_WAIT_TIMEOUT_S` in all."""
+        """Wait until the given rounds are stored, at most `ROUND_WAIT_TIMEOUT_S` in all. A round
+        whose process is gone is settled on the spot instead (`recovery`)."""
         deadline = time.monotonic() + self.settings.round_wait_timeout_s
         remote = []
         for round_id in round_ids:
@@ -299,8 +312,9 @@ class ChatService:
             except TimeoutError:
                 break
         while remote and time.monotonic() < deadline:
-            # Rounds running in another worker or replica: the database is the only signal.
-            remote = await self.db.run(store.still_pending, remote)
+            # Rounds running in another worker or replica (or left by a dead one): the database
+            # is the only signal.
+            remote, _settled = await self.lease.settle_dead(remote)
             if remote:
                 await asyncio.sleep(_POLL_S)
         if time.monotonic() >= deadline:

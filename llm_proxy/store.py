@@ -67,6 +67,9 @@ class Claim:
     # The task's version and edit count when the claim committed.
     version: int = 0
     edits: int = 0
+    # A new round's first messages (the user's turn), stored with the claim so that a crash keeps
+    # what the user said; the finish adds the rest.
+    head_stored: int = 0
     # An existing round taken up again: a retry of an interrupted round (answered again in place)
     # or the client's tool results continuing the round that called its tools. Its messages as
     # stored, and the status it goes back to if the new attempt fails.
@@ -106,17 +109,20 @@ def claim_round(
     task: TaskInfo,
     *,
     max_rounds: int,
+    owner: str | None = None,
+    head: Sequence[Msg] = (),
     known: HistoryCopy | None = None,
     take_over_pending: bool = False,
     continue_round: bool = False,
 ) -> Claim | None:
-    """Take the task's next sequence number for a new round, or find the round this request
-    retries (or, with `continue_round`, the task's last round, to add the client's tool results
-    to it); then read the history window, unless an earlier round is still pending. With the
-    caller's copy of the history (`known`) it reads nothing when the copy is current, and only
-    the rounds after it when rounds were only added since. None: nothing to continue."""
+    """Take the task's next sequence number for a new round (stored pending, owned by `owner`,
+    with its `head` messages), or find the round this request retries (or, with
+    `continue_round`, the task's last round, to add the client's tool results to it); then read
+    the history window, unless an earlier round is still pending. With the caller's copy of the
+    history (`known`) it reads nothing when the copy is current, and only the rounds after it
+    when rounds were only added since. None: nothing to continue."""
     if continue_round:
-        claim = _reopen_last(conn, task)
+        claim = _reopen_last(conn, task, owner)
         if claim is None:
             return None
         claim.pending_before, claim.history = _window(conn, task.task_id, claim.seq, max_rounds)
@@ -139,6 +145,7 @@ def claim_round(
         },
     ).one()
     round_id = uuid.uuid4().hex
+    rows = message_rows(round_id, head)
     inserted = conn.execute(
         statements.insert_round,
         {
@@ -147,29 +154,45 @@ def claim_round(
             "seq": seq,
             "request_id": task.request_id,
             "status": ROUND_PENDING,
+            "owner": owner,
             "interrupted": False,
-            "tokens": 0,
+            "tokens": sum(row["tokens"] for row in rows),
             "created_at": now,
         },
     )
     if inserted.first() is not None:
-        return _new_round(conn, Claim(task.task_id, round_id, seq, version, edits), known, max_rounds)
-    # The same request id was seen before: this is the orchestrator retrying.
-    claim = _claim_retry(conn, task, take_over_pending)
+        if rows:
+            conn.execute(_INSERT_MESSAGES, rows)
+        claim = Claim(task.task_id, round_id, seq, version, edits, head_stored=len(rows))
+        return _new_round(conn, claim, known, max_rounds)
+    # The same request id was seen before: this is the orchestrator retrying. It takes no new
+    # sequence number: the one just taken is given back (the task row stays locked until commit,
+    # so nobody took a later one).
+    conn.execute(_UNBUMP_SEQ, {"task_id": task.task_id})
+    claim = _claim_retry(conn, task, owner, take_over_pending)
     if claim.is_new_work:
         _read_window(conn, claim, max_rounds)
     return claim
 
 
-def claim_new_round(conn: Connection, task: TaskInfo, *, max_rounds: int, known: HistoryCopy | None = None) -> Claim | None:
+def claim_new_round(
+    conn: Connection,
+    task: TaskInfo,
+    *,
+    max_rounds: int,
+    owner: str | None = None,
+    head: Sequence[Msg] = (),
+    known: HistoryCopy | None = None,
+) -> Claim | None:
     """`claim_round` for the common case on PostgreSQL, run outside a transaction
-    (`Database.run_autocommit`): the next sequence number and the pending round in one statement,
-    one round trip where the transaction took four. The statement holds the task row's lock until
-    the round exists, so a later round of the task, claimed anywhere, finds this one pending;
-    reading the history after it needs no lock. None: the request id is taken (a retry), nothing
-    was claimed, and the caller claims with `claim_round`, whose transaction handles retries (the
-    sequence number this statement took stays unused: numbers order rounds, gaps are harmless)."""
+    (`Database.run_autocommit`): the next sequence number, the pending round and its head in one
+    statement, one round trip where the transaction took five. The statement holds the task row's
+    lock until the round exists, so a later round of the task, claimed anywhere, finds this one
+    pending; reading the history after it needs no lock. None: the request id is taken (a retry),
+    nothing was claimed (nor a sequence number taken), and the caller claims with `claim_round`,
+    whose transaction handles retries."""
     round_id = uuid.uuid4().hex
+    rows = message_rows(round_id, head)
     now = _now()
     seq, version, edits, inserted = conn.execute(
         _claim_new_statement(),
@@ -182,11 +205,15 @@ def claim_new_round(conn: Connection, task: TaskInfo, *, max_rounds: int, known:
             "now": now,
             "round_id": round_id,
             "request_id": task.request_id,
+            "owner": owner,
+            "tokens": sum(row["tokens"] for row in rows),
+            "head": [{k: v for k, v in row.items() if k != "round_id"} for row in rows],
         },
     ).one()
     if inserted is None:
         return None
-    return _new_round(conn, Claim(task.task_id, round_id, seq, version, edits), known, max_rounds)
+    claim = Claim(task.task_id, round_id, seq, version, edits, head_stored=len(rows))
+    return _new_round(conn, claim, known, max_rounds)
 
 
 def _new_round(conn: Connection, claim: Claim, known: HistoryCopy | None, max_rounds: int) -> Claim:
@@ -250,21 +277,29 @@ def _claim_new_statement() -> Any:
             updated_at=bindparam("now", type_=Task.updated_at.type),
         )
     )
-    task = upsert.on_conflict_do_update(index_elements=[Task.id], set_=_task_bump(upsert.excluded)).returning(
-        Task.last_seq, Task.version, Task.edits
-    ).cte("task")
+    # A retry (its request id already has a round) takes no sequence number. Two attempts racing
+    # with one request id can still both take one; the loser's stays unused (gaps are harmless).
+    retry = (
+        select(Round.id)
+        .where(Round.task_id == bindparam("task_id"), Round.request_id == bindparam("request_id"))
+        .exists()
+    )
+    task = upsert.on_conflict_do_update(
+        index_elements=[Task.id], set_=_task_bump(upsert.excluded), where=~retry
+    ).returning(Task.last_seq, Task.version, Task.edits).cte("task")
     new_round = (
         postgresql.insert(Round)
         .from_select(
-            ["id", "task_id", "seq", "request_id", "status", "interrupted", "tokens", "created_at"],
+            ["id", "task_id", "seq", "request_id", "status", "owner", "interrupted", "tokens", "created_at"],
             select(
                 bindparam("round_id", type_=Round.id.type),
                 bindparam("task_id", type_=Round.task_id.type),
                 task.c.last_seq,
                 bindparam("request_id", type_=Round.request_id.type),
                 literal(ROUND_PENDING, Round.status.type),
+                bindparam("owner", type_=Round.owner.type),
                 literal(False, Round.interrupted.type),
-                literal(0, Round.tokens.type),
+                bindparam("tokens", type_=Round.tokens.type),
                 bindparam("now", type_=Round.created_at.type),
             ),
         )
@@ -272,14 +307,26 @@ def _claim_new_statement() -> Any:
         .returning(Round.id)
         .cte("new_round")
     )
+    given = _given_messages("head")
+    head = (
+        insert(Message)
+        .from_select(
+            ["round_id", *_MESSAGE_COLUMNS],
+            select(new_round.c.id, *(given.c[name] for name in _MESSAGE_COLUMNS)).select_from(new_round.join(given, true())),
+        )
+        .cte("head")
+    )
     # Committed without waiting for the WAL flush (`SET LOCAL`, for this statement only): the
     # wait was the larger part of the claim. A PostgreSQL crash can then lose a claim only of a
     # round that is still streaming, which the crash ends anyway; a finished round's commit is
     # flushed, and with it every claim before it.
     no_flush = select(func.set_config("synchronous_commit", "off", True).label("setting")).cte("no_flush")
     return select(
-        task.c.last_seq, task.c.version, task.c.edits, select(new_round.c.id).scalar_subquery().label("inserted")
-    ).select_from(task.join(no_flush, true()))
+        select(task.c.last_seq).scalar_subquery().label("last_seq"),
+        select(task.c.version).scalar_subquery().label("version"),
+        select(task.c.edits).scalar_subquery().label("edits"),
+        select(new_round.c.id).scalar_subquery().label("inserted"),
+    ).select_from(no_flush).add_cte(head)
 
 
 def _task_bump(excluded: Any) -> dict[str, Any]:
@@ -295,7 +342,7 @@ def _task_bump(excluded: Any) -> dict[str, Any]:
     }
 
 
-def _claim_retry(conn: Connection, task: TaskInfo, take_over_pending: bool) -> Claim:
+def _claim_retry(conn: Connection, task: TaskInfo, owner: str | None, take_over_pending: bool) -> Claim:
     row = conn.execute(
         select(Round.id, Round.seq, Round.status, Round.usage, Task.version, Task.edits)
         .join(Task, Task.id == Round.task_id)
@@ -308,13 +355,13 @@ def _claim_retry(conn: Connection, task: TaskInfo, take_over_pending: bool) -> C
     elif row.status == ROUND_PENDING and not take_over_pending:
         claim.in_flight = True
     else:
-        claim.version, claim.edits = _reopen(conn, task.task_id, row.id)
+        claim.version, claim.edits = _reopen(conn, task.task_id, row.id, owner)
         claim.reopened_status = ROUND_INTERRUPTED
         claim.stored = _round_messages(conn, row.id)
     return claim
 
 
-def _reopen_last(conn: Connection, task: TaskInfo) -> Claim | None:
+def _reopen_last(conn: Connection, task: TaskInfo, owner: str | None) -> Claim | None:
     """The task's last round, reopened for the client's tool results, if it is a completed one."""
     bumped = conn.execute(_BUMP_EDITS, {"task_id": task.task_id}).first()
     if bumped is None:
@@ -324,17 +371,17 @@ def _reopen_last(conn: Connection, task: TaskInfo) -> Claim | None:
     ).first()
     if row is None or row.status != ROUND_COMPLETED:
         return None
-    conn.execute(update(Round).where(Round.id == row.id).values(status=ROUND_PENDING))
+    conn.execute(update(Round).where(Round.id == row.id).values(status=ROUND_PENDING, owner=owner))
     claim = Claim(task.task_id, row.id, row.seq, bumped.version, bumped.edits, reopened_status=ROUND_COMPLETED)
     claim.stored = _round_messages(conn, row.id)
     return claim
 
 
-def _reopen(conn: Connection, task_id: str, round_id: str) -> tuple[int, int]:
+def _reopen(conn: Connection, task_id: str, round_id: str, owner: str | None) -> tuple[int, int]:
     """Set a finished round back to pending, which changes what a later round's context waits
     for; returns the task's new version and edit count."""
     bumped = conn.execute(_BUMP_EDITS, {"task_id": task_id}).one()
-    conn.execute(update(Round).where(Round.id == round_id).values(status=ROUND_PENDING))
+    conn.execute(update(Round).where(Round.id == round_id).values(status=ROUND_PENDING, owner=owner))
     return bumped.version, bumped.edits
 
 
@@ -417,11 +464,6 @@ def _message(
     return message
 
 
-def still_pending(conn: Connection, round_ids: Sequence[str]) -> list[str]:
-    result = conn.execute(select(Round.id).where(Round.id.in_(list(round_ids)), Round.status == ROUND_PENDING))
-    return list(result.scalars())
-
-
 def finish_round(
     conn: Connection,
     claim: Claim,
@@ -431,24 +473,14 @@ def finish_round(
     model: str,
     finish_reason: str | None,
     usage: dict[str, int] | None,
-) -> tuple[int, StoredRound]:
-    """Store the round's messages (all of them: a reopened round's are replaced) and mark it
-    finished; returns the task's new version and the round as the history window holds it. On
-    PostgreSQL a new (not reopened) round is finished in one statement, so the caller may run it
-    outside a transaction (`Database.run_autocommit`): one round trip instead of five."""
-    rows = [
-        {
-            "round_id": claim.round_id,
-            "position": position,
-            "role": message["role"],
-            "content": message.get("content"),
-            "name": message.get("name"),
-            "tool_call_id": message.get("tool_call_id"),
-            "tool_calls": message.get("tool_calls"),
-            "tokens": message_tokens(message),
-        }
-        for position, message in enumerate(messages)
-    ]
+) -> tuple[int, StoredRound] | None:
+    """Store the round's messages (those after its stored head; a reopened round's are all
+    replaced) and mark it finished; returns the task's new version and the round as the history
+    window holds it. None: the round was no longer pending, because another process found this
+    one's lease run out and settled it (the settled round stays as it is). On PostgreSQL a new
+    (not reopened) round is finished in one statement, so the caller may run it outside a
+    transaction (`Database.run_autocommit`): one round trip instead of five."""
+    rows = message_rows(claim.round_id, messages)
     tokens = sum(row["tokens"] for row in rows)
     finish = {
         "round_id": claim.round_id,
@@ -460,17 +492,54 @@ def finish_round(
         "new_usage": usage,
         "new_finished_at": _now(),
     }
+    added = rows[claim.head_stored :]
     if conn.dialect.name == "postgresql" and claim.reopened_status is None:
-        params = {**finish, "finish_task_id": claim.task_id, "messages": rows}
-        version = conn.execute(_finish_new_statement(), params).scalar_one()
+        params = {**finish, "finish_task_id": claim.task_id, "messages": [_without_round(row) for row in added]}
+        version, finished = conn.execute(_finish_new_statement(), params).one()
     else:
         version = conn.execute(_BUMP_VERSION, {"task_id": claim.task_id}).scalar_one()
-        if claim.reopened_status is not None:
-            conn.execute(delete(Message).where(Message.round_id == claim.round_id))
-        conn.execute(_INSERT_MESSAGES, rows)
-        conn.execute(_FINISH, finish)
+        finished = conn.execute(_FINISH, finish).first()
+        if finished is not None:
+            if claim.reopened_status is not None:
+                conn.execute(delete(Message).where(Message.round_id == claim.round_id))
+            if added:
+                conn.execute(_INSERT_MESSAGES, added)
+    if finished is None:
+        return None
     stored = [_message(r["role"], r["content"], r["name"], r["tool_call_id"], r["tool_calls"]) for r in rows]
     return version, StoredRound(claim.seq, tokens, stored)
+
+
+def message_rows(round_id: str, messages: Sequence[Msg]) -> list[dict[str, Any]]:
+    """Messages as rows of the messages table, NUL characters taken out (PostgreSQL's text and
+    JSON cannot hold them; SQLite would, and both must store the same)."""
+    return [
+        {
+            "round_id": round_id,
+            "position": position,
+            "role": message["role"],
+            "content": _no_nul(message.get("content")),
+            "name": _no_nul(message.get("name")),
+            "tool_call_id": _no_nul(message.get("tool_call_id")),
+            "tool_calls": _no_nul(message.get("tool_calls")),
+            "tokens": message_tokens(message),
+        }
+        for position, message in enumerate(messages)
+    ]
+
+
+def _no_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_no_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_no_nul(key): _no_nul(item) for key, item in value.items()}
+    return value
+
+
+def _without_round(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if key != "round_id"}
 
 
 # Statements of every round, built once: building and cache-keying them per call cost about as
@@ -484,12 +553,15 @@ _BUMP_EDITS = (
     .values(version=Task.version + 1, edits=Task.edits + 1)
     .returning(Task.version, Task.edits)
 )
+_UNBUMP_SEQ = update(Task).where(Task.id == bindparam("task_id")).values(last_seq=Task.last_seq - 1)
 _INSERT_MESSAGES = insert(Message)
+_MESSAGE_COLUMNS = ["position", "role", "content", "name", "tool_call_id", "tool_calls", "tokens"]
 _FINISH = (
     update(Round)
-    .where(Round.id == bindparam("round_id"))
+    .where(Round.id == bindparam("round_id"), Round.status == ROUND_PENDING)
     .values(
         status=bindparam("new_status"),
+        owner=None,
         interrupted=bindparam("new_interrupted"),
         tokens=bindparam("new_tokens"),
         model=bindparam("new_model"),
@@ -497,14 +569,25 @@ _FINISH = (
         usage=bindparam("new_usage", type_=Round.usage.type),
         finished_at=bindparam("new_finished_at", type_=Round.finished_at.type),
     )
+    .returning(Round.id)
 )
+
+
+def _given_messages(name: str) -> Any:
+    """PostgreSQL: the message rows passed as one JSON array parameter, as a table."""
+    return (
+        func.json_to_recordset(bindparam(name, type_=JSON))
+        .table_valued(*(column(col, Message.__table__.c[col].type) for col in _MESSAGE_COLUMNS))
+        .render_derived(name=f"given_{name}", with_types=True)
+    )
 
 
 @cache
 def _finish_new_statement() -> Any:
     """PostgreSQL: `finish_round`'s three writes as one statement (data-modifying CTEs), the
-    messages passed as one JSON array. The version bump takes the task row's lock, as in the
-    transaction; the statement's commit waits for its WAL flush."""
+    messages passed as one JSON array and inserted only if the round was still pending. The
+    version bump takes the task row's lock, as in the transaction; the statement's commit waits
+    for its WAL flush."""
     # Own parameter names: in a statement with nested DML, SQLAlchemy turns every parameter
     # named like a column of an UPDATE into a SET of that column (`task_id` would move the round).
     version = (
@@ -514,21 +597,17 @@ def _finish_new_statement() -> Any:
         .returning(Task.version)
         .cte("version")
     )
-    columns = ["position", "role", "content", "name", "tool_call_id", "tool_calls", "tokens"]
-    given = (
-        func.json_to_recordset(bindparam("messages", type_=JSON))
-        .table_valued(*(column(name, Message.__table__.c[name].type) for name in columns))
-        .render_derived(name="given", with_types=True)
-    )
+    finished = _FINISH.cte("finished")
+    given = _given_messages("messages")
     messages = (
         insert(Message)
         .from_select(
-            ["round_id", *columns],
-            select(bindparam("round_id", type_=Message.round_id.type), *(given.c[name] for name in columns)),
+            ["round_id", *_MESSAGE_COLUMNS],
+            select(finished.c.id, *(given.c[name] for name in _MESSAGE_COLUMNS)).select_from(finished.join(given, true())),
         )
         .cte("messages")
     )
-    return select(version.c.version).add_cte(messages, _FINISH.cte("finished"))
+    return select(version.c.version, select(finished.c.id).scalar_subquery().label("finished")).add_cte(messages)
 
 
 def release_round(conn: Connection, claim: Claim) -> None:

@@ -91,6 +91,13 @@ class ServerProcess:
         if self._proc:
             self._log.close()
 
+    def kill(self) -> None:
+        """`kill -9`: no shutdown of any kind, as in a crash or an OOM kill."""
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait()
+        self._log.close()
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 

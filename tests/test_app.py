@@ -14,7 +14,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
 from app.db import Base
-from tests.support import API_KEY, Proxy, free_port, headers, marker, run_db
+from tests.support import API_KEY, Proxy, free_port, headers, marker, run_db, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -112,8 +112,13 @@ def test_every_request_logs_its_task_and_request_ids(proxy: Proxy, client: opena
     client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "x"}], extra_headers=headers(task_id, "req-logged")
     )
-    lines = [json.loads(line) for line in proxy.logs().splitlines() if task_id in line]
-    access = [line for line in lines if line["logger"] == "trtc.access"]
+
+    def access_lines() -> list[dict]:
+        lines = [json.loads(line) for line in proxy.logs().splitlines() if task_id in line]
+        return [line for line in lines if line["logger"] == "trtc.access"]
+
+    # Written once the response is sent, which the client may see first.
+    access = wait_until(access_lines, timeout=5, what="the access line")
     assert access and access[0]["request_id"] == "req-logged" and access[0]["status"] == 200
 
 
