@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = Field(default=30.0, gt=0)
 
     api_keys: str = ""
+    # Larger chat and TTS bodies get 413. A 50-round history of long turns in escaped CJK is
+    # under 1 MB.
+    max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
 
     history_max_rounds: int = Field(default=50, ge=0)
     history_max_tokens: int = Field(default=8000, ge=0)

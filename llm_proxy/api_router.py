@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.auth import is_authorized
-from app.errors import unauthorized
+from app.errors import ApiError, unauthorized
+from app.limits import BodyTooLarge, read_body
 from llm_proxy.disconnect import CancelOnDisconnect, ClientDisconnected
 from llm_proxy.event_stream import EventStream
 from llm_proxy.protocol import parse_request
@@ -28,9 +29,13 @@ def _authorize(request: Request) -> None:
 
 async def chat_completions(request: Request) -> Response:
     _authorize(request)
-    body = parse_request(await request.body())
-    task = task_info(request.headers)
     service = _service(request)
+    try:
+        raw = await read_body(request, service.settings.max_request_bytes)
+    except BodyTooLarge as exc:
+        raise ApiError(exc.status, str(exc), "invalid_request_error", "request_too_large") from exc
+    body = parse_request(raw)
+    task = task_info(request.headers)
     # Before a response starts nothing else would notice the client leaving, and the upstream
     # would go on generating for nobody.
     try:

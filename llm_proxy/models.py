@@ -9,7 +9,8 @@ its lease while it runs, so a round whose owner's lease ran out belongs to a dea
 settled by whichever process meets it first (`llm_proxy/recovery.py`).
 
 Identifiers the orchestrator sends (task, request, app, user, room) are at most `ID_MAX_CHARS`
-characters; longer ones are refused before anything is stored (`llm_proxy/limits.py`).
+characters; longer ones are refused before anything is stored (`serving.task_info`, and the
+`model` field in `protocol`).
 """
 
 from __future__ import annotations

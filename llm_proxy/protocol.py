@@ -12,9 +12,10 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import ApiError, bad_request
+from llm_proxy.models import ID_MAX_CHARS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -45,8 +46,40 @@ class ChatMessage(BaseModel):
             texts.append(str(part.get("text", "")))
         return "".join(texts)
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_in_openai_shape(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for call in value or []:
+            _ToolCall.model_validate(call)
+        return value
+
+    @model_validator(mode="after")
+    def _content_where_required(self) -> ChatMessage:
+        """As OpenAI's API has it: every message has `content`, except an assistant message that
+        makes tool calls; a tool result names the call it answers."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs `content` (a string, or text parts)")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs `tool_call_id`")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+class _Function(BaseModel):
+    name: str
+    arguments: str
+
+
+class _ToolCall(BaseModel):
+    """What a `tool_calls` entry must hold; entries are kept as they came (extra keys too)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: _Function
 
 
 class StreamOptions(BaseModel):
@@ -58,7 +91,7 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=ID_MAX_CHARS)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any, AsyncGenerator, Mapping
 
 import anyio
@@ -39,6 +39,7 @@ from llm_proxy.context import (
 )
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall
+from llm_proxy.models import ID_MAX_CHARS
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
 from llm_proxy.recovery import Lease
 from llm_proxy.store import Claim, HistoryCopy, TaskInfo
@@ -51,11 +52,12 @@ _POLL_S = 0.02
 
 
 def task_info(headers: Mapping[str, str]) -> TaskInfo | None:
-    """The TRTC headers of a request, or None for a stateless request (no `X-Task-Id`)."""
+    """The TRTC headers of a request, or None for a stateless request (no `X-Task-Id`). Each is
+    at most `ID_MAX_CHARS` long (400 otherwise), so every database stores what every other does."""
     task_id = headers.get("x-task-id")
     if not task_id:
         return None
-    return TaskInfo(
+    info = TaskInfo(
         task_id=task_id,
         request_id=request_id(headers),
         sdk_app_id=headers.get("x-sdk-app-id"),
@@ -63,6 +65,16 @@ def task_info(headers: Mapping[str, str]) -> TaskInfo | None:
         room_id=headers.get("x-room-id"),
         room_id_type=headers.get("x-room-id-type"),
     )
+    for header, value in zip(_ID_HEADERS, astuple(info)):
+        if value is not None and len(value) > ID_MAX_CHARS:
+            raise bad_request(
+                f"Header {header} is {len(value)} characters long; this server takes at most {ID_MAX_CHARS}.",
+                "header_too_long",
+            )
+    return info
+
+
+_ID_HEADERS = ("X-Task-Id", "X-Request-Id", "X-Sdk-App-Id", "X-User-Id", "X-Room-Id", "X-Room-Id-Type")
 
 
 @dataclass(frozen=True)

@@ -487,7 +487,7 @@ def finish_round(
         "new_status": ROUND_INTERRUPTED if interrupted else ROUND_COMPLETED,
         "new_interrupted": interrupted,
         "new_tokens": tokens,
-        "new_model": model,
+        "new_model": _no_nul(model),
         "new_finish_reason": finish_reason,
         "new_usage": usage,
         "new_finished_at": _now(),

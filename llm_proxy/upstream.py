@@ -15,6 +15,7 @@ client is aiohttp: per streamed request it costs 0.35 ms of CPU where httpx (the
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, AsyncIterator, cast
 
@@ -30,6 +31,7 @@ from llm_proxy.context import StoredHistory, StoredRound, as_langchain, history_
 # The model name ChatOpenAI is built with; every request names its own model.
 _PLACEHOLDER_MODEL = "upstream-default"
 _JSON = {"Content-Type": "application/json"}
+log = logging.getLogger("trtc.upstream")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,7 @@ class RawChatCompletions:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_error(exc) from exc
         if response.status != 200:
-            error = await _status_error(response)
+            error = await _status_error(response, tools=len(payload.get("tools") or []))
             response.release()
             raise error
         return _ChunkStream(response)
@@ -281,26 +283,42 @@ class Upstream:
         return [model["id"] for model in listing.get("data", [])]
 
 
-async def _status_error(response: aiohttp.ClientResponse) -> ApiError:
+async def _status_error(response: aiohttp.ClientResponse, *, tools: int = 0) -> ApiError:
+    """The upstream's refusal, with its own message (the client's request may be what is wrong)."""
     text = await response.text(errors="replace")
     try:
         error = json.loads(text).get("error") or {}
         message = error.get("message") if isinstance(error, dict) else str(error)
     except (ValueError, AttributeError):
         message = text[:200]
+    message = str(message or "").strip()[:500] or f"HTTP {response.status}"
+    log.warning("upstream answered HTTP %d: %s", response.status, message)
     if response.status == 429:
         return ApiError(429, f"Upstream rate limited the request: {message}", "rate_limit_error", "upstream_rate_limited")
-    return ApiError(
-        502, f"Upstream failed with HTTP {response.status}: {message}", "upstream_error", "upstream_failed"
-    )
+    if 400 <= response.status < 500 and tools and "tool" in message.lower():
+        # Many local model servers and reasoning models take no `tools`.
+        return ApiError(
+            502,
+            f"Upstream refused the request's {tools} tool(s): {message}. If this model or server takes no tools, "
+            "offer none (TOOLS_ENABLED= and BUILTIN_TOOLS=false, and no `tools` in the request).",
+            "upstream_error",
+            "upstream_rejected_tools",
+        )
+    if 400 <= response.status < 500:
+        return ApiError(502, f"Upstream refused the request: {message}", "upstream_error", "upstream_refused")
+    return ApiError(502, f"Upstream failed (HTTP {response.status}): {message}", "upstream_error", "upstream_failed")
 
 
 def upstream_error(exc: Exception) -> ApiError:
-    """Map an upstream failure to the status the client should see."""
+    """Map an upstream failure to the status the client should see: a short reason for it, the
+    details (addresses, exception types) for the log only."""
     if isinstance(exc, ApiError):
         return exc
+    log.warning("upstream call failed: %r", exc)
     if isinstance(exc, TimeoutError):
         return ApiError(504, "Upstream timed out.", "upstream_error", "upstream_timeout")
+    if isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(exc, aiohttp.ServerDisconnectedError):
+        return ApiError(502, "Upstream unreachable.", "upstream_error", "upstream_unreachable")
     if isinstance(exc, aiohttp.ClientError):
-        return ApiError(502, f"Upstream unreachable: {exc!r}", "upstream_error", "upstream_unreachable")
-    return ApiError(502, f"Upstream failed: {type(exc).__name__}: {exc}", "upstream_error", "upstream_failed")
+        return ApiError(502, "Upstream connection failed.", "upstream_error", "upstream_failed")
+    return ApiError(502, "Upstream failed (see the server log).", "upstream_error", "upstream_failed")

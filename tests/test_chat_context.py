@@ -133,7 +133,7 @@ def test_retry_of_an_interrupted_round_answers_it_again_in_place(
     [
         ("[[status:500]]", 502, openai.InternalServerError, "upstream_failed"),
         ("[[status:429]]", 429, openai.RateLimitError, "upstream_rate_limited"),
-        ("[[status:400]]", 502, openai.InternalServerError, "upstream_failed"),
+        ("[[status:400]]", 502, openai.InternalServerError, "upstream_refused"),
     ],
 )
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])

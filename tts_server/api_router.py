@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.auth import bearer_token, is_authorized
+from app.limits import BodyTooLarge, read_body
 from tts_server.protocol import TtsError, parse_request
 from tts_server.serving import TtsService
 
@@ -31,8 +32,12 @@ def _authorize(request: Request) -> str:
 async def tts_stream(request: Request) -> Response:
     try:
         key = _authorize(request)
-        body = parse_request(await request.body())
         service = _service(request)
+        try:
+            raw = await read_body(request, service.settings.max_request_bytes)
+        except BodyTooLarge as exc:
+            raise TtsError(exc.status, "REQUEST_TOO_LARGE", str(exc)) from exc
+        body = parse_request(raw)
         voice = service.choose_voice(body, request.query_params.get("voice"), key)
         log.info(
             "tts %d chars, %s %d Hz x%d, voice %s",

@@ -1,0 +1,161 @@
+"""Random input through hypothesis, on both databases: random JSON bodies, request-shaped bodies
+with random fields, random bytes, random headers (long, non-ASCII, control characters), sent
+over a raw socket so that nothing on the client side cleans them up. Never a 5xx, never a
+traceback in the log, never a round left pending."""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
+
+from llm_proxy.models import ROUND_PENDING, Round
+from tests.conftest import TTS_KEY
+from tests.support import API_KEY, Proxy, run_db
+
+CHAT = b"/v1/chat/completions"
+TTS = b"/api/v1/tts/stream"
+PREFIX = f"fuzz-{uuid.uuid4().hex[:8]}-"
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+# Header values as bytes: any character but the line breaks that would end the header.
+header_values = st.one_of(
+    st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=300).map(lambda t: t.encode()),
+    st.integers(min_value=200, max_value=12_000).map(lambda n: b"x" * n),
+    st.binary(max_size=64).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+)
+roles = st.sampled_from(["system", "developer", "user", "assistant", "tool", "wizard"])
+# Mostly plausible messages (so that bodies get past parsing), some wild ones.
+plain_messages = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "user", "assistant"]), "content": st.none() | st.text(max_size=60)}
+)
+wild_messages = st.fixed_dictionaries(
+    {"role": roles},
+    optional={
+        "content": st.none() | st.text(max_size=60) | st.lists(json_values, max_size=2),
+        "tool_calls": st.lists(json_values, max_size=2),
+        "tool_call_id": st.none() | st.text(max_size=20),
+        "name": st.text(max_size=20),
+    },
+)
+messages = plain_messages | plain_messages | wild_messages
+chat_bodies = st.fixed_dictionaries(
+    {
+        "messages": st.lists(messages, min_size=1, max_size=4),
+        "model": st.just("m") | st.just("m") | st.none() | st.text(max_size=300) | st.integers(),
+    },
+    optional={
+        "stream": st.booleans() | st.text(max_size=3),
+        "stream_options": json_values,
+        "n": json_values,
+        "tools": json_values,
+        "temperature": json_values,
+    },
+)
+tts_bodies = st.fixed_dictionaries(
+    {"Text": st.text(max_size=40) | json_values},
+    optional={
+        "Format": st.sampled_from(["pcm", "wav", "mp3", "PCM", "flac"]) | json_values,
+        "SampleRate": st.sampled_from([8000, 16000, 24000, 44100, 7999, 96000]) | json_values,
+        "Channel": st.sampled_from([1, 2, 3]) | json_values,
+        "Voice": st.text(max_size=20) | json_values,
+    },
+)
+
+
+def _send(port: int, path: bytes, body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """One request over a raw socket (no client library validating anything); the status."""
+    head = [b"POST " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close", b"Content-Length: %d" % len(body)]
+    head += [name + b": " + value for name, value in headers]
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    status_line = received.split(b"\r\n", 1)[0]
+    assert status_line.startswith(b"HTTP/1.1 "), received[:200]
+    return int(status_line.split(b" ")[1])
+
+
+def _chat(proxy: Proxy, body: bytes, task_suffix: bytes = b"", **extra: bytes) -> int:
+    headers = [
+        (b"Authorization", f"Bearer {API_KEY}".encode()),
+        (b"Content-Type", b"application/json"),
+        (b"X-Task-Id", PREFIX.encode() + task_suffix),
+        *((name.replace("_", "-").encode(), value) for name, value in extra.items()),
+    ]
+    return _send(proxy.port, CHAT, body, headers)
+
+
+def _assert_fine(status: int, server: Proxy) -> None:
+    assert status < 500, f"{status}: {server.logs()[-2000:]}"
+
+
+@FUZZ
+@given(body=json_values)
+def test_random_json_bodies(proxy: Proxy, body: Any) -> None:
+    _assert_fine(_chat(proxy, json.dumps(body).encode(), uuid.uuid4().hex.encode()), proxy)
+
+
+@FUZZ
+@given(body=chat_bodies, task=st.text(max_size=20).map(str.encode))
+def test_request_shaped_bodies(proxy: Proxy, body: dict[str, Any], task: bytes) -> None:
+    _assert_fine(_chat(proxy, json.dumps(body).encode(), task), proxy)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300))
+def test_random_bytes(proxy: Proxy, raw: bytes) -> None:
+    _assert_fine(_chat(proxy, raw, uuid.uuid4().hex.encode()), proxy)
+
+
+@FUZZ
+@given(
+    task=header_values, request=header_values, app=header_values, user=header_values,
+    room=header_values, room_type=header_values,
+)
+def test_random_headers(proxy: Proxy, task: bytes, request: bytes, app: bytes, user: bytes, room: bytes, room_type: bytes) -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
+    status = _chat(
+        proxy, body, task, X_Request_Id=request, X_Sdk_App_Id=app, X_User_Id=user, X_Room_Id=room, X_Room_Id_Type=room_type
+    )
+    _assert_fine(status, proxy)
+
+
+def _pending(conn: Connection) -> int:
+    return conn.execute(
+        select(func.count()).select_from(Round).where(Round.task_id.startswith(PREFIX), Round.status == ROUND_PENDING)
+    ).scalar_one()
+
+
+def test_zz_after_the_fuzzing_nothing_is_pending_and_nothing_crashed(proxy: Proxy) -> None:
+    # Runs after the tests above (same module, in file order) on the same server and database.
+    assert run_db(proxy.database_url, _pending) == 0
+    assert "Traceback" not in proxy.logs() and "unhandled error" not in proxy.logs()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    body=tts_bodies | json_values.map(lambda v: {"Text": "hi", "Extra": v}),
+    raw=st.none() | st.binary(max_size=100),
+    user=header_values,
+)
+def test_tts_random_input(tts: Proxy, body: Any, raw: bytes | None, user: bytes) -> None:
+    payload = raw if raw is not None else json.dumps(body).encode()
+    headers = [(b"Authorization", f"Bearer {TTS_KEY}".encode()), (b"Content-Type", b"application/json"), (b"X-User-Id", user)]
+    _assert_fine(_send(tts.port, TTS, payload, headers), tts)
+
+
+def test_zz_tts_fuzzing_left_no_traceback(tts: Proxy) -> None:
+    assert "Traceback" not in tts.logs()
