@@ -56,6 +56,13 @@ def test_language_of_a_piece() -> None:
     assert language("こんにちは") == "ja"
     assert language("안녕하세요") == "ko"
     assert language("Hello, 42!") is None
+    assert language("مرحبا") == "ar" and language("Привет") == "ru" and language("שלום") == "he"
+    assert language("Γειά σου") == "el" and language("สวัสดี") == "th" and language("नमस्ते") == "hi"
+
+
+def test_control_characters_are_not_read() -> None:
+    assert normalize("a\u0000b\u0007c\td") == "a b c d"
+    assert pieces("\u0000\u0001") == []
 
 
 def test_wav_header_is_streaming_pcm() -> None:

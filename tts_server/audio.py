@@ -57,3 +57,9 @@ class PcmEncoder:
         if self._resampler is None:
             return b""
         return self.encode(np.zeros(0, dtype=np.float32), last=True)
+
+
+def silence(sample_rate: int, channels: int, seconds: float) -> bytes:
+    """16-bit PCM silence: what a text with nothing speakable in it gets, so the orchestrator
+    always receives audio and its conversation goes on."""
+    return bytes(int(sample_rate * seconds) * channels * 2)

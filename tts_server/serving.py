@@ -17,13 +17,16 @@ from typing import AsyncIterator, Hashable
 from app.metrics import TTS_FIRST_AUDIO, TTS_PIECES, TTS_STREAMS
 from app.settings import Settings
 from tts_server import text as text_rules
-from tts_server.audio import PcmEncoder, wav_header
+from tts_server.audio import PcmEncoder, silence, wav_header
 from tts_server.cache import AudioCache
 from tts_server.pool import FIRST_PIECE, LATER_PIECE, Job, SynthesisPool
 from tts_server.protocol import TtsError, TtsRequest
 from tts_server.voices import Voice, VoiceRegistry
 
 log = logging.getLogger("trtc.tts")
+
+# What a text with nothing speakable in it gets.
+SILENCE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ class TtsService:
             if speaker is None:
                 raise TtsError(
                     400, "UNSUPPORTED_LANGUAGE",
-                    f"No installed voice speaks {family!r} (the text {piece[:30]!r}); add a piper voice for it to VOICES_DIR.",
+                    f"No installed voice speaks {family!r} (the text {piece[:30]!r}); add a piper voice for it "
+                    "to VOICES_DIR, or turn on TTS_ESPEAK_FALLBACK.",
                 )
             planned.append(Piece(piece, speaker))
         return planned
@@ -111,8 +115,9 @@ class TtsService:
             TTS_FIRST_AUDIO.observe(time.perf_counter() - started)
             return Speech(voices, _once(header + cached))
         if not pieces:
+            # Only emoji, a URL, markup: a moment of silence, never a 200 without audio.
             TTS_STREAMS.labels("empty").inc()
-            return Speech(voices, _once(header))
+            return Speech(voices, _once(header + silence(request.sample_rate, request.channel, SILENCE_S)))
         renderer = _Renderer(request)
         first = await self._first_piece(renderer, pieces)
         TTS_FIRST_AUDIO.observe(time.perf_counter() - started)

@@ -30,13 +30,33 @@ _EMOJI = re.compile(
     "]+"
 )
 _SPACES = re.compile(r"[ \t\r\f\v]+")
+# Control characters (NUL and the like) that no engine should be handed; tabs and newlines stay.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 # Sentence ends (Western and CJK), then clause marks a long first sentence may be cut at.
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？；;])[\"'”’)）」』]*\s*|\n+")
 _CLAUSE_END = re.compile(r"(?<=[,:，、：—–])\s*")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _KANA = re.compile(r"[\u3040-\u30ff]")
-_HANGUL = re.compile(r"[\uac00-\ud7af]")
+_HANGUL = re.compile(r"[\uac00-\ud7af\u1100-\u11ff\u3130-\u318f]")
+# Scripts whose text a Latin-script voice cannot read, and the language a voice for it needs
+# (the most spoken one that writes it), checked in this order: kana before the Han characters
+# Japanese shares with Chinese.
+_SCRIPTS = [
+    (_KANA, "ja"),
+    (_HANGUL, "ko"),
+    (_CJK, "zh"),
+    (re.compile(r"[\u0600-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufeff]"), "ar"),
+    (re.compile(r"[\u0400-\u04ff]"), "ru"),
+    (re.compile(r"[\u0590-\u05ff]"), "he"),
+    (re.compile(r"[\u0370-\u03ff\u1f00-\u1fff]"), "el"),
+    (re.compile(r"[\u0e00-\u0e7f]"), "th"),
+    (re.compile(r"[\u0900-\u097f]"), "hi"),
+    (re.compile(r"[\u0980-\u09ff]"), "bn"),
+    (re.compile(r"[\u0b80-\u0bff]"), "ta"),
+    (re.compile(r"[\u10a0-\u10ff]"), "ka"),
+    (re.compile(r"[\u0530-\u058f]"), "hy"),
+]
 _WORD = re.compile(r"[^\W_]", re.UNICODE)
 
 # The first piece is kept short so the first audio comes quickly: about this many words
@@ -46,7 +66,8 @@ FIRST_PIECE_CJK_CHARS = 10
 
 
 def normalize(text: str) -> str:
-    """What should be read aloud: no markdown syntax, emoji, URLs or HTML tags."""
+    """What should be read aloud: no markdown syntax, emoji, URLs, HTML tags or control characters."""
+    text = _CONTROL.sub(" ", text)
     text = _FENCE.sub("", text)
     text = _IMAGE.sub(r"\1", text)
     text = _LINK.sub(r"\1", text)
@@ -100,12 +121,9 @@ def _length(text: str, cjk: bool) -> int:
 
 
 def language(text: str) -> str | None:
-    """The language a piece needs when it is not the voice's own: 'zh', 'ja', 'ko', or None
-    for text any voice can read (Latin script, digits)."""
-    if _KANA.search(text):
-        return "ja"
-    if _HANGUL.search(text):
-        return "ko"
-    if _CJK.search(text):
-        return "zh"
+    """The language a piece needs when it is not the voice's own ('zh', 'ja', 'ar', 'ru', ...:
+    see `_SCRIPTS`), or None for text any voice can read (Latin script, digits)."""
+    for script, family in _SCRIPTS:
+        if script.search(text):
+            return family
     return None

