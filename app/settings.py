@@ -41,7 +41,9 @@ class Settings(BaseSettings):
 
     # Server-side tools: the built-ins, Python modules, an HTTP tools file; TOOLS_ENABLED (comma
     # list, empty for none) narrows them. Tools run concurrently, each with a timeout.
-    builtin_tools: bool = True
+    # Off by default: many OpenAI-compatible servers refuse requests with `tools`, and the
+    # sample FAQ must not answer a deployment's users.
+    builtin_tools: bool = False
     faq_file: Path | None = None
     tools_modules: str = ""
     tools_file: Path | None = None

@@ -8,6 +8,7 @@ by directives in the last user message, so a test scripts the upstream through t
 - `[[first_delay:S]]`, `[[delay:S]]`: seconds before the first chunk, between chunks
 - `[[status:N]]`: fail with HTTP status N (429, 500, ...) in OpenAI's error shape
 - `[[fail_after:N]]`: send N chunks, then an error event mid-stream
+- `[[no_tools:1]]`: refuse a request that carries `tools` with a 400, as many local servers do
 - `[[tool:NAME:ARGS]]` (repeatable): call these tools (ARGS as JSON; streamed in fragments the
   way real models do), with `[[say:TEXT]]` streamed first; once results follow the user message
   it answers "Results: ..." with them, unless `[[tool_loop:1]]` makes it call again (and again);
@@ -100,6 +101,9 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
             requests.append({"headers": dict(request.headers), "body": body, "ts": time.time()})
         if "status" in directives:
             return _error(int(directives["status"]), f"fake upstream failure {directives['status']}")
+        if "no_tools" in directives and body.get("tools"):
+            # What several local model servers answer a request with `tools`.
+            return _error(400, f"model {body.get('model')!r} does not support tools")
         calls = _tool_calls(body, directives)
         words = _reply_words(directives, said, body, calls)
         model = body.get("model", "fake")

@@ -43,6 +43,7 @@ def tool_proxy(migrated_url: str, upstream: Upstream, tmp_path_factory: pytest.T
         "DATABASE_URL": migrated_url,
         "UPSTREAM_BASE_URL": upstream.base_url,
         "PYTHONPATH": str(ROOT),
+        "BUILTIN_TOOLS": "true",
         "TOOLS_MODULES": "tests.tool_fixtures",
         "TOOLS_FILE": str(tools_file),
         "ORDER_TOKEN": "order-secret",
@@ -291,16 +292,19 @@ def test_retries_do_not_run_tools_again(tool_proxy: Proxy, tc: openai.OpenAI, up
 
 def test_clashing_tool_names_stop_the_server_at_start(start_proxy) -> None:
     with pytest.raises(AssertionError) as failed:
-        start_proxy({"PYTHONPATH": str(ROOT), "TOOLS_MODULES": "tests.tool_fixtures_clash"}, args=("--only", "llm"))
+        start_proxy(
+            {"PYTHONPATH": str(ROOT), "BUILTIN_TOOLS": "true", "TOOLS_MODULES": "tests.tool_fixtures_clash"},
+            args=("--only", "llm"),
+        )
     assert "Two tools are named 'current_time'" in str(failed.value)
 
 
 def test_tools_enabled_narrows_the_tools_sent(start_proxy, upstream: Upstream, task_id: str) -> None:
-    server = start_proxy({"TOOLS_ENABLED": "current_time"}, args=("--only", "llm"))
+    server = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": "current_time"}, args=("--only", "llm"))
     tag = marker()
     server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": tag}], extra_headers=headers(task_id))
     assert [t["function"]["name"] for t in upstream.requests(tag)[0]["tools"]] == ["current_time"]
-    none = start_proxy({"TOOLS_ENABLED": ""}, args=("--only", "llm"))
+    none = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": ""}, args=("--only", "llm"))
     tag = marker()
     none.client().chat.completions.create(model="m", messages=[{"role": "user", "content": tag}], extra_headers=headers(task_id))
     assert "tools" not in upstream.requests(tag)[0]
@@ -322,3 +326,22 @@ def test_installed_packages_add_tools_through_the_entry_point_group(start_proxy,
         model="m", messages=[{"role": "user", "content": '[[tool:shop_hours:{"day": "Monday"}]]'}], extra_headers=headers(task_id)
     )
     assert server.rounds(task_id)[0]["messages"][2]["content"] == "Monday: 9 to 5"
+
+
+def test_no_tools_are_offered_by_default(proxy: Proxy, upstream: Upstream, task_id: str) -> None:
+    tag = marker()
+    proxy.client().chat.completions.create(model="m", messages=[{"role": "user", "content": tag}], extra_headers=headers(task_id))
+    assert "tools" not in upstream.requests(tag)[0]
+
+
+def test_an_upstream_that_takes_no_tools_is_named_as_the_cause(start_proxy, task_id: str) -> None:
+    server = start_proxy({"BUILTIN_TOOLS": "true"}, args=("--only", "llm"))
+    with pytest.raises(openai.InternalServerError) as caught:
+        server.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "[[no_tools:1]] hi"}], extra_headers=headers(task_id)
+        )
+    error = caught.value.body
+    assert error["code"] == "upstream_rejected_tools"
+    assert "does not support tools" in error["message"] and "BUILTIN_TOOLS=false" in error["message"]
+    assert "does not support tools" in server.logs()
+    assert server.rounds(task_id) == []
