@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 import uvicorn
-from sqlalchemy.engine import make_url
 
 from app.auth import resolve_api_keys
+from app.db import database_url
 from app.settings import get_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="TRTC AI-conversation backend.")
@@ -78,7 +78,7 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
 
     url = get_settings().resolved_database_url
     upgrade(url, revision)
-    typer.echo(f"database at revision {revision}: {make_url(url).render_as_string(hide_password=True)}")
+    typer.echo(f"database at revision {revision}: {database_url(url).render_as_string(hide_password=True)}")
 
 
 @db_cli.command("revision")

@@ -13,7 +13,8 @@ ordinary synchronous SQLAlchemy Core, and each dialect runs it the cheapest way:
   two worker processes sharing one file hit all the time). The URL may name `sqlite+aiosqlite`
   or plain `sqlite`; both mean this.
 - PostgreSQL: asyncpg, with the function run through SQLAlchemy's greenlet bridge (`run_sync`),
-  on the event loop. A URL without a driver (`postgresql://`) means asyncpg.
+  on the event loop. A URL without a driver (`postgresql://`, `postgres://`) means asyncpg. A
+  transaction that meets a connection the server dropped is run again on a new one.
 
 PostgreSQL connections go back to the pool without the pool's extra rollback: every transaction
 here ends itself (commit, or rollback on error). SQLite gets WAL and `BEGIN IMMEDIATE`, so a transaction
@@ -36,7 +37,7 @@ from typing import Any, Callable, Concatenate, ParamSpec, TypeVar
 import sqlalchemy
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Connection, Engine, URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -58,13 +59,26 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+def database_url(url: str) -> URL:
+    """The URL as this code connects to it: every PostgreSQL spelling (`postgresql://`,
+    `postgres://`, a psycopg driver) means asyncpg, the only PostgreSQL driver installed; every
+    SQLite one means the standard `sqlite3` driver."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend in ("postgres", "postgresql"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite")
+    return parsed
+
+
 def is_sqlite(url: str) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
+    return database_url(url).get_backend_name() == "sqlite"
 
 
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20) -> None:
-        parsed = make_url(url)
+        parsed = database_url(url)
         self.dialect = parsed.get_backend_name()
         self._sqlite: _Sqlite | None = None
         self._async: AsyncEngine | None = None
@@ -72,8 +86,6 @@ class Database:
         if self.dialect == "sqlite":
             self._sqlite = _Sqlite(_sqlite_engine(parsed))
         else:
-            if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg2":
-                parsed = parsed.set(drivername="postgresql+asyncpg")
             self._async = create_async_engine(
                 parsed, pool_size=pool_size, max_overflow=max_overflow, pool_reset_on_return=None
             )
@@ -102,19 +114,43 @@ class Database:
 
     async def _run_async(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         assert self._async is not None
-        async with self._async.begin() as conn:
-            return await conn.run_sync(fn, *args, **kwargs)
+        for attempt in range(_ATTEMPTS):
+            try:
+                async with self._async.begin() as conn:
+                    return await conn.run_sync(fn, *args, **kwargs)
+            except DBAPIError as exc:
+                _retry_if_lost(exc, attempt)
+        raise AssertionError("unreachable")
 
     async def _run_autocommit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         assert self._autocommit is not None
-        async with self._autocommit.connect() as conn:
-            return await conn.run_sync(fn, *args, **kwargs)
+        for attempt in range(_ATTEMPTS):
+            try:
+                async with self._autocommit.connect() as conn:
+                    return await conn.run_sync(fn, *args, **kwargs)
+            except DBAPIError as exc:
+                _retry_if_lost(exc, attempt)
+        raise AssertionError("unreachable")
 
     async def dispose(self) -> None:
         if self._sqlite is not None:
             await self._sqlite.dispose()
         if self._async is not None:
             await self._async.dispose()
+
+
+# A pooled connection found dead (the server restarted, a failover, `pg_terminate_backend`) is
+# retried on a new one. SQLAlchemy then also retires every connection pooled before it, so one
+# failure clears the whole pool; this costs nothing on the hot path, where a pre-ping would cost a
+# round trip per transaction.
+_ATTEMPTS = 3
+
+
+def _retry_if_lost(exc: DBAPIError, attempt: int) -> None:
+    """Return (to retry) if `exc` says the connection was lost and attempts remain; else raise."""
+    if not exc.connection_invalidated or attempt == _ATTEMPTS - 1:
+        raise exc
+    log.warning("database connection lost (%s); retrying on a new connection", exc.orig)
 
 
 class _Busy(Exception):

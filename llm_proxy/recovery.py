@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from sqlalchemy import and_, bindparam, delete, func, insert, literal, literal_column, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -115,6 +115,7 @@ def drop_lease(conn: Connection, instance_id: str) -> None:
 @dataclass(frozen=True)
 class PendingRound:
     id: str
+    task_id: str
     owner: str | None
     # The owner's process identity; whether its lease has run out (or its row is gone).
     process: str | None
@@ -125,7 +126,7 @@ def pending_rounds(conn: Connection, round_ids: Sequence[str] | None = None) -> 
     """The given rounds (or all rounds) still pending, with what is known of their owners."""
     expired = or_(Instance.id.is_(None), Instance.lease_expires < _db_now(conn.dialect.name))
     query = (
-        select(Round.id, Round.owner, Instance.process, expired)
+        select(Round.id, Round.task_id, Round.owner, Instance.process, expired)
         .outerjoin(Instance, Instance.id == Round.owner)
         # Spelled out, not a parameter: only then can both databases use the partial index.
         .where(Round.status == literal_column(f"'{ROUND_PENDING}'"))
@@ -194,13 +195,25 @@ class Lease:
         self._db = db
         self._lease_s = lease_s
         self._task: asyncio.Task[None] | None = None
+        # Writes of this process's rounds that failed (the database was unreachable), by round:
+        # retried with every renewal, in order, until they go through. While they wait, the
+        # rounds stay pending under this live lease, and later rounds of their tasks go on
+        # without them.
+        self._unfinished: dict[str, Callable[[], Awaitable[object]]] = {}
+        # Whether this process still works on one of its own pending rounds (set by the chat
+        # service); one it does not work on is an orphan: its claim committed, but the answer
+        # never came back (the connection died), so nobody will finish it.
+        self.works_on: Callable[[PendingRound], bool] = lambda _pending: True
 
     def is_dead(self, pending: PendingRound) -> bool:
-        """A round's owner is gone: not this process, and its lease ran out or its process is
-        no longer running on this machine. A round without owner (claimed by a version before
-        leases) is never judged dead; it is only waited for up to `ROUND_WAIT_TIMEOUT_S`."""
-        if pending.owner is None or pending.owner == self.id:
+        """Nobody will finish this round: its owner's lease ran out, or its process no longer
+        runs on this machine, or it is this process's orphan. A round without owner (claimed by
+        a version before leases) is never judged dead; it is only waited for up to
+        `ROUND_WAIT_TIMEOUT_S`."""
+        if pending.owner is None:
             return False
+        if pending.owner == self.id:
+            return pending.id not in self._unfinished and not self.works_on(pending)
         return bool(pending.expired) or local_process_gone(pending.process, self.process)
 
     async def start(self) -> None:
@@ -214,6 +227,16 @@ class Lease:
             log.error("could not take this process's lease: %s", exc)
         self._task = asyncio.create_task(self._renew_forever(), name="lease")
 
+    def retry_later(self, round_id: str, write: Callable[[], Awaitable[object]]) -> None:
+        self._unfinished[round_id] = write
+
+    async def _retry_unfinished(self) -> None:
+        while self._unfinished:
+            round_id, write = next(iter(self._unfinished.items()))
+            await write()
+            del self._unfinished[round_id]
+            log.info("a round's delayed write went through; %d left", len(self._unfinished))
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -222,9 +245,10 @@ class Lease:
             except asyncio.CancelledError:
                 pass
         try:
+            await self._retry_unfinished()
             await self._db.run(drop_lease, self.id)
         except Exception as exc:  # the database may be gone at shutdown; the lease then runs out
-            log.warning("could not drop this process's lease: %s", exc)
+            log.warning("could not drop this process's lease (%d round writes lost): %s", len(self._unfinished), exc)
 
     async def settle_dead(self, round_ids: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
         """Settle the given pending rounds (or all) whose owner is dead; returns the ones still
@@ -248,6 +272,7 @@ class Lease:
             beats += 1
             try:
                 await self._db.run(renew_lease, self.id, self.process, self._lease_s)
+                await self._retry_unfinished()
                 if beats % _SWEEP_EVERY == 0:
                     await self.sweep()
             except asyncio.CancelledError:

@@ -13,10 +13,12 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import astuple, dataclass, field
 from typing import Any, AsyncGenerator, Mapping
 
 import anyio
+from sqlalchemy.exc import SQLAlchemyError
 from langchain_core.messages import BaseMessage
 from sse_starlette import ServerSentEvent
 
@@ -41,7 +43,7 @@ from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall
 from llm_proxy.models import ID_MAX_CHARS
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
-from llm_proxy.recovery import Lease
+from llm_proxy.recovery import Lease, PendingRound
 from llm_proxy.store import Claim, HistoryCopy, TaskInfo
 from llm_proxy.tools.registry import ToolRegistry
 from llm_proxy.upstream import Delta, Upstream
@@ -49,6 +51,8 @@ from llm_proxy.upstream import Delta, Upstream
 log = logging.getLogger("trtc.llm")
 
 _POLL_S = 0.02
+# What a write fails with when the database is down or the connection is gone.
+_DATABASE_DOWN = (SQLAlchemyError, OSError)
 
 
 def task_info(headers: Mapping[str, str]) -> TaskInfo | None:
@@ -104,6 +108,9 @@ class ChatService:
         # Rounds of this process still streaming; a later round of the same task awaits these
         # instead of polling the database.
         self._running: dict[str, asyncio.Event] = {}
+        # Tasks with a claim under way in this process, and how many.
+        self._claiming: Counter[str] = Counter()
+        lease.works_on = self._works_on
 
     async def open(self, request: ChatCompletionRequest, task: TaskInfo | None) -> LiveRound | Replay:
         started = time.perf_counter()
@@ -191,11 +198,26 @@ class ChatService:
             # orchestrator gave up on it): wait for it, then replay or redo its round.
             await self._wait_for([claim.round_id])
             claim = await self._claim_once(task, turn, model, take_over_pending=True)
-        if claim.is_new_work:
-            self._running[claim.round_id] = asyncio.Event()
         return claim
 
     async def _claim_once(self, task: TaskInfo, turn: Turn, model: str, *, take_over_pending: bool) -> Claim:
+        """One claim, counted in `_claiming` until its round is in `_running`: a pending round of
+        this process that is in neither (nor waiting for a delayed write) is an orphan."""
+        self._claiming[task.task_id] += 1
+        try:
+            claim = await self._claim_in_db(task, turn, model, take_over_pending=take_over_pending)
+            if claim.is_new_work:
+                self._running[claim.round_id] = asyncio.Event()
+            return claim
+        finally:
+            self._claiming[task.task_id] -= 1
+            if not self._claiming[task.task_id]:
+                del self._claiming[task.task_id]
+
+    def _works_on(self, pending: PendingRound) -> bool:
+        return pending.id in self._running or pending.task_id in self._claiming
+
+    async def _claim_in_db(self, task: TaskInfo, turn: Turn, model: str, *, take_over_pending: bool) -> Claim:
         max_rounds = self.settings.history_max_rounds
         known = self.history.known(task.task_id)
         owner = self.lease.id
@@ -268,11 +290,14 @@ class ChatService:
         finish_reason: str | None,
         usage: dict[str, int] | None,
     ) -> None:
-        """Store a claimed round with its messages, and let rounds waiting for it go on."""
+        """Store a claimed round with its messages, and let rounds waiting for it go on. If the
+        database cannot be reached, the write is retried in the background (`Lease.retry_later`):
+        the client has its answer either way."""
         # A new round's finish is one statement on PostgreSQL (see `finish_round`).
         run = self.db.run if claim.reopened_status is not None else self.db.run_autocommit
-        try:
-            finished = await run(
+
+        def finish() -> asyncio.Future[tuple[int, StoredRound] | None]:
+            return run(
                 store.finish_round,
                 claim,
                 messages,
@@ -281,6 +306,15 @@ class ChatService:
                 finish_reason=finish_reason,
                 usage=usage,
             )
+
+        try:
+            try:
+                finished = await finish()
+            except _DATABASE_DOWN as exc:
+                log.error("could not store round %s (%s); retrying in the background", claim.round_id, exc)
+                self.history.drop(claim.task_id)
+                self.lease.retry_later(claim.round_id, finish)
+                return
             if finished is None:
                 log.warning("round %s was settled by another process (this one's lease ran out); its reply is not stored",
                             claim.round_id)
@@ -342,6 +376,9 @@ class ChatService:
         with anyio.CancelScope(shield=True):
             try:
                 await self.db.run(store.release_round, claim)
+            except _DATABASE_DOWN as exc:
+                log.error("could not release round %s (%s); retrying in the background", claim.round_id, exc)
+                self.lease.retry_later(claim.round_id, lambda: self.db.run(store.release_round, claim))
             finally:
                 self.round_done(claim.round_id)
 

@@ -199,3 +199,22 @@ def test_a_process_that_is_gone_is_told_apart_from_one_that_runs() -> None:
     boot, namespace, pid, started = theirs.split(":")
     assert not recovery.local_process_gone(f"another-boot:{namespace}:{pid}:{started}", mine)
     assert not recovery.local_process_gone(None, mine)
+
+
+def test_an_orphan_of_this_process_is_settled_and_a_round_it_works_on_is_not(migrated_url: str) -> None:
+    # An orphan: its claim committed but the answer was lost with the connection, so nobody
+    # in this (live) process will finish it.
+    task_id = f"orphan-{uuid.uuid4().hex[:8]}"
+
+    async def work(db: Database) -> tuple[Any, ...]:
+        me = recovery.Lease(db, 60)
+        orphan = await _claim(db, me.id, task_id, "lost")
+        working = await _claim(db, me.id, task_id, "streaming")
+        delayed = await _claim(db, me.id, task_id, "its finish waits for the database")
+        me.works_on = lambda pending: pending.id == working.round_id
+        me.retry_later(delayed.round_id, lambda: db.run(store.release_round, delayed))
+        still, settled = await me.settle_dead([orphan.round_id, working.round_id, delayed.round_id])
+        return orphan, working, delayed, still, settled
+
+    orphan, working, delayed, still, settled = _on_db(migrated_url, work)
+    assert (sorted(still), settled) == (sorted([working.round_id, delayed.round_id]), [orphan.round_id])
