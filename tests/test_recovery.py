@@ -72,8 +72,8 @@ def test_kill_9_mid_stream_then_restart_answers_the_next_round_at_once(
     server.start()
     after = f"{tag} after the crash"
     assert _time_to_first_token(server, task_id, after) < 0.5
+    # Settled by the restarted process, or by any other on the database (they all sweep).
     _assert_crashed_round_kept(server, upstream, task_id, crashed, after)
-    assert "settled 1 round(s) left pending by a process that is gone" in server.logs()
 
 
 def test_a_replica_settles_the_round_of_a_replica_that_is_down(

@@ -1,0 +1,29 @@
+"""Benchmarks are code: each one's `--quick` run must still work (and the soak's audit pass)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("script", "args", "expect"),
+    [
+        ("llm_bench.py", ["--db", "sqlite", "--workers", "1"], "| sqlite | 1 | 50 |"),
+        ("tts_bench.py", [], "5-sentence paragraph"),
+        ("soak.py", [], "| audit violations | 0 |"),
+    ],
+    ids=["llm", "tts", "soak"],
+)
+def test_quick_benchmark_runs(script: str, args: list[str], expect: str) -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--no-write", *args],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert expect in run.stdout, run.stdout[-3000:]
