@@ -31,6 +31,7 @@ import logging
 import sqlite3
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Callable, Concatenate, ParamSpec, TypeVar
 
@@ -38,7 +39,7 @@ import sqlalchemy
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Connection, Engine, URL, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
 NAMING_CONVENTION = {
@@ -114,23 +115,11 @@ class Database:
 
     async def _run_async(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         assert self._async is not None
-        for attempt in range(_ATTEMPTS):
-            try:
-                async with self._async.begin() as conn:
-                    return await conn.run_sync(fn, *args, **kwargs)
-            except DBAPIError as exc:
-                _retry_if_lost(exc, attempt)
-        raise AssertionError("unreachable")
+        return await _run_retrying(self._async.begin, fn, args, kwargs)
 
     async def _run_autocommit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         assert self._autocommit is not None
-        for attempt in range(_ATTEMPTS):
-            try:
-                async with self._autocommit.connect() as conn:
-                    return await conn.run_sync(fn, *args, **kwargs)
-            except DBAPIError as exc:
-                _retry_if_lost(exc, attempt)
-        raise AssertionError("unreachable")
+        return await _run_retrying(self._autocommit.connect, fn, args, kwargs)
 
     async def dispose(self) -> None:
         if self._sqlite is not None:
@@ -146,11 +135,21 @@ class Database:
 _ATTEMPTS = 3
 
 
-def _retry_if_lost(exc: DBAPIError, attempt: int) -> None:
-    """Return (to retry) if `exc` says the connection was lost and attempts remain; else raise."""
-    if not exc.connection_invalidated or attempt == _ATTEMPTS - 1:
-        raise exc
-    log.warning("database connection lost (%s); retrying on a new connection", exc.orig)
+async def _run_retrying(
+    connect: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> T:
+    for attempt in range(_ATTEMPTS):
+        try:
+            async with connect() as conn:
+                return await conn.run_sync(fn, *args, **kwargs)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated or attempt == _ATTEMPTS - 1:
+                raise
+            log.warning("database connection lost (%s); retrying on a new connection", exc.orig)
+    raise AssertionError("unreachable")
 
 
 class _Busy(Exception):

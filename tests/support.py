@@ -171,6 +171,19 @@ def run_db(url: str, fn: Callable[..., Any], *args: Any) -> Any:
     return asyncio.run(run())
 
 
+def on_db(url: str, work: Callable[[Database], Any]) -> Any:
+    """`await work(db)` with a `Database` on `url`, from synchronous code."""
+
+    async def main() -> Any:
+        db = Database(url)
+        try:
+            return await work(db)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(main())
+
+
 def headers(task_id: str | None, request_id: str | None = None, **extra: str) -> dict[str, str]:
     """The orchestrator's headers for one request; a fresh request id unless one is given."""
     out = dict(extra)

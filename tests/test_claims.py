@@ -3,10 +3,9 @@ autocommitted statement (`claim_new_round`) and leaves retries to `claim_round`'
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -15,18 +14,8 @@ from sqlalchemy.engine import Connection
 from app.db import Database
 from llm_proxy import store
 from llm_proxy.models import ROUND_PENDING, Round, Task
+from tests.support import on_db
 
-
-
-def _on_db(url: str, work: Callable[[Database], Any]) -> Any:
-    async def main() -> Any:
-        db = Database(url)
-        try:
-            return await work(db)
-        finally:
-            await db.dispose()
-
-    return asyncio.run(main())
 
 
 def _add_task_then_fail(conn: Connection, task_id: str) -> None:
@@ -47,7 +36,7 @@ def test_autocommit_keeps_each_statement_on_postgres_and_is_one_transaction_on_s
             await db.run_autocommit(_add_task_then_fail, task_id)
         return await db.run(_task_ids, task_id)
 
-    kept = _on_db(migrated_url, work)
+    kept = on_db(migrated_url, work)
     assert kept == ([task_id] if migrated_url.startswith("postgresql") else [])
 
 
@@ -75,7 +64,7 @@ def test_one_statement_claims_a_new_round_and_leaves_a_retry_to_the_transaction(
         user = await db.run(lambda conn: conn.execute(select(Task.user_id).where(Task.id == task.task_id)).scalar())
         return first, second, retried, retry, rows, user
 
-    first, second, retried, retry, rows, user = _on_db(migrated_url, work)
+    first, second, retried, retry, rows, user = on_db(migrated_url, work)
     assert (first.seq, first.history, first.pending_before) == (1, [], [])
     # The second round finds the first still pending: it waits for it before reading history.
     assert second.seq == 2 and second.pending_before == [first.round_id] and second.history is None
@@ -96,7 +85,7 @@ def test_the_one_statement_claim_leaves_the_connection_flushing_commits(migrated
         assert store.claim_new_round(conn, task, max_rounds=50) is not None
         return conn.exec_driver_sql("SHOW synchronous_commit").scalar()
 
-    assert _on_db(migrated_url, lambda db: db.run_autocommit(claim_then_show)) == "on"
+    assert on_db(migrated_url, lambda db: db.run_autocommit(claim_then_show)) == "on"
 
 
 @only_postgres
@@ -121,7 +110,7 @@ def test_a_new_round_is_finished_in_one_statement_with_every_message_field(migra
         ).one())
         return version, stored, history, tuple(row)
 
-    version, stored, history, (status, tokens, usage, task_version) = _on_db(migrated_url, work)
+    version, stored, history, (status, tokens, usage, task_version) = on_db(migrated_url, work)
     assert [h.messages for h in history] == [said] == [stored.messages]
     assert (status, usage, task_version) == ("completed", {"prompt_tokens": 3}, version)
     assert tokens == stored.tokens > 0

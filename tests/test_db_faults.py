@@ -8,7 +8,6 @@ import os
 import subprocess
 import threading
 import uuid
-from typing import Any
 
 import httpx
 import openai
@@ -17,7 +16,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection, make_url
 
 from llm_proxy.models import ROUND_PENDING, Round
-from tests.support import CLI, Proxy, headers, marker, postgres_execute, run_db, wait_until
+from tests.support import CLI, headers, marker, postgres_execute, run_db, wait_until
 
 only_postgres = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -91,10 +90,10 @@ def test_connections_killed_under_load_end_every_round_cleanly(start_proxy, migr
     ok = 0
     for task in tasks:
         stored = {r["messages"][0]["content"]: r for r in server.rounds(task)}
-        for n, (kind, text) in enumerate(outcomes[task]):
+        for n, (kind, reply) in enumerate(outcomes[task]):
             if kind == "ok":
                 ok += 1
-                assert text == full
+                assert reply == full
                 assert stored[f"{task} {n} [[words:20]] [[delay:0.03]]"]["messages"][-1]["content"] == full
     assert ok >= 50, outcomes  # the retries on a new connection save nearly every round
     assert "retrying on a new connection" in server.logs()  # the faults did happen

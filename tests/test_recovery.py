@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from app.db import Database
 from llm_proxy import recovery, store
 from llm_proxy.models import ROUND_PENDING, Instance, Round
-from tests.support import Proxy, Upstream, first_text, headers, marker, wait_until
+from tests.support import Proxy, Upstream, first_text, headers, marker, on_db, wait_until
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 
@@ -105,17 +105,6 @@ def test_a_started_process_settles_dead_rounds_without_being_asked(
 # -- leases, called directly on both databases ---------------------------------------------------
 
 
-def _on_db(url: str, work: Any) -> Any:
-    async def main() -> Any:
-        db = Database(url)
-        try:
-            return await work(db)
-        finally:
-            await db.dispose()
-
-    return asyncio.run(main())
-
-
 def _claim(db: Database, owner: str, task_id: str, text: str) -> Any:
     task = store.TaskInfo(task_id, request_id=uuid.uuid4().hex)
     return db.run(store.claim_round, task, max_rounds=50, owner=owner, head=[{"role": "user", "content": text}])
@@ -139,7 +128,7 @@ def test_a_lease_run_out_on_another_machine_settles_its_rounds_and_a_live_one_do
         again = await me.settle_dead([dead.round_id])
         return alive, dead, still, settled, again, await db.run(_status, alive.round_id)
 
-    alive, dead, still, settled, again, alive_status = _on_db(migrated_url, work)
+    alive, dead, still, settled, again, alive_status = on_db(migrated_url, work)
     assert (still, settled, again) == ([alive.round_id], [dead.round_id], ([], []))
     assert alive_status == ROUND_PENDING
 
@@ -157,7 +146,7 @@ def test_a_round_settled_while_its_owner_stalled_keeps_its_settled_form(migrated
         )
         return finished, await db.run(store.round_messages, task_id)
 
-    finished, rounds = _on_db(migrated_url, work)
+    finished, rounds = on_db(migrated_url, work)
     assert finished is None
     assert [r["messages"] for r in rounds] == [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]]
 
@@ -175,7 +164,7 @@ def test_instance_rows_are_renewed_and_dropped(migrated_url: str) -> None:
         await lease.stop()
         return first, second, await db.run(_expiry, lease.id)
 
-    first, second, after_stop = _on_db(migrated_url, work)
+    first, second, after_stop = on_db(migrated_url, work)
     assert second > first and after_stop is None
 
 
@@ -216,5 +205,5 @@ def test_an_orphan_of_this_process_is_settled_and_a_round_it_works_on_is_not(mig
         still, settled = await me.settle_dead([orphan.round_id, working.round_id, delayed.round_id])
         return orphan, working, delayed, still, settled
 
-    orphan, working, delayed, still, settled = _on_db(migrated_url, work)
+    orphan, working, delayed, still, settled = on_db(migrated_url, work)
     assert (sorted(still), settled) == (sorted([working.round_id, delayed.round_id]), [orphan.round_id])
