@@ -161,6 +161,9 @@ class Soak:
 
     async def sample_rss(self) -> None:
         while time.monotonic() < self.deadline:
+            if not self.up.is_set():  # between a kill and the restarted server being ready
+                await asyncio.sleep(0.5)
+                continue
             try:
                 status = Path(f"/proc/{self.proxy.pid}/status").read_text()
                 kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
