@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, Mapping
 
 import anyio
@@ -69,7 +69,8 @@ def task_info(headers: Mapping[str, str]) -> TaskInfo | None:
         room_id=headers.get("x-room-id"),
         room_id_type=headers.get("x-room-id-type"),
     )
-    for header, value in zip(_ID_HEADERS, astuple(info)):
+    values = (info.task_id, info.request_id, info.sdk_app_id, info.user_id, info.room_id, info.room_id_type)
+    for header, value in zip(_ID_HEADERS, values):
         if value is not None and len(value) > ID_MAX_CHARS:
             raise bad_request(
                 f"Header {header} is {len(value)} characters long; this server takes at most {ID_MAX_CHARS}.",

@@ -6,6 +6,7 @@ traceback in the log, never a round left pending."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import uuid
 from typing import Any
@@ -22,7 +23,9 @@ from tests.support import API_KEY, Proxy, run_db
 CHAT = b"/v1/chat/completions"
 TTS = b"/api/v1/tts/stream"
 PREFIX = f"fuzz-{uuid.uuid4().hex[:8]}-"
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+# FUZZ_EXAMPLES=2000 for a longer hunt than the suite's.
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
@@ -145,7 +148,7 @@ def test_zz_after_the_fuzzing_nothing_is_pending_and_nothing_crashed(proxy: Prox
     assert "Traceback" not in proxy.logs() and "unhandled error" not in proxy.logs()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=max(EXAMPLES // 2, 1), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     body=tts_bodies | json_values.map(lambda v: {"Text": "hi", "Extra": v}),
     raw=st.none() | st.binary(max_size=100),
