@@ -85,7 +85,7 @@ class Database:
         self._async: AsyncEngine | None = None
         self._autocommit: AsyncEngine | None = None
         if self.dialect == "sqlite":
-            self._sqlite = _Sqlite(_sqlite_engine(parsed))
+            self._sqlite = _Sqlite(sqlite_engine(parsed))
         else:
             self._async = create_async_engine(
                 parsed, pool_size=pool_size, max_overflow=max_overflow, pool_reset_on_return=None
@@ -251,7 +251,7 @@ class _Checkpointer:
     its fsyncs (8-10 ms on the 2-core test VM, more on a busy disk) then stall the event loop and
     every round in flight: a p99 of the proxy made on purpose. A PASSIVE checkpoint neither takes
     nor waits for the write lock, so commits go on while it runs. The serving connection has
-    `wal_autocheckpoint=0` (see `_sqlite_engine`); every `EVERY` transactions one checkpoint is
+    `wal_autocheckpoint=0` (see `sqlite_engine`); every `EVERY` transactions one checkpoint is
     started here unless one still runs. Each worker process has its own; SQLite lets one run at a
     time and the others return at once."""
 
@@ -296,7 +296,7 @@ def _sqlite_file(url: URL) -> str | None:
     return url.database if url.database and url.database != ":memory:" else None
 
 
-def _sqlite_engine(url: URL) -> Engine:
+def sqlite_engine(url: URL) -> Engine:
     url = url.set(drivername="sqlite")
     path = _sqlite_file(url)
     if path:

@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 import llm_proxy.models  # noqa: F401  (registers the tables on Base.metadata)
-from app.db import Base, Database, is_sqlite
+from app.db import Base, Database, database_url, is_sqlite, sqlite_engine
 
 config = context.config
 target_metadata = Base.metadata
@@ -33,4 +33,26 @@ async def _run_online() -> None:
         await db.dispose()
 
 
-asyncio.run(_run_online())
+def _run_sqlite() -> None:
+    """SQLite alters a table by copying it (batch mode) and dropping the old one; with foreign
+    keys on, dropping `tasks` would delete every round and message by cascade. So they are off
+    while the migration runs (which only a connection outside a transaction can do), and checked
+    afterwards."""
+    engine = sqlite_engine(database_url(config.attributes["database_url"]))
+    try:
+        with engine.connect() as connection:
+            raw = connection.connection.driver_connection
+            assert raw is not None
+            raw.execute("PRAGMA foreign_keys=OFF")
+            _run(connection)
+            broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {broken[:5]}")
+    finally:
+        engine.dispose()
+
+
+if is_sqlite(config.attributes["database_url"]):
+    _run_sqlite()
+else:
+    asyncio.run(_run_online())

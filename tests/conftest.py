@@ -33,7 +33,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     fake.stop()
 
 
-def _postgres_url_or_skip() -> str:
+def postgres_url_or_skip() -> str:
     url = os.environ.get("TEST_POSTGRES_URL")
     if not url:
         pytest.skip("PostgreSQL suite off: set TEST_POSTGRES_URL (e.g. make test-postgres)")
@@ -48,7 +48,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         url = f"sqlite:///{path}"
         yield url
         return
-    admin_url = _postgres_url_or_skip()
+    admin_url = postgres_url_or_skip()
     name = f"trtc_test_{uuid.uuid4().hex[:10]}"
     asyncio.run(create_postgres_database(admin_url, name))
     yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)

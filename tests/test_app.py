@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from datetime import datetime, timezone
 
 import httpx
 import openai
@@ -11,10 +13,23 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from sqlalchemy.engine import Connection
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, make_url
 
 from app.db import Base
-from tests.support import API_KEY, Proxy, free_port, headers, marker, run_db, wait_until
+from llm_proxy import store
+from tests.conftest import postgres_url_or_skip
+from tests.support import (
+    API_KEY,
+    Proxy,
+    create_postgres_database,
+    drop_postgres_database,
+    free_port,
+    headers,
+    marker,
+    run_db,
+    wait_until,
+)
 
 CHAT = "/v1/chat/completions"
 
@@ -208,3 +223,35 @@ def test_sqlite_urls_with_or_without_the_async_driver_name_work(tmp_path) -> Non
     # Older configs name aiosqlite; SQLite transactions run on the database's own thread either way.
     for url in (f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"):
         assert run_db(url, lambda conn: conn.exec_driver_sql("PRAGMA journal_mode").scalar()) == "wal"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_upgrading_a_database_keeps_its_conversations(backend: str, tmp_path) -> None:
+    # SQLite alters tables by copying them: with foreign keys on, dropping the old `tasks`
+    # would delete every round and message by cascade.
+    from migrations import upgrade
+
+    if backend == "sqlite":
+        url, drop = f"sqlite:///{tmp_path / 'old.db'}", None
+    else:
+        admin = postgres_url_or_skip()
+        name = f"trtc_upgrade_{uuid.uuid4().hex[:8]}"
+        asyncio.run(create_postgres_database(admin, name))
+        url = make_url(admin).set(database=name).render_as_string(hide_password=False)
+        drop = lambda: asyncio.run(drop_postgres_database(admin, name))  # noqa: E731
+    try:
+        upgrade(url, "0003")
+
+        def seed(conn: Connection) -> None:
+            now = datetime.now(timezone.utc)
+            conn.execute(text("INSERT INTO tasks (id, last_seq, version, edits, created_at, updated_at) VALUES ('t1', 1, 1, 0, :now, :now)"), {"now": now})
+            conn.execute(text("INSERT INTO rounds (id, task_id, seq, status, interrupted, tokens, created_at) VALUES ('r1', 't1', 1, 'completed', false, 8, :now)"), {"now": now})
+            conn.execute(text("INSERT INTO messages (round_id, position, role, content, tokens) VALUES ('r1', 0, 'user', 'hello', 4), ('r1', 1, 'assistant', 'hi', 4)"))
+
+        run_db(url, seed)
+        upgrade(url)
+        rounds = run_db(url, lambda conn: store.round_messages(conn, "t1"))
+        assert [r["messages"] for r in rounds] == [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]]
+    finally:
+        if drop is not None:
+            drop()
