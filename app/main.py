@@ -53,8 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     if settings.serves_llm:
         from llm_proxy.api_router import router as llm_router
+        from orchestrator.api_router import router as callback_router
 
         app.include_router(llm_router)
+        app.include_router(callback_router)
     if settings.serves_tts:
         from tts_server.api_router import router as tts_router
 
@@ -69,6 +71,7 @@ async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stac
     from llm_proxy.serving import ChatService
     from llm_proxy.tools.loader import load_tools
     from llm_proxy.upstream import Upstream
+    from orchestrator.callbacks import CallbackService
 
     db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     stack.push_async_callback(db.dispose)
@@ -83,6 +86,7 @@ async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stac
     stack.push_async_callback(tool_http.aclose)
     tools = load_tools(settings, tool_http)
     app.state.chat = ChatService(settings, db, upstream, tools, lease)
+    app.state.callbacks = CallbackService(db, app.state.chat.history)
 
 
 async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:

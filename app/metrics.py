@@ -49,6 +49,28 @@ TTS_FIRST_AUDIO = Histogram(
 )
 
 
+# The orchestrator's own measurements (callback events 906 and 908), named after its metrics,
+# so a team sees `llm_first_token` as the orchestrator measured it beside the proxy's own.
+ORCHESTRATOR_LATENCIES = {
+    name: Histogram(
+        f"trtc_orchestrator_{name}_seconds",
+        f"The orchestrator's `{name}` (event 906), reported in ms.",
+        buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+    )
+    for name in ("asr_latency", "llm_network_latency", "llm_first_token", "tts_network_latency", "tts_first_frame_latency")
+}
+ORCHESTRATOR_COUNTS = {
+    name: Counter(f"trtc_orchestrator_{name}_total", f"The orchestrator's `{name}` events (906).")
+    for name in ("tts_discontinuity", "interruption")
+}
+ORCHESTRATOR_ERRORS = Counter(
+    "trtc_orchestrator_errors_total", "The orchestrator's error metrics (908) by metric and code.", ["metric", "code"]
+)
+ORCHESTRATOR_EVENTS = Counter(
+    "trtc_orchestrator_events_total", "Callback events stored (each once), by type.", ["event_type"]
+)
+
+
 def render() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

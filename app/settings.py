@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     tts_cache_mb: int = Field(default=32, ge=0)
     tts_espeak_fallback: bool = True
 
+    # The key the orchestrator signs its server callbacks with (at most 32 letters and digits,
+    # chosen in the TRTC console). Unset: /api/v1/trtc/callback refuses every request.
+    callback_sign_key: str = ""
+
     # What `serve` runs: "all", "llm" (chat proxy) or "tts" (set by `serve --only`).
     services: Literal["all", "llm", "tts"] = "all"
 

@@ -86,8 +86,11 @@ class Round(Base):
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
-    # The orchestrator's RoundId, once a callback tells it (event 903/904/905).
+    # The orchestrator's RoundId, once a callback tells it (event 903/905).
     trtc_round_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS), index=True)
+    # The end of the reply the user never heard (event 905 cut it off the stored messages): the
+    # reply as the model wrote it is the messages' text followed by this.
+    unheard: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=ROUND_PENDING)
     # The process answering a pending round (`Instance.id`).
     owner: Mapped[str | None] = mapped_column(String(32))

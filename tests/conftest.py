@@ -23,6 +23,8 @@ from tests.support import (
 )
 
 BACKENDS = ["sqlite", "postgres"]
+# The key the session proxy checks callback signatures with.
+CALLBACK_KEY = "cbKey2026abc"
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +69,7 @@ def migrated_url(database_url: str) -> str:
 def proxy(migrated_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     server = Proxy(
         tmp_path_factory.mktemp("proxy"),
-        {"DATABASE_URL": migrated_url, "UPSTREAM_BASE_URL": upstream.base_url},
+        {"DATABASE_URL": migrated_url, "UPSTREAM_BASE_URL": upstream.base_url, "CALLBACK_SIGN_KEY": CALLBACK_KEY},
     )
     server.start()
     yield server

@@ -18,6 +18,8 @@ from sqlalchemy.engine import Connection, make_url
 
 from app.db import Base
 from llm_proxy import store
+import llm_proxy.models  # noqa: F401  (the tables on Base.metadata)
+import orchestrator.models  # noqa: F401
 from tests.conftest import postgres_url_or_skip
 from tests.support import (
     API_KEY,

@@ -1,0 +1,228 @@
+"""What each callback event changes. Every event is stored once (resends are recognised by their
+digest and answered without doing anything again); then, by type:
+
+- 903 (a full ASR sentence or LLM reply) and 905 (what the bot said) tell which of our rounds has
+  the orchestrator's RoundId: matched by text among the task's recent rounds;
+- 905 also cuts the stored reply to what was said (`heard`), marking the round interrupted, so
+  that every later context holds only what the user heard;
+- 906 and 908 are tied to the round with their RoundId, and go to `/metrics`.
+
+The SQL runs in one transaction per event (`record`), which takes the task row first, as every
+writer of rounds does; `CallbackService` runs it and updates the metrics and this process's
+history copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from app.db import Database
+from app.metrics import ORCHESTRATOR_COUNTS, ORCHESTRATOR_ERRORS, ORCHESTRATOR_EVENTS, ORCHESTRATOR_LATENCIES
+from llm_proxy.context import Msg, message_tokens
+from llm_proxy.history_cache import HistoryCache
+from llm_proxy.models import FINISHED_STATUSES, ROUND_INTERRUPTED, Message, Round, Task
+from orchestrator import heard as heard_rules
+from orchestrator.models import CallbackEvent as StoredEvent
+from orchestrator.protocol import ERROR_METRIC, HEARD, METRIC, TRANSCRIPT, CallbackEvent
+
+log = logging.getLogger("trtc.callbacks")
+
+# How far back a 903/905 text is looked for among a task's rounds.
+_RECENT_ROUNDS = 10
+
+
+@dataclass(frozen=True)
+class Recorded:
+    new: bool  # False: a resend of an event already stored
+    round_id: str | None = None  # our round it concerns, if matched
+    cut: bool = False  # a 905 cut the round's stored reply
+
+
+@dataclass
+class _Candidate:
+    id: str
+    trtc_round_id: str | None
+    unheard: str | None
+    messages: list[tuple[int, Msg]]  # (position, message)
+
+
+def record(conn: Connection, event: CallbackEvent, body: dict[str, Any], digest: str) -> Recorded:
+    task_id = event.info.task_id
+    inserted = conn.execute(
+        _insert_statement(conn.dialect.name),
+        {
+            "digest": digest,
+            "event_type": event.event_type,
+            "task_id": task_id,
+            "trtc_round_id": event.round_id,
+            "event_ms_ts": event.info.event_ms_ts,
+            "body": body,
+            "received_at": datetime.now(timezone.utc),
+        },
+    ).first()
+    if inserted is None:
+        return Recorded(new=False)
+    if task_id is None:
+        return Recorded(new=True)
+    payload = event.info.payload
+    round_id: str | None = None
+    cut = False
+    if event.event_type == HEARD:
+        round_id, cut = _apply_heard(conn, task_id, event.round_id, str(payload.get("Text") or ""))
+    elif event.event_type == TRANSCRIPT and event.round_id:
+        round_id = _match_transcript(conn, task_id, event.round_id, str(payload.get("Text") or ""))
+    elif event.round_id:
+        round_id = conn.execute(
+            select(Round.id).where(Round.task_id == task_id, Round.trtc_round_id == event.round_id).limit(1)
+        ).scalar()
+    if round_id is not None:
+        conn.execute(update(StoredEvent).where(StoredEvent.id == inserted.id).values(round_id=round_id))
+    return Recorded(new=True, round_id=round_id, cut=cut)
+
+
+def _insert_statement(dialect: str) -> Any:
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert(StoredEvent)
+    return insert.on_conflict_do_nothing(index_elements=[StoredEvent.digest]).returning(StoredEvent.id)
+
+
+def _candidates(conn: Connection, task_id: str, trtc_round_id: str | None) -> list[_Candidate]:
+    """The round already known by this RoundId, or else the task's recent finished rounds,
+    newest first, with their messages."""
+    query = select(Round.id, Round.trtc_round_id, Round.unheard).where(
+        Round.task_id == task_id, Round.status.in_(FINISHED_STATUSES)
+    )
+    rows: Sequence[Any] = []
+    if trtc_round_id is not None:
+        rows = conn.execute(query.where(Round.trtc_round_id == trtc_round_id)).all()
+    if not rows:
+        rows = conn.execute(query.order_by(Round.seq.desc()).limit(_RECENT_ROUNDS)).all()
+    candidates = {row.id: _Candidate(row.id, row.trtc_round_id, row.unheard, []) for row in rows}
+    if not candidates:
+        return []
+    for round_id, position, role, content, name, tool_call_id, tool_calls in conn.execute(
+        select(Message.round_id, Message.position, Message.role, Message.content, Message.name,
+               Message.tool_call_id, Message.tool_calls)
+        .where(Message.round_id.in_(list(candidates)))
+        .order_by(Message.round_id, Message.position)
+    ):
+        message: Msg = {"role": role, "content": content}
+        if name is not None:
+            message["name"] = name
+        if tool_call_id is not None:
+            message["tool_call_id"] = tool_call_id
+        if tool_calls is not None:
+            message["tool_calls"] = tool_calls
+        candidates[round_id].messages.append((position, message))
+    return [candidates[row.id] for row in rows]
+
+
+def _apply_heard(conn: Connection, task_id: str, trtc_round_id: str | None, text: str) -> tuple[str | None, bool]:
+    for candidate in _candidates(conn, task_id, trtc_round_id):
+        messages = [message for _position, message in candidate.messages]
+        reply = heard_rules.reply_text(messages)
+        heard = heard_rules.heard_length(reply, text)
+        known = trtc_round_id is not None and candidate.trtc_round_id == trtc_round_id
+        if heard is None and known and not heard_rules.normalized(text)[0]:
+            heard = 0  # the round is known and the bot said nothing of it
+        if heard is None:
+            continue
+        _tag(conn, candidate, trtc_round_id)
+        if heard >= len(reply):
+            return candidate.id, False
+        _cut(conn, task_id, candidate, heard)
+        return candidate.id, True
+    log.warning("905 matches no recent round of the task; stored only", extra={"task_id": task_id})
+    return None, False
+
+
+def _cut(conn: Connection, task_id: str, candidate: _Candidate, heard: int) -> None:
+    """Cut the round's stored reply after `heard` characters. The task row goes first (the
+    version and edit bump tell every process's history copy that a finished round changed)."""
+    conn.execute(
+        update(Task).where(Task.id == task_id).values(version=Task.version + 1, edits=Task.edits + 1)
+    )
+    cut = heard_rules.cut_reply([message for _position, message in candidate.messages], heard)
+    changed = [
+        {"b_round_id": candidate.id, "b_position": position, "b_content": new["content"], "b_tokens": message_tokens(new)}
+        for (position, old), new in zip(candidate.messages, cut.messages)
+        if new.get("content") != old.get("content")
+    ]
+    if changed:
+        conn.execute(_UPDATE_MESSAGE, changed)
+    conn.execute(
+        update(Round)
+        .where(Round.id == candidate.id)
+        .values(
+            status=ROUND_INTERRUPTED,
+            interrupted=True,
+            unheard=cut.unheard + (candidate.unheard or ""),
+            tokens=sum(message_tokens(m) for m in cut.messages),
+        )
+    )
+
+
+_UPDATE_MESSAGE = (
+    update(Message)
+    .where(Message.round_id == bindparam("b_round_id"), Message.position == bindparam("b_position"))
+    .values(content=bindparam("b_content"), tokens=bindparam("b_tokens"))
+)
+
+
+def _tag(conn: Connection, candidate: _Candidate, trtc_round_id: str | None) -> None:
+    if trtc_round_id is not None and candidate.trtc_round_id != trtc_round_id:
+        conn.execute(update(Round).where(Round.id == candidate.id).values(trtc_round_id=trtc_round_id))
+
+
+def _match_transcript(conn: Connection, task_id: str, trtc_round_id: str, text: str) -> str | None:
+    """The round whose whole reply, or whose user turn, is this 903's text."""
+    wanted, _ = heard_rules.normalized(text)
+    if not wanted:
+        return None
+    for candidate in _candidates(conn, task_id, trtc_round_id):
+        messages = [message for _position, message in candidate.messages]
+        said = heard_rules.normalized(heard_rules.reply_text(messages))[0]
+        asked = heard_rules.normalized("".join(m.get("content") or "" for m in messages if m["role"] == "user"))[0]
+        if wanted in (said, asked):
+            _tag(conn, candidate, trtc_round_id)
+            return candidate.id
+    return None
+
+
+class CallbackService:
+    def __init__(self, db: Database, history: HistoryCache | None) -> None:
+        self._db = db
+        self._history = history
+
+    async def receive(self, event: CallbackEvent, body: dict[str, Any]) -> Recorded:
+        recorded = await self._db.run(record, event, body, event.digest(body))
+        if not recorded.new:
+            return recorded
+        ORCHESTRATOR_EVENTS.labels(str(event.event_type)).inc()
+        if recorded.cut and self._history is not None and event.info.task_id:
+            self._history.drop(event.info.task_id)
+        if event.event_type == METRIC:
+            _observe(event.info.payload)
+        elif event.event_type == ERROR_METRIC:
+            payload = event.info.payload
+            tag = payload.get("Tag") or {}
+            ORCHESTRATOR_ERRORS.labels(str(payload.get("Metric", "")), str(tag.get("Code", ""))).inc()
+        return recorded
+
+
+def _observe(payload: dict[str, Any]) -> None:
+    name = str(payload.get("Metric", ""))
+    try:
+        value = float(payload.get("Value", 0))
+    except (TypeError, ValueError):
+        return
+    if name in ORCHESTRATOR_LATENCIES:
+        ORCHESTRATOR_LATENCIES[name].observe(value / 1000)
+    elif name in ORCHESTRATOR_COUNTS:
+        ORCHESTRATOR_COUNTS[name].inc()
