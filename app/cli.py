@@ -71,6 +71,54 @@ def fake_upstream(
     )
 
 
+@cli.command()
+def validate(
+    llm_url: str = typer.Option(..., help="The LLM endpoint, as in LLMConfig.APIUrl."),
+    llm_key: str = typer.Option(..., help="LLMConfig.APIKey."),
+    model: str = typer.Option("gpt-4o-mini", help="LLMConfig.Model."),
+    tts_url: Optional[str] = typer.Option(None, help="The TTS endpoint, as in TTSConfig.APIUrl."),
+    tts_key: Optional[str] = typer.Option(None, help="TTSConfig.APIKey."),
+    rounds: int = typer.Option(2, min=1, help="Conversation rounds."),
+    timeout_s: float = typer.Option(3.0, help="LLMConfig.Timeout: the first token must come within it."),
+    interrupt_ms: Optional[int] = typer.Option(None, help="Interrupt round 1 after this much playback (needs --callback-url)."),
+    callback_url: Optional[str] = typer.Option(None, help="Where the 905 of an interruption is sent."),
+    callback_key: Optional[str] = typer.Option(None, help="The callback signing key."),
+    history: int = typer.Option(0, min=0, max=50, help="LLMConfig.History: rounds of context sent with each request."),
+    audio_format: str = typer.Option("pcm", "--format", help="TTSConfig.AudioFormat: pcm or wav."),
+    sample_rate: int = typer.Option(16000, help="TTSConfig.SampleRate."),
+    channels: int = typer.Option(1, help="TTSConfig.AudioChannel."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Drive an LLM and a TTS endpoint the way the orchestrator does; exit 1 on any failed requirement."""
+    import asyncio
+    import sys
+
+    import httpx
+
+    from orchestrator.validator import Options, Report, Validator
+
+    if audio_format not in ("pcm", "wav"):
+        raise typer.BadParameter("--format takes pcm or wav")
+    options = Options(
+        llm_url=llm_url, llm_key=llm_key, model=model, tts_url=tts_url, tts_key=tts_key or llm_key, rounds=rounds,
+        timeout_s=timeout_s, interrupt_ms=interrupt_ms, callback_url=callback_url, callback_key=callback_key,
+        history=history, audio_format=audio_format, sample_rate=sample_rate, channels=channels,
+    )
+
+    def progress(line: str) -> None:
+        if sys.stderr.isatty():
+            typer.echo(line, err=True)
+
+    async def run() -> Report:
+        async with httpx.AsyncClient() as http:
+            return await Validator(options, http, progress).run()
+
+    report = asyncio.run(run())
+    typer.echo(report.as_json() if as_json else report.as_text())
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
 @db_cli.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Apply migrations up to `revision` (default: the newest)."""
