@@ -223,3 +223,17 @@ def test_a_body_that_is_not_an_event_is_a_clear_error(proxy: Proxy) -> None:
     response = _post(proxy, json.dumps({"EventInfo": {}}).encode())
     assert response.status_code == 422 and "EventType" in response.json()["error"]["message"]
 
+
+
+def test_a_905_received_by_one_process_reaches_the_history_copy_of_another(
+    start_proxy, upstream: Upstream, migrated_url: str
+) -> None:
+    one = start_proxy({"DATABASE_URL": migrated_url, "CALLBACK_SIGN_KEY": CALLBACK_KEY})
+    two = start_proxy({"DATABASE_URL": migrated_url, "CALLBACK_SIGN_KEY": CALLBACK_KEY})
+    tag = marker()
+    task_id = f"task-{tag}"
+    _chat(one, task_id, f"{tag} first [[reply:{LONG_REPLY}]]")
+    _chat(one, task_id, f"{tag} second")  # `one` now holds the task's history in its copy
+    _post(two, _body(905, task_id, {"UserId": "bot", "RoundId": f"r-{tag}", "Text": "Hello there. I can"}))
+    _chat(one, task_id, f"{tag} third")
+    assert upstream.requests(f"{tag} third")[0]["messages"][2] == {"role": "assistant", "content": "Hello there. I can"}
