@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -16,6 +17,8 @@ from app.settings import get_settings
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="TRTC AI-conversation backend.")
 db_cli = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 cli.add_typer(db_cli, name="db")
+config_cli = typer.Typer(no_args_is_help=True, help="Agent profiles (CONFIG_FILE).")
+cli.add_typer(config_cli, name="config")
 
 
 @cli.command()
@@ -33,6 +36,8 @@ def serve(
         os.environ["SERVICES"] = only
         get_settings.cache_clear()
     settings = get_settings()
+    if settings.config_file is not None:
+        _check_config(settings.config_file)
     # Resolve (maybe generate) the key before workers start, so they all read the same one.
     resolve_api_keys(settings.api_key_list, settings.data_dir)
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -117,6 +122,23 @@ def validate(
     typer.echo(report.as_json() if as_json else report.as_text())
     if not report.ok:
         raise typer.Exit(code=1)
+
+
+@config_cli.command("check")
+def config_check(file: Path = typer.Argument(..., help="The profiles file (YAML, or TOML by extension).")) -> None:
+    """Load and validate a profiles file as the server would; exit 1 with the reason if it is wrong."""
+    profiles = _check_config(file)
+    typer.echo(f"{file}: ok, {len(profiles)} profile(s): " + ", ".join(profiles))
+
+
+def _check_config(file: Path) -> list[str]:
+    from llm_proxy.profiles import ConfigError, load_file
+
+    try:
+        return [profile.name for profile in load_file(file).profiles]
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 @db_cli.command("upgrade")

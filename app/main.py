@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import signal
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import AsyncIterator
 
@@ -19,6 +21,9 @@ from app.db import Database
 from app.errors import install_error_handlers
 from app.logs import RequestContextMiddleware, configure_logging
 from app.settings import Settings, get_settings
+
+
+log = logging.getLogger("trtc.app")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,10 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
     import httpx
 
+    from llm_proxy.agents import Agents, UpstreamClients, build_agents
+    from llm_proxy.profiles import ConfigError, load_profiles
     from llm_proxy.recovery import Lease
     from llm_proxy.serving import ChatService
     from llm_proxy.tools.loader import load_tools
-    from llm_proxy.upstream import Upstream
+    from llm_proxy.tools.registry import ToolConfigError
     from orchestrator.callbacks import CallbackService
 
     db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
@@ -78,15 +85,33 @@ async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stac
     lease = Lease(db, settings.instance_lease_s)
     await lease.start()
     stack.push_async_callback(lease.stop)
-    upstream = Upstream(settings.upstream_base_url, settings.upstream_api_key, settings.upstream_timeout_s)
-    stack.push_async_callback(upstream.aclose)
+    clients = UpstreamClients(settings)
+    stack.push_async_callback(clients.aclose)
     app.state.db = db
-    app.state.api_keys = api_keys
     tool_http = httpx.AsyncClient(timeout=settings.tool_timeout_s)
     stack.push_async_callback(tool_http.aclose)
-    tools = load_tools(settings, tool_http)
-    app.state.chat = ChatService(settings, db, upstream, tools, lease)
-    app.state.callbacks = CallbackService(db, app.state.chat.history)
+    all_tools, default_tools = load_tools(settings, tool_http)
+
+    def agents() -> Agents:
+        return build_agents(load_profiles(settings, api_keys), all_tools, default_tools, clients)
+
+    chat = ChatService(settings, db, agents(), lease)
+    app.state.chat = chat
+    app.state.callbacks = CallbackService(db, chat.history)
+
+    def reload() -> None:
+        """SIGHUP: new rounds get the profiles as the file now says; rounds in flight keep
+        theirs. A file that does not load leaves the old profiles in place."""
+        try:
+            chat.agents = agents()
+        except (ConfigError, ToolConfigError) as exc:
+            log.error("SIGHUP: %s; the profiles in use stay", exc)
+            return
+        log.info("SIGHUP: profiles reloaded: %s", ", ".join(p.name for p in chat.agents.profiles.all))
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    stack.callback(loop.remove_signal_handler, signal.SIGHUP)
 
 
 async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:

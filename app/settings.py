@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     upstream_api_key: str = ""
     upstream_model: str = ""
     upstream_timeout_s: float = Field(default=30.0, gt=0)
+    # Agent profiles (YAML, or TOML by extension): prompts, upstreams and tools per bot. Unset:
+    # one implicit profile made of the settings here.
+    config_file: Path | None = None
 
     api_keys: str = ""
     # Larger chat and TTS bodies get 413. A 50-round history of long turns in escaped CJK is

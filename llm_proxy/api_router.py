@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.auth import is_authorized
+from app.auth import bearer_token, is_authorized
 from app.errors import ApiError, unauthorized
 from app.limits import BodyTooLarge, read_body
 from llm_proxy.disconnect import CancelOnDisconnect, ClientDisconnected
@@ -22,13 +22,16 @@ def _service(request: Request) -> ChatService:
     return request.app.state.chat
 
 
-def _authorize(request: Request) -> None:
-    if not is_authorized(request.headers.get("authorization"), request.app.state.api_keys):
+def _authorize(request: Request) -> str | None:
+    """The request's bearer key, if it is one this server takes (API_KEYS or a profile's)."""
+    authorization = request.headers.get("authorization")
+    if not is_authorized(authorization, _service(request).agents.keys):
         raise unauthorized()
+    return bearer_token(authorization)
 
 
 async def chat_completions(request: Request) -> Response:
-    _authorize(request)
+    key = _authorize(request)
     service = _service(request)
     try:
         raw = await read_body(request, service.settings.max_request_bytes)
@@ -41,8 +44,8 @@ async def chat_completions(request: Request) -> Response:
     try:
         async with CancelOnDisconnect(request.receive):
             if body.stream:
-                return EventStream(sse_events(await service.open(body, task)))
-            return JSONResponse(await service.complete(body, task))
+                return EventStream(sse_events(await service.open(body, task, key)))
+            return JSONResponse(await service.complete(body, task, key))
     except ClientDisconnected:
         return Response(status_code=499)
 
@@ -55,9 +58,12 @@ router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     _authorize(request)
-    service = _service(request)
-    configured = service.settings.upstream_model
-    ids = [configured] if configured else await service.upstream.model_ids()
+    agents = _service(request).agents
+    ids = agents.profiles.model_names()
+    if not ids:
+        # No profile names a model: what the default profile's upstream serves.
+        agent = agents.select(None, None)
+        ids = [agent.upstream_config.model] if agent.upstream_config.model else await agent.upstream.model_ids()
     return {
         "object": "list",
         "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "upstream"} for model_id in ids],

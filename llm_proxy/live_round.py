@@ -24,7 +24,8 @@ from llm_proxy.context import Msg, as_langchain
 from llm_proxy.protocol import usage_dict
 from llm_proxy.store import Claim
 from llm_proxy.tool_calls import CallAccumulator, answer_missing, call_name, run_calls
-from llm_proxy.upstream import Delta
+from llm_proxy.tools.registry import ToolRegistry
+from llm_proxy.upstream import Delta, Upstream
 
 if TYPE_CHECKING:
     from llm_proxy.serving import ChatService
@@ -39,7 +40,13 @@ class UpstreamCall:
     include_usage: bool
     # Server tools and the client's, merged (the client's win a name clash); None: no tools.
     tools: list[dict[str, Any]] | None
+    # The profile's server tools, which the proxy runs, and the upstream it talks to.
+    registry: ToolRegistry
+    upstream: Upstream
     client_tools: frozenset[str] = field(default_factory=frozenset)
+    # Recorded with the stored round: which profile and which upstream answered.
+    profile: str | None = None
+    upstream_label: str | None = None
 
 
 class LiveRound:
@@ -93,7 +100,7 @@ class LiveRound:
             self._consumed += len(said)
             self._produced.append({"role": "assistant", "content": said, "tool_calls": calls})
             server_calls = [c for c in calls if call_name(c) not in self._call.client_tools]
-            self._produced += await run_calls(self._service.tools, server_calls)
+            self._produced += await run_calls(self._call.registry, server_calls)
             client_calls = [c for c in calls if call_name(c) in self._call.client_tools]
             if client_calls:
                 self.client_calls = client_calls
@@ -101,7 +108,7 @@ class LiveRound:
                 return
             steps += 1
             last = steps >= self._service.settings.tool_max_steps
-            self._stream = self._service.upstream.stream(
+            self._stream = self._call.upstream.stream(
                 [*self._context, *as_langchain(self._produced)],
                 model=self._call.model,
                 params=self._call.params,
@@ -153,9 +160,9 @@ class LiveRound:
                     self._claim,
                     self.messages(sent_text),
                     interrupted=interrupted,
-                    model=self.model,
                     finish_reason=None if interrupted else self.finish_reason,
                     usage=self.usage,
+                    call=self._call,
                 )
             LLM_ROUNDS.labels(outcome).inc()
 

@@ -96,6 +96,9 @@ class Round(Base):
     owner: Mapped[str | None] = mapped_column(String(32))
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False)
     model: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
+    # Which agent profile answered, and which of its upstreams (`base_url#model`).
+    profile: Mapped[str | None] = mapped_column(String(64))
+    upstream: Mapped[str | None] = mapped_column(Text)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     # Estimated tokens of all the round's messages: the history window sums these.
     tokens: Mapped[int] = mapped_column(Integer, default=0)

@@ -40,8 +40,10 @@ from llm_proxy.context import (
     window,
 )
 from llm_proxy.history_cache import HistoryCache
+from llm_proxy.agents import Agent, Agents
 from llm_proxy.live_round import LiveRound, UpstreamCall
 from llm_proxy.models import ID_MAX_CHARS
+from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
 from llm_proxy.recovery import Lease, PendingRound
 from llm_proxy.store import Claim, HistoryCopy, TaskInfo
@@ -99,12 +101,12 @@ class Replay:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, db: Database, upstream: Upstream, tools: ToolRegistry, lease: Lease) -> None:
+    def __init__(self, settings: Settings, db: Database, agents: Agents, lease: Lease) -> None:
         self.settings = settings
         self.db = db
         self.lease = lease
-        self.upstream = upstream
-        self.tools = tools
+        # Replaced whole on SIGHUP; a round keeps the agent it started with.
+        self.agents = agents
         self.history = HistoryCache(settings.history_cache_tasks, settings.history_max_rounds)
         # Rounds of this process still streaming; a later round of the same task awaits these
         # instead of polling the database.
@@ -113,18 +115,30 @@ class ChatService:
         self._claiming: Counter[str] = Counter()
         lease.works_on = self._works_on
 
-    async def open(self, request: ChatCompletionRequest, task: TaskInfo | None) -> LiveRound | Replay:
+    async def open(self, request: ChatCompletionRequest, task: TaskInfo | None, key: str | None = None) -> LiveRound | Replay:
+        """`key`: the bearer key, which (with the request's `model`) selects the profile."""
         started = time.perf_counter()
-        model = self.settings.upstream_model or request.model
+        agent = self.agents.select(key, request.model)
+        model = agent.model(request.model)
         if not model:
             raise bad_request("`model` is required (or set UPSTREAM_MODEL on the server).", "model_required")
-        call = self._upstream_call(request, model)
+        call = self._upstream_call(request, model, agent)
+        prompt_context = PromptContext(
+            task_id=task.task_id if task else None,
+            user_id=task.user_id if task else None,
+            room_id=task.room_id if task else None,
+            sdk_app_id=task.sdk_app_id if task else None,
+            meta=request.model_extra or {},
+        )
         if task is None:
-            head = [m.to_dict() for m in request.messages]
-            return await self._start(None, head, upstream_messages([], [], head), call, started)
+            messages = [m.to_dict() for m in request.messages]
+            system = agent.system([m for m in messages if m["role"] in ("system", "developer")], prompt_context)
+            head = [m for m in messages if m["role"] not in ("system", "developer")]
+            return await self._start(None, head, upstream_messages(system, [], head), call, started)
 
         turn = split_turn(request.messages)
-        claim = await self._claim(task, turn, model)
+        system = agent.system(turn.system, prompt_context)
+        claim = await self._claim(task, turn, call)
         if claim.replay is not None:
             LLM_ROUNDS.labels("replayed").inc()
             return _replay(claim, claim.replay, call)
@@ -135,26 +149,35 @@ class ChatService:
                 LLM_ROUNDS.labels("replayed").inc()
                 return _replay(claim, answered, call)
             head = _head(claim, turn)
-            history = window(await self._history(claim), self.settings.history_max_rounds, self.settings.history_max_tokens)
-            return await self._start(claim, head, upstream_messages(turn.system, history, head), call, started)
+            limits = agent.profile.history
+            history = window(
+                await self._history(claim),
+                self.settings.history_max_rounds if limits.max_rounds is None else limits.max_rounds,
+                self.settings.history_max_tokens if limits.max_tokens is None else limits.max_tokens,
+            )
+            return await self._start(claim, head, upstream_messages(system, history, head), call, started)
         except asyncio.CancelledError:
-            await self._abandon(claim, turn, model)
+            await self._abandon(claim, turn, call)
             raise
         except BaseException:
             await self.release(claim)
             LLM_ROUNDS.labels("failed").inc()
             raise
 
-    def _upstream_call(self, request: ChatCompletionRequest, model: str) -> UpstreamCall:
+    def _upstream_call(self, request: ChatCompletionRequest, model: str, agent: Agent) -> UpstreamCall:
         client_tools = request.tools or []
         client_names = frozenset(tool.get("function", {}).get("name", "") for tool in client_tools)
-        server_tools = [t for t in self.tools.schemas() if t["function"]["name"] not in client_names]
+        server_tools = [t for t in agent.tools.schemas() if t["function"]["name"] not in client_names]
         return UpstreamCall(
             model=model,
-            params=request.passthrough(),
+            params=agent.params(request.passthrough()),
             include_usage=request.include_usage or not request.stream,
             tools=[*server_tools, *client_tools] or None,
+            registry=agent.tools,
+            upstream=agent.upstream,
             client_tools=client_names,
+            profile=agent.name,
+            upstream_label=agent.upstream_config.label,
         )
 
     async def _start(
@@ -166,7 +189,7 @@ class ChatService:
         started: float,
     ) -> LiveRound:
         LLM_ADDED.observe(time.perf_counter() - started)
-        stream = self.upstream.stream(
+        stream = call.upstream.stream(
             context, model=call.model, params=call.params, include_usage=call.include_usage, tools=call.tools
         )
         try:
@@ -192,21 +215,21 @@ class ChatService:
             completion_id="chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex),
         )
 
-    async def _claim(self, task: TaskInfo, turn: Turn, model: str) -> Claim:
-        claim = await self._claim_once(task, turn, model, take_over_pending=False)
+    async def _claim(self, task: TaskInfo, turn: Turn, call: UpstreamCall) -> Claim:
+        claim = await self._claim_once(task, turn, call, take_over_pending=False)
         if claim.in_flight:
             # A retry while the first attempt still runs (it usually is being cancelled, as the
             # orchestrator gave up on it): wait for it, then replay or redo its round.
             await self._wait_for([claim.round_id])
-            claim = await self._claim_once(task, turn, model, take_over_pending=True)
+            claim = await self._claim_once(task, turn, call, take_over_pending=True)
         return claim
 
-    async def _claim_once(self, task: TaskInfo, turn: Turn, model: str, *, take_over_pending: bool) -> Claim:
+    async def _claim_once(self, task: TaskInfo, turn: Turn, call: UpstreamCall, *, take_over_pending: bool) -> Claim:
         """One claim, counted in `_claiming` until its round is in `_running`: a pending round of
         this process that is in neither (nor waiting for a delayed write) is an orphan."""
         self._claiming[task.task_id] += 1
         try:
-            claim = await self._claim_in_db(task, turn, model, take_over_pending=take_over_pending)
+            claim = await self._claim_in_db(task, turn, call, take_over_pending=take_over_pending)
             if claim.is_new_work:
                 self._running[claim.round_id] = asyncio.Event()
             return claim
@@ -218,7 +241,7 @@ class ChatService:
     def _works_on(self, pending: PendingRound) -> bool:
         return pending.id in self._running or pending.task_id in self._claiming
 
-    async def _claim_in_db(self, task: TaskInfo, turn: Turn, model: str, *, take_over_pending: bool) -> Claim:
+    async def _claim_in_db(self, task: TaskInfo, turn: Turn, call: UpstreamCall, *, take_over_pending: bool) -> Claim:
         max_rounds = self.settings.history_max_rounds
         known = self.history.known(task.task_id)
         owner = self.lease.id
@@ -229,7 +252,7 @@ class ChatService:
             job = self.db.run_autocommit(
                 store.claim_new_round, task, max_rounds=max_rounds, owner=owner, head=head, known=known
             )
-            claim = await self._settled(job, turn, model)
+            claim = await self._settled(job, turn, call)
         if claim is None:
             job = self.db.run(
                 store.claim_round,
@@ -241,7 +264,7 @@ class ChatService:
                 take_over_pending=take_over_pending,
                 continue_round=turn.continues,
             )
-            claim = await self._settled(job, turn, model)
+            claim = await self._settled(job, turn, call)
         if claim is None:
             raise bad_request(
                 "These tool results answer no open tool call: the task's last round did not end in calls of your tools.",
@@ -249,7 +272,7 @@ class ChatService:
             )
         return claim
 
-    async def _settled(self, job: asyncio.Future[Claim | None], turn: Turn, model: str) -> Claim | None:
+    async def _settled(self, job: asyncio.Future[Claim | None], turn: Turn, call: UpstreamCall) -> Claim | None:
         """The claim runs to its end even if the client leaves meanwhile; a round it took is then
         stored as abandoned rather than left pending, which would stall the task's next round."""
         try:
@@ -257,7 +280,7 @@ class ChatService:
         except asyncio.CancelledError:
             claim = await job
             if claim is not None and claim.is_new_work:
-                await self._abandon(claim, turn, model)
+                await self._abandon(claim, turn, call)
             raise
 
     async def _history(self, claim: Claim) -> list[StoredRound]:
@@ -287,9 +310,9 @@ class ChatService:
         messages: list[Msg],
         *,
         interrupted: bool,
-        model: str,
         finish_reason: str | None,
         usage: dict[str, int] | None,
+        call: UpstreamCall,
     ) -> None:
         """Store a claimed round with its messages, and let rounds waiting for it go on. If the
         database cannot be reached, the write is retried in the background (`Lease.retry_later`):
@@ -303,9 +326,11 @@ class ChatService:
                 claim,
                 messages,
                 interrupted=interrupted,
-                model=model,
+                model=call.model,
                 finish_reason=finish_reason,
                 usage=usage,
+                profile=call.profile,
+                upstream=call.upstream_label,
             )
 
         try:
@@ -327,7 +352,7 @@ class ChatService:
         finally:
             self.round_done(claim.round_id)
 
-    async def _abandon(self, claim: Claim, turn: Turn, model: str) -> None:
+    async def _abandon(self, claim: Claim, turn: Turn, call: UpstreamCall) -> None:
         """The client left before the first token: keep what the user said, reply empty."""
         try:
             head = _head(claim, turn)
@@ -338,9 +363,9 @@ class ChatService:
                 claim,
                 [*head, {"role": "assistant", "content": ""}],
                 interrupted=True,
-                model=model,
                 finish_reason=None,
                 usage=None,
+                call=call,
             )
             LLM_ROUNDS.labels("interrupted").inc()
 
@@ -383,9 +408,9 @@ class ChatService:
             finally:
                 self.round_done(claim.round_id)
 
-    async def complete(self, request: ChatCompletionRequest, task: TaskInfo | None) -> dict[str, Any]:
+    async def complete(self, request: ChatCompletionRequest, task: TaskInfo | None, key: str | None = None) -> dict[str, Any]:
         """A non-streaming answer, built from the upstream's stream."""
-        reply = await self.open(request, task)
+        reply = await self.open(request, task, key)
         if isinstance(reply, Replay):
             return completion_body(
                 reply.completion_id, reply.model, reply.text, reply.finish_reason, reply.usage, reply.tool_calls

@@ -473,6 +473,8 @@ def finish_round(
     model: str,
     finish_reason: str | None,
     usage: dict[str, int] | None,
+    profile: str | None = None,
+    upstream: str | None = None,
 ) -> tuple[int, StoredRound] | None:
     """Store the round's messages (those after its stored head; a reopened round's are all
     replaced) and mark it finished; returns the task's new version and the round as the history
@@ -491,6 +493,8 @@ def finish_round(
         "new_finish_reason": finish_reason,
         "new_usage": usage,
         "new_finished_at": _now(),
+        "new_profile": profile,
+        "new_upstream": upstream,
     }
     added = rows[claim.head_stored :]
     if conn.dialect.name == "postgresql" and claim.reopened_status is None:
@@ -566,6 +570,8 @@ _FINISH = (
         tokens=bindparam("new_tokens"),
         model=bindparam("new_model"),
         finish_reason=bindparam("new_finish_reason"),
+        profile=bindparam("new_profile", type_=Round.profile.type),
+        upstream=bindparam("new_upstream", type_=Round.upstream.type),
         usage=bindparam("new_usage", type_=Round.usage.type),
         finished_at=bindparam("new_finished_at", type_=Round.finished_at.type),
     )

@@ -8,10 +8,12 @@ from app.settings import Settings
 from llm_proxy.tools.builtins import builtin_tools
 from llm_proxy.tools.http_tools import load_http_tools
 from llm_proxy.tools.python_tools import load_entry_points, load_modules
-from llm_proxy.tools.registry import ToolRegistry
+from llm_proxy.tools.registry import ToolConfigError, ToolRegistry
 
 
-def load_tools(settings: Settings, http: httpx.AsyncClient) -> ToolRegistry:
+def load_tools(settings: Settings, http: httpx.AsyncClient) -> tuple[ToolRegistry, ToolRegistry]:
+    """Every tool, and the server's default selection of them (TOOLS_ENABLED); a profile may
+    select others from the first."""
     tools = builtin_tools(settings.faq_file) if settings.builtin_tools else []
     tools += load_entry_points()
     tools += load_modules(settings.tools_module_list)
@@ -19,4 +21,9 @@ def load_tools(settings: Settings, http: httpx.AsyncClient) -> ToolRegistry:
         tools += load_http_tools(settings.tools_file, http)
     registry = ToolRegistry(tools, default_timeout_s=settings.tool_timeout_s)
     enabled = settings.tools_enabled_list
-    return registry.narrowed(enabled) if enabled is not None else registry
+    if enabled is None:
+        return registry, registry
+    try:
+        return registry, registry.narrowed(enabled)
+    except ToolConfigError as exc:
+        raise ToolConfigError(f"TOOLS_ENABLED names {exc}") from None

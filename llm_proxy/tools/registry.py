@@ -63,7 +63,7 @@ class ToolRegistry:
         """Only the named tools (an unknown name is a configuration error)."""
         unknown = [name for name in allowed if name not in self._tools]
         if unknown:
-            raise ToolConfigError(f"TOOLS_ENABLED names unknown tools: {', '.join(unknown)}; have: {', '.join(self._tools)}")
+            raise ToolConfigError(f"unknown tools: {', '.join(unknown)}; have: {', '.join(self._tools) or 'none'}")
         return ToolRegistry([self._tools[name] for name in allowed], default_timeout_s=self.default_timeout_s)
 
     def schemas(self) -> list[dict[str, Any]]:

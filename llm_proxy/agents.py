@@ -1,0 +1,118 @@
+"""Profiles bound to what they run with: an upstream client, a tool selection, a system prompt.
+
+`Agents` is built from the loaded profiles at start-up and again on `SIGHUP`; a round keeps the
+`Agent` it started with, so a reload changes new rounds only. Upstream clients are shared by
+every profile that names the same base URL and key, and kept across reloads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from app.errors import bad_request
+from app.settings import Settings
+from llm_proxy.context import Msg
+from llm_proxy.profiles import PromptContext, Profile, Profiles, UpstreamConfig, render
+from llm_proxy.tools.registry import ToolConfigError, ToolRegistry
+from llm_proxy.upstream import Upstream
+
+log = logging.getLogger("trtc.profiles")
+
+
+@dataclass(frozen=True)
+class Agent:
+    profile: Profile
+    upstream: Upstream
+    upstream_config: UpstreamConfig
+    tools: ToolRegistry
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    def model(self, requested: str | None) -> str | None:
+        return self.upstream_config.model or requested
+
+    def params(self, passthrough: dict[str, Any]) -> dict[str, Any]:
+        """The profile's parameter defaults under the request's own values."""
+        return {**self.upstream_config.params, **passthrough} if self.upstream_config.params else passthrough
+
+    def system(self, requested: list[Msg], context: PromptContext) -> list[Msg]:
+        """The system message(s) the upstream gets: the profile's prompt (rendered) and the
+        request's, as `system_prompt_mode` says. `replace`: the profile's instead of the
+        request's (the request's stays when the profile has none); `prepend`/`append`: both,
+        in one message; `ignore`: the request's is dropped."""
+        profile = self.profile
+        mode = profile.system_prompt_mode
+        if profile.system_prompt is None:
+            return [] if mode == "ignore" else requested
+        prompt, missing = render(profile.system_prompt, profile.timezone, context)
+        if missing:
+            log.info("the request has no MetaInfo %s for profile %r's prompt; rendered empty", missing, profile.name)
+        theirs = "\n\n".join(str(m.get("content") or "") for m in requested).strip()
+        if mode in ("replace", "ignore") or not theirs:
+            return [{"role": "system", "content": prompt}]
+        joined = f"{prompt}\n\n{theirs}" if mode == "prepend" else f"{theirs}\n\n{prompt}"
+        return [{"role": "system", "content": joined}]
+
+
+class Agents:
+    def __init__(self, profiles: Profiles, agents: dict[str, Agent]) -> None:
+        self.profiles = profiles
+        self._agents = agents
+
+    @property
+    def keys(self) -> list[str]:
+        return self.profiles.keys
+
+    def select(self, key: str | None, model: str | None) -> Agent:
+        profile = self.profiles.select(key, model)
+        if profile is None:
+            known = ", ".join(self.profiles.model_names()) or "none"
+            raise bad_request(
+                f"No profile serves model {model!r} and the key selects none; the profiles' models: {known}.",
+                "no_profile",
+            )
+        return self._agents[profile.name]
+
+
+class UpstreamClients:
+    """One client per upstream base URL and key, made on first use, kept until shutdown."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._clients: dict[tuple[str, str], Upstream] = {}
+
+    def environment(self) -> UpstreamConfig:
+        settings = self._settings
+        return UpstreamConfig(
+            base_url=settings.upstream_base_url, api_key=settings.upstream_api_key, model=settings.upstream_model or None
+        )
+
+    def get(self, config: UpstreamConfig) -> Upstream:
+        key = (config.base_url, config.api_key)
+        if key not in self._clients:
+            self._clients[key] = Upstream(config.base_url, config.api_key, self._settings.upstream_timeout_s)
+        return self._clients[key]
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+
+
+def build_agents(profiles: Profiles, tools: ToolRegistry, default_tools: ToolRegistry, clients: UpstreamClients) -> Agents:
+    """Bind each profile; a profile naming a tool the registry lacks stops the (re)load."""
+    agents = {}
+    for profile in profiles.all:
+        if profile.fallbacks or profile.first_token_timeout_s or profile.output.speakable:
+            log.warning("profile %r: fallbacks, first_token_timeout_s and output.speakable are not applied by this version",
+                        profile.name)
+        config = profile.upstream or clients.environment()
+        try:
+            selected = default_tools if profile.tools is None else tools.narrowed(profile.tools)
+        except ToolConfigError as exc:
+            raise ToolConfigError(f"profile {profile.name!r}, field tools: {exc}") from None
+        agents[profile.name] = Agent(profile, clients.get(config), config, selected)
+    return Agents(profiles, agents)
