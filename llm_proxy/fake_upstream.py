@@ -9,6 +9,9 @@ by directives in the last user message, so a test scripts the upstream through t
 - `[[status:N]]`: fail with HTTP status N (429, 500, ...) in OpenAI's error shape
 - `[[fail_after:N]]`: send N chunks, then an error event mid-stream
 - `[[no_tools:1]]`: refuse a request that carries `tools` with a 400, as many local servers do
+- `[[think:TEXT]]`: put `<think>TEXT</think>` before the reply, as reasoning models do;
+  `[[reasoning:TEXT]]`: send TEXT as `reasoning_content` deltas first; `[[chunk_chars:N]]`: cut
+  the reply into chunks of N characters instead of words
 - `[[tool:NAME:ARGS]]` (repeatable): call these tools (ARGS as JSON; streamed in fragments the
   way real models do), with `[[say:TEXT]]` streamed first; once results follow the user message
   it answers "Results: ..." with them, unless `[[tool_loop:1]]` makes it call again (and again);
@@ -81,6 +84,11 @@ def _reply_words(directives: dict[str, str], said: str, body: dict[str, Any], ca
         text = " ".join(f"w{i}" for i in range(int(directives["words"])))
     else:
         text = f"You said: {said}"
+    if "think" in directives:
+        text = f"<think>{directives['think']}</think>\n\n{text}"
+    if "chunk_chars" in directives:
+        size = int(directives["chunk_chars"])
+        return [text[start : start + size] for start in range(0, len(text), size)]
     words = text.split(" ")
     return [word if i == 0 else " " + word for i, word in enumerate(words)]
 
@@ -188,6 +196,8 @@ async def _stream(
     try:
         await asyncio.sleep(float(directives.get("first_delay", 0)))
         yield chunk({"role": "assistant", "content": ""})
+        for thought in directives.get("reasoning", "").split():
+            yield chunk({"reasoning_content": thought + " "})
         for word in words:
             if fail_after is not None and sent >= fail_after:
                 yield 'data: {"error": {"message": "fake upstream broke mid-stream", "type": "server_error", "code": "500"}}\n\n'

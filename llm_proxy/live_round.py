@@ -22,6 +22,7 @@ from langchain_core.messages import BaseMessage
 from app.metrics import LLM_ROUNDS
 from llm_proxy.context import Msg, as_langchain
 from llm_proxy.protocol import usage_dict
+from llm_proxy.speech import spoken
 from llm_proxy.store import Claim
 from llm_proxy.tool_calls import CallAccumulator, answer_missing, call_name, run_calls
 from llm_proxy.tools.registry import ToolRegistry
@@ -47,6 +48,16 @@ class UpstreamCall:
     # Recorded with the stored round: which profile and which upstream answered.
     profile: str | None = None
     upstream_label: str | None = None
+    # Take `<think>` blocks out of the text (`speech.spoken`).
+    strip_reasoning: bool = True
+
+    def stream(self, messages: list[BaseMessage], *, tool_choice: str | None = None) -> AsyncGenerator[Delta, None]:
+        """One upstream call of the round, as the client will get its text."""
+        deltas = self.upstream.stream(
+            messages, model=self.model, params=self.params, include_usage=self.include_usage, tools=self.tools,
+            tool_choice=tool_choice,
+        )
+        return spoken(deltas) if self.strip_reasoning else deltas
 
 
 class LiveRound:
@@ -108,13 +119,8 @@ class LiveRound:
                 return
             steps += 1
             last = steps >= self._service.settings.tool_max_steps
-            self._stream = self._call.upstream.stream(
-                [*self._context, *as_langchain(self._produced)],
-                model=self._call.model,
-                params=self._call.params,
-                include_usage=self._call.include_usage,
-                tools=self._call.tools,
-                tool_choice="none" if last else None,
+            self._stream = self._call.stream(
+                [*self._context, *as_langchain(self._produced)], tool_choice="none" if last else None
             )
 
     async def _step_deltas(self) -> AsyncIterator[Delta]:

@@ -178,6 +178,7 @@ class ChatService:
             client_tools=client_names,
             profile=agent.name,
             upstream_label=agent.upstream_config.label,
+            strip_reasoning=agent.profile.output.strip_reasoning,
         )
 
     async def _start(
@@ -189,9 +190,7 @@ class ChatService:
         started: float,
     ) -> LiveRound:
         LLM_ADDED.observe(time.perf_counter() - started)
-        stream = call.upstream.stream(
-            context, model=call.model, params=call.params, include_usage=call.include_usage, tools=call.tools
-        )
+        stream = call.stream(context)
         try:
             first = await anext(stream)
         except StopAsyncIteration:
