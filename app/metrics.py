@@ -29,6 +29,11 @@ LLM_FIRST_TOKEN = Histogram(
     "Request received to first upstream token, as the proxy saw it.",
     buckets=_LATENCY_BUCKETS,
 )
+LLM_FALLBACKS = Counter(
+    "trtc_llm_fallbacks_total",
+    "Rounds handed to a profile's next upstream before the first token, by profile and reason.",
+    ["profile", "reason"],
+)
 LLM_ADDED = Histogram(
     "trtc_llm_added_seconds",
     "Time the proxy spent before calling the upstream (auth, parsing, history, ordering).",

@@ -27,6 +27,8 @@ class Agent:
     upstream: Upstream
     upstream_config: UpstreamConfig
     tools: ToolRegistry
+    # The profile's fallbacks, in order, with their clients.
+    fallbacks: tuple[tuple[UpstreamConfig, Upstream], ...] = ()
 
     @property
     def name(self) -> str:
@@ -35,9 +37,10 @@ class Agent:
     def model(self, requested: str | None) -> str | None:
         return self.upstream_config.model or requested
 
-    def params(self, passthrough: dict[str, Any]) -> dict[str, Any]:
-        """The profile's parameter defaults under the request's own values."""
-        return {**self.upstream_config.params, **passthrough} if self.upstream_config.params else passthrough
+    @staticmethod
+    def params(config: UpstreamConfig, passthrough: dict[str, Any]) -> dict[str, Any]:
+        """An upstream's parameter defaults under the request's own values."""
+        return {**config.params, **passthrough} if config.params else passthrough
 
     def system(self, requested: list[Msg], context: PromptContext) -> list[Msg]:
         """The system message(s) the upstream gets: the profile's prompt (rendered) and the
@@ -106,13 +109,13 @@ def build_agents(profiles: Profiles, tools: ToolRegistry, default_tools: ToolReg
     """Bind each profile; a profile naming a tool the registry lacks stops the (re)load."""
     agents = {}
     for profile in profiles.all:
-        if profile.fallbacks or profile.first_token_timeout_s or profile.output.speakable:
-            log.warning("profile %r: fallbacks, first_token_timeout_s and output.speakable are not applied by this version",
-                        profile.name)
+        if profile.output.speakable:
+            log.warning("profile %r: output.speakable is not applied by this version", profile.name)
         config = profile.upstream or clients.environment()
         try:
             selected = default_tools if profile.tools is None else tools.narrowed(profile.tools)
         except ToolConfigError as exc:
             raise ToolConfigError(f"profile {profile.name!r}, field tools: {exc}") from None
-        agents[profile.name] = Agent(profile, clients.get(config), config, selected)
+        fallbacks = tuple((fallback, clients.get(fallback)) for fallback in profile.fallbacks)
+        agents[profile.name] = Agent(profile, clients.get(config), config, selected, fallbacks)
     return Agents(profiles, agents)

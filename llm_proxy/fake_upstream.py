@@ -1,7 +1,8 @@
 """A fake OpenAI-compatible upstream: for the tests, the benchmark and trying the stack offline.
 
 It answers `/v1/chat/completions` (streaming or not) and `/v1/models`. What it does is steered
-by directives in the last user message, so a test scripts the upstream through the proxy:
+by directives in the last user message (or in the model name), so a test scripts the upstream
+through the proxy:
 
 - `[[reply:some text]]`: answer exactly this text (one chunk per word); default "You said: ..."
 - `[[words:N]]`: answer N numbered words
@@ -50,8 +51,12 @@ def _last_user(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _directives(body: dict[str, Any]) -> tuple[dict[str, str], str]:
+    """The last user message's directives, and those in the model name (which win: a profile's
+    upstreams differ by model, so a test can make one fail and another answer)."""
     content, _after = _last_user(body)
-    return dict(_DIRECTIVE.findall(content)), _DIRECTIVE.sub("", content).strip()
+    directives = dict(_DIRECTIVE.findall(content))
+    directives.update(_DIRECTIVE.findall(str(body.get("model", ""))))
+    return directives, _DIRECTIVE.sub("", content).strip()
 
 
 def _tool_calls(body: dict[str, Any], directives: dict[str, str]) -> list[dict[str, Any]]:

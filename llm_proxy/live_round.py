@@ -50,6 +50,8 @@ class UpstreamCall:
     upstream_label: str | None = None
     # Take `<think>` blocks out of the text (`speech.spoken`).
     strip_reasoning: bool = True
+    # Give up on this upstream (for the profile's next) when no first token came within this.
+    first_token_timeout_s: float | None = None
 
     def stream(self, messages: list[BaseMessage], *, tool_choice: str | None = None) -> AsyncGenerator[Delta, None]:
         """One upstream call of the round, as the client will get its text."""

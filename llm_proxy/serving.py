@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncGenerator, Mapping
 
 import anyio
@@ -25,7 +25,7 @@ from sse_starlette import ServerSentEvent
 from app.db import Database
 from app.errors import ApiError, bad_request
 from app.logs import request_id
-from app.metrics import LLM_ADDED, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
+from app.metrics import LLM_ADDED, LLM_FALLBACKS, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
 from app.settings import Settings
 from llm_proxy import store
 from llm_proxy.context import (
@@ -53,6 +53,10 @@ from llm_proxy.upstream import Delta, Upstream
 log = logging.getLogger("trtc.llm")
 
 _POLL_S = 0.02
+# Failures before the first token after which a profile's next upstream is tried.
+_FALL_BACK_ON = frozenset(
+    {"upstream_unreachable", "upstream_timeout", "upstream_failed", "upstream_rate_limited", "first_token_timeout"}
+)
 # What a write fails with when the database is down or the connection is gone.
 _DATABASE_DOWN = (SQLAlchemyError, OSError)
 
@@ -122,7 +126,8 @@ class ChatService:
         model = agent.model(request.model)
         if not model:
             raise bad_request("`model` is required (or set UPSTREAM_MODEL on the server).", "model_required")
-        call = self._upstream_call(request, model, agent)
+        calls = self._upstream_calls(request, model, agent)
+        call = calls[0]
         prompt_context = PromptContext(
             task_id=task.task_id if task else None,
             user_id=task.user_id if task else None,
@@ -134,7 +139,7 @@ class ChatService:
             messages = [m.to_dict() for m in request.messages]
             system = agent.system([m for m in messages if m["role"] in ("system", "developer")], prompt_context)
             head = [m for m in messages if m["role"] not in ("system", "developer")]
-            return await self._start(None, head, upstream_messages(system, [], head), call, started)
+            return await self._start(None, head, upstream_messages(system, [], head), calls, started)
 
         turn = split_turn(request.messages)
         system = agent.system(turn.system, prompt_context)
@@ -155,7 +160,7 @@ class ChatService:
                 self.settings.history_max_rounds if limits.max_rounds is None else limits.max_rounds,
                 self.settings.history_max_tokens if limits.max_tokens is None else limits.max_tokens,
             )
-            return await self._start(claim, head, upstream_messages(system, history, head), call, started)
+            return await self._start(claim, head, upstream_messages(system, history, head), calls, started)
         except asyncio.CancelledError:
             await self._abandon(claim, turn, call)
             raise
@@ -164,13 +169,15 @@ class ChatService:
             LLM_ROUNDS.labels("failed").inc()
             raise
 
-    def _upstream_call(self, request: ChatCompletionRequest, model: str, agent: Agent) -> UpstreamCall:
+    def _upstream_calls(self, request: ChatCompletionRequest, model: str, agent: Agent) -> list[UpstreamCall]:
+        """The round's call to the profile's upstream, then to each of its fallbacks."""
         client_tools = request.tools or []
         client_names = frozenset(tool.get("function", {}).get("name", "") for tool in client_tools)
         server_tools = [t for t in agent.tools.schemas() if t["function"]["name"] not in client_names]
-        return UpstreamCall(
+        passthrough = request.passthrough()
+        call = UpstreamCall(
             model=model,
-            params=agent.params(request.passthrough()),
+            params=agent.params(agent.upstream_config, passthrough),
             include_usage=request.include_usage or not request.stream,
             tools=[*server_tools, *client_tools] or None,
             registry=agent.tools,
@@ -179,40 +186,64 @@ class ChatService:
             profile=agent.name,
             upstream_label=agent.upstream_config.label,
             strip_reasoning=agent.profile.output.strip_reasoning,
+            first_token_timeout_s=agent.profile.first_token_timeout_s,
         )
+        fallbacks = [
+            replace(
+                call,
+                model=config.model or request.model or model,
+                params=agent.params(config, passthrough),
+                upstream=client,
+                upstream_label=config.label,
+            )
+            for config, client in agent.fallbacks
+        ]
+        return [call, *fallbacks]
 
     async def _start(
         self,
         claim: Claim | None,
         head: list[Msg],
         context: list[BaseMessage],
-        call: UpstreamCall,
+        calls: list[UpstreamCall],
         started: float,
     ) -> LiveRound:
+        """Call the profile's upstreams in turn until one gives its first token: the next is
+        tried when one fails before it (unreachable, 5xx, 429, timeout) or stays silent past
+        `first_token_timeout_s` (the last one is given its full time). Once the first token is
+        out there is no going back: the words are spoken."""
         LLM_ADDED.observe(time.perf_counter() - started)
-        stream = call.stream(context)
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            first = Delta("", "stop")
-        except ApiError as error:
-            LLM_UPSTREAM_ERRORS.labels(error.code or "unknown").inc()
-            raise
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-            raise
-        LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
-        return LiveRound(
-            self,
-            claim=claim,
-            head=head,
-            context=context,
-            call=call,
-            stream=stream,
-            first=first,
-            completion_id="chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex),
-        )
+        for attempt, call in enumerate(calls):
+            last = attempt == len(calls) - 1
+            stream = call.stream(context)
+            try:
+                first = await _first_delta(stream, None if last else call.first_token_timeout_s)
+            except StopAsyncIteration:
+                first = Delta("", "stop")
+            except (ApiError, TimeoutError) as error:
+                await _close_quietly(stream)
+                code = error.code if isinstance(error, ApiError) else "first_token_timeout"
+                LLM_UPSTREAM_ERRORS.labels(code or "unknown").inc()
+                if last or code not in _FALL_BACK_ON:
+                    raise
+                LLM_FALLBACKS.labels(call.profile or "", code).inc()
+                log.warning("upstream %s: %s; trying %s", call.upstream_label, code, calls[attempt + 1].upstream_label)
+                continue
+            except BaseException:
+                await _close_quietly(stream)
+                raise
+            LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
+            return LiveRound(
+                self,
+                claim=claim,
+                head=head,
+                context=context,
+                call=call,
+                stream=stream,
+                first=first,
+                completion_id="chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex),
+            )
+        raise AssertionError("unreachable: the last upstream returns or raises")
 
     async def _claim(self, task: TaskInfo, turn: Turn, call: UpstreamCall) -> Claim:
         claim = await self._claim_once(task, turn, call, take_over_pending=False)
@@ -469,6 +500,20 @@ async def sse_events(reply: LiveRound | Replay) -> AsyncGenerator[bytes, None]:
     finally:
         # Client gone (cancelled, or the generator closed): keep what it received.
         await reply.close("".join(sent), interrupted=True)
+
+
+async def _first_delta(stream: AsyncGenerator[Delta, None], timeout: float | None) -> Delta:
+    if timeout is None:
+        return await anext(stream)
+    return await asyncio.wait_for(anext(stream), timeout)
+
+
+async def _close_quietly(stream: AsyncGenerator[Delta, None]) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except Exception:  # the stream already failed; its error is the one being handled
+            pass
 
 
 def _closing(writer: ChunkWriter, finish_reason: str, usage: dict[str, int] | None) -> list[str]:
