@@ -109,8 +109,6 @@ def build_agents(profiles: Profiles, tools: ToolRegistry, default_tools: ToolReg
     """Bind each profile; a profile naming a tool the registry lacks stops the (re)load."""
     agents = {}
     for profile in profiles.all:
-        if profile.output.speakable:
-            log.warning("profile %r: output.speakable is not applied by this version", profile.name)
         config = profile.upstream or clients.environment()
         try:
             selected = default_tools if profile.tools is None else tools.narrowed(profile.tools)

@@ -4,7 +4,8 @@ It answers `/v1/chat/completions` (streaming or not) and `/v1/models`. What it d
 by directives in the last user message (or in the model name), so a test scripts the upstream
 through the proxy:
 
-- `[[reply:some text]]`: answer exactly this text (one chunk per word); default "You said: ..."
+- `[[reply:some text]]`: answer exactly this text (one chunk per word); default "You said: ...";
+  `[[reply64:BASE64]]` the same for text with brackets (URL-safe base64 of UTF-8)
 - `[[words:N]]`: answer N numbered words
 - `[[first_delay:S]]`, `[[delay:S]]`: seconds before the first chunk, between chunks
 - `[[status:N]]`: fail with HTTP status N (429, 500, ...) in OpenAI's error shape
@@ -26,6 +27,7 @@ answers any GET or POST with what it received, and `/_fail` with a 500: targets 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -85,6 +87,8 @@ def _reply_words(directives: dict[str, str], said: str, body: dict[str, Any], ca
         text = "Results: " + " | ".join(results)
     elif "reply" in directives:
         text = directives["reply"]
+    elif "reply64" in directives:
+        text = base64.urlsafe_b64decode(directives["reply64"]).decode()
     elif "words" in directives:
         text = " ".join(f"w{i}" for i in range(int(directives["words"])))
     else:

@@ -52,6 +52,8 @@ class UpstreamCall:
     strip_reasoning: bool = True
     # Give up on this upstream (for the profile's next) when no first token came within this.
     first_token_timeout_s: float | None = None
+    # Take markdown, emoji and URLs out of the text (`speakable`).
+    speakable: bool = False
 
     def stream(self, messages: list[BaseMessage], *, tool_choice: str | None = None) -> AsyncGenerator[Delta, None]:
         """One upstream call of the round, as the client will get its text."""
@@ -59,7 +61,9 @@ class UpstreamCall:
             messages, model=self.model, params=self.params, include_usage=self.include_usage, tools=self.tools,
             tool_choice=tool_choice,
         )
-        return spoken(deltas) if self.strip_reasoning else deltas
+        if self.strip_reasoning or self.speakable:
+            return spoken(deltas, reasoning=self.strip_reasoning, speakable=self.speakable)
+        return deltas
 
 
 class LiveRound:

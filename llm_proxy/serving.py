@@ -187,6 +187,7 @@ class ChatService:
             upstream_label=agent.upstream_config.label,
             strip_reasoning=agent.profile.output.strip_reasoning,
             first_token_timeout_s=agent.profile.first_token_timeout_s,
+            speakable=agent.profile.output.speakable,
         )
         fallbacks = [
             replace(

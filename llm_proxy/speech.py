@@ -1,18 +1,20 @@
-"""What reaches the speaker: the upstream's text with the model's hidden reasoning taken out.
+"""What reaches the speaker: the upstream's text with the model's hidden reasoning taken out
+(and, for a profile with `output.speakable`, its markdown: `speakable.SpeakableFilter`).
 
 Reasoning models (DeepSeek-R1, Qwen3, ...) write `<think>...</think>` into the content before
 the answer; the orchestrator would read it aloud and the history would keep it. `ThinkFilter`
 removes such spans as the text streams, whatever chunk boundaries cut the tags, holding back only
 the few characters that might still be the start of a tag. (`reasoning_content` deltas never
-become text here: the upstream client keeps only `content`.) `spoken` applies it to a stream of
-deltas and drops the deltas it empties, so the first token the client gets, and the time to it,
-is the first spoken one.
+become text here: the upstream client keeps only `content`.) `spoken` applies the filters to a
+stream of deltas and drops the deltas they empty, so the first token the client gets, and the
+time to it, is the first spoken one.
 """
 
 from __future__ import annotations
 
-from typing import AsyncGenerator
+from typing import AsyncGenerator, Protocol
 
+from llm_proxy.speakable import SpeakableFilter
 from llm_proxy.upstream import Delta
 
 _OPEN, _CLOSE = "<think>", "</think>"
@@ -64,17 +66,42 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
-async def spoken(deltas: AsyncGenerator[Delta, None]) -> AsyncGenerator[Delta, None]:
-    """`deltas` with think blocks removed from their text; deltas left with nothing are dropped."""
-    think = ThinkFilter()
+class _Filter(Protocol):
+    def feed(self, text: str) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class _Chain:
+    def __init__(self, filters: list[_Filter]) -> None:
+        self._filters = filters
+
+    def feed(self, text: str) -> str:
+        for step in self._filters:
+            text = step.feed(text) if text else ""
+        return text
+
+    def flush(self) -> str:
+        text = ""
+        for step in self._filters:
+            text = (step.feed(text) if text else "") + step.flush()
+        return text
+
+
+async def spoken(
+    deltas: AsyncGenerator[Delta, None], *, reasoning: bool = True, speakable: bool = False
+) -> AsyncGenerator[Delta, None]:
+    """`deltas` with think blocks (`reasoning`) and markdown (`speakable`) removed from their
+    text; deltas left with nothing are dropped."""
+    chain = _Chain([f for f in (ThinkFilter() if reasoning else None, SpeakableFilter() if speakable else None) if f])
     try:
         async for delta in deltas:
-            text = think.feed(delta.text) if delta.text else ""
+            text = chain.feed(delta.text) if delta.text else ""
             if delta.finish_reason:
-                text += think.flush()
+                text += chain.flush()
             if text or delta.finish_reason or delta.usage or delta.calls:
                 yield delta if text == delta.text else Delta(text, delta.finish_reason, delta.usage, delta.calls)
-        rest = think.flush()
+        rest = chain.flush()
         if rest:
             yield Delta(rest)
     finally:

@@ -15,6 +15,7 @@ played so far goes to the callback URL, and one more round follows.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 import httpx
 
-from orchestrator.protocol import HEARD, sign
+from orchestrator.protocol import HEARD, TRANSCRIPT, sign
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;。！？；])\s*|\n+")
 QUESTIONS = [
@@ -330,24 +331,43 @@ class Validator:
     # -- interruption -----------------------------------------------------------------------
 
     async def _interrupt(self, reply: str, spoken: list[_Speech]) -> None:
-        """The user interrupts after `interrupt_ms` of playback: a signed 905 with what was played."""
+        """The user interrupts after `interrupt_ms` of playback. As the orchestrator does, a 903
+        with the whole reply and the round's RoundId, then a 905 with the text played so far."""
         options = self.options
         assert options.callback_url and options.interrupt_ms is not None
+        round_id = f"{self.task_id}-1"
         heard = _played_text(spoken, options.interrupt_ms / 1000)
+        for event_type, text in ((TRANSCRIPT, reply), (HEARD, heard)):
+            answered, detail = await self._callback(event_type, {"UserId": "validator-bot", "RoundId": round_id, "Text": text})
+            if event_type == HEARD:
+                detail += f"; heard {heard!r} of {reply!r}"
+            self.report.check(f"a signed {event_type} is answered 200 {{\"code\": 0}} within 5 s", answered, detail)
+
+    async def _callback(self, event_type: int, payload: dict[str, Any]) -> tuple[bool, str]:
+        options = self.options
+        assert options.callback_url is not None
+        now = int(time.time() * 1000)
         body = json.dumps({
-            "EventGroupId": 9, "EventType": HEARD, "CallbackTs": int(time.time() * 1000),
-            "EventInfo": {"EventMsTs": int(time.time() * 1000), "TaskId": self.task_id, "RoomId": "validator-room",
-                          "RoomIdType": 1, "Payload": {"UserId": "validator-bot", "RoundId": f"{self.task_id}-1", "Text": heard}},
+            "EventGroupId": 9, "EventType": event_type, "CallbackTs": now,
+            "EventInfo": {"EventMsTs": now, "TaskId": self.task_id, "RoomId": "validator-room", "RoomIdType": 1,
+                          "Payload": payload},
         }, ensure_ascii=False).encode()
         headers = {"Content-Type": "application/json", "Sign": sign(options.callback_key or "", body), "SdkAppId": "1400000000"}
         started = time.perf_counter()
         try:
             response = await self.http.post(options.callback_url, content=body, headers=headers, timeout=5)
-            answered = response.status_code == 200 and response.json() == {"code": 0}
-            detail = f"HTTP {response.status_code} {response.text[:80]} in {(time.perf_counter() - started) * 1000:.0f} ms; heard {heard!r} of {reply!r}"
-        except (httpx.HTTPError, ValueError) as exc:
-            answered, detail = False, f"{type(exc).__name__}: {exc}"
-        self.report.check("a signed 905 is answered 200 {\"code\": 0} within 5 s", answered, detail)
+        except httpx.HTTPError as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        answered = response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json")
+        answered = answered and response.content.strip() != b"" and _json_or_none(response) == {"code": 0}
+        return answered, f"HTTP {response.status_code} {response.text[:80]} in {(time.perf_counter() - started) * 1000:.0f} ms"
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def _discontinuities(spoken: list[_Speech]) -> int:
@@ -372,11 +392,12 @@ def _played_text(spoken: list[_Speech], seconds: float) -> str:
             said.append(speech.sentence)
             elapsed += speech.seconds
             continue
+        # The word (or CJK character) being spoken counts as heard.
         words = speech.sentence.split(" ")
         share = max(0.0, seconds - elapsed) / speech.seconds if speech.seconds else 0.0
         if len(words) > 1:
-            said.append(" ".join(words[: int(len(words) * share)]))
+            said.append(" ".join(words[: math.ceil(len(words) * share)]))
         else:
-            said.append(speech.sentence[: int(len(speech.sentence) * share)])
+            said.append(speech.sentence[: math.ceil(len(speech.sentence) * share)])
         break
     return " ".join(part for part in said if part)

@@ -51,6 +51,7 @@ def test_this_project_meets_every_requirement(proxy: Proxy) -> None:
     requirements = [check["requirement"] for check in report["checks"]]
     assert "round 1: a retry with the same X-Request-Id is answered" in requirements
     assert 'a signed 905 is answered 200 {"code": 0} within 5 s' in requirements
+    assert 'a signed 903 is answered 200 {"code": 0} within 5 s' in requirements
     [retry] = [c for c in report["checks"] if c["requirement"] == "round 1: a retry with the same X-Request-Id is answered"]
     assert retry["detail"].startswith("the same reply")
     for metrics in report["rounds"]:
