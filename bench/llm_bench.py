@@ -223,11 +223,17 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
         asyncio.run(postgres_execute(url, "VACUUM ANALYZE"))
     fake = FastUpstream(workdir / "upstream.log")
     fake.start()
-    proxy = Proxy(
-        workdir,
-        {"DATABASE_URL": url, "UPSTREAM_BASE_URL": fake.url + "/v1", "API_KEYS": KEY, "LOG_LEVEL": "WARNING",
-         "HISTORY_MAX_ROUNDS": str(HISTORY_ROUNDS), "HISTORY_MAX_TOKENS": "100000"},
-    )
+    env = {"DATABASE_URL": url, "UPSTREAM_BASE_URL": fake.url + "/v1", "API_KEYS": KEY, "LOG_LEVEL": "WARNING",
+           "HISTORY_MAX_ROUNDS": str(HISTORY_ROUNDS), "HISTORY_MAX_TOKENS": "100000"}
+    if args.profile != "implicit":
+        # One profile from a file, with both output filters off or on: what a profile and the
+        # filters cost, beside the implicit profile (which strips reasoning only).
+        config = workdir / "profiles.yaml"
+        flag = "true" if args.profile == "filters-on" else "false"
+        config.write_text("profiles:\n  - name: bench\n    default: true\n"
+                          f"    output: {{strip_reasoning: {flag}, speakable: {flag}}}\n")
+        env["CONFIG_FILE"] = str(config)
+    proxy = Proxy(workdir, env)
     proxy.start("--workers", str(workers), "--only", "llm")
     rows: list[Row] = []
     saturation: list[list[str]] = []
@@ -248,7 +254,7 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
         level(len(task_ids), args.interval, args.interval)
         for n in args.levels:
             p, d, rate, cpu = level(n, args.interval, args.duration * (2 if n == 1 else 1))
-            rows.append(Row(db, workers, n, p, d, rate, cpu))
+            rows.append(Row(db if args.profile == "implicit" else f"{db}, {args.profile}", workers, n, p, d, rate, cpu))
             print(table(HEADER, [rows[-1].cells()]).splitlines()[-1], flush=True)
         for n in args.saturation:
             p, d, rate, _cpu = level(n, args.interval, args.duration)
@@ -281,6 +287,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--profile", choices=["implicit", "filters-off", "filters-on"], default="implicit",
+                        help="the proxy's profile: none (the implicit one), or one from a file with the output filters off or on")
     parser.add_argument("--quick", action="store_true", help="short run: levels 1 and 50, 6 s each")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
