@@ -47,8 +47,7 @@ from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
 from llm_proxy.recovery import Lease, PendingRound
 from llm_proxy.store import Claim, HistoryCopy, TaskInfo
-from llm_proxy.tools.registry import ToolRegistry
-from llm_proxy.upstream import Delta, Upstream
+from llm_proxy.upstream import Delta
 
 log = logging.getLogger("trtc.llm")
 

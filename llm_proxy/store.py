@@ -391,7 +391,7 @@ def _round_messages(conn: Connection, round_id: str) -> list[Msg]:
         .where(Message.round_id == round_id)
         .order_by(Message.position)
     )
-    return [_message(*row) for row in rows]
+    return [message_from_row(*row) for row in rows]
 
 
 def load_history(conn: Connection, task_id: str, before_seq: int, *, max_rounds: int) -> list[StoredRound]:
@@ -447,13 +447,14 @@ def _window(
         if not finished or finished[-1].seq != seq:
             finished.append(StoredRound(seq, tokens, []))
         if role is not None:
-            finished[-1].messages.append(_message(role, content, name, tool_call_id, tool_calls))
+            finished[-1].messages.append(message_from_row(role, content, name, tool_call_id, tool_calls))
     return pending, finished
 
 
-def _message(
+def message_from_row(
     role: str, content: str | None, name: str | None, tool_call_id: str | None, tool_calls: Any
 ) -> Msg:
+    """A stored message as a message dict (without the fields it does not have)."""
     message: Msg = {"role": role, "content": content}
     if name is not None:
         message["name"] = name
@@ -510,7 +511,7 @@ def finish_round(
                 conn.execute(_INSERT_MESSAGES, added)
     if finished is None:
         return None
-    stored = [_message(r["role"], r["content"], r["name"], r["tool_call_id"], r["tool_calls"]) for r in rows]
+    stored = [message_from_row(r["role"], r["content"], r["name"], r["tool_call_id"], r["tool_calls"]) for r in rows]
     return version, StoredRound(claim.seq, tokens, stored)
 
 
@@ -638,7 +639,7 @@ def round_messages(conn: Connection, task_id: str) -> list[dict[str, Any]]:
         .where(Message.round_id.in_(list(by_id)))
         .order_by(Message.round_id, Message.position)
     ):
-        by_id[round_id].append(_message(role, content, name, tool_call_id, tool_calls))
+        by_id[round_id].append(message_from_row(role, content, name, tool_call_id, tool_calls))
     return [
         {
             "id": row.id,

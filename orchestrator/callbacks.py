@@ -28,6 +28,7 @@ from app.metrics import ORCHESTRATOR_COUNTS, ORCHESTRATOR_ERRORS, ORCHESTRATOR_E
 from llm_proxy.context import Msg, message_tokens
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.models import FINISHED_STATUSES, ROUND_INTERRUPTED, Message, Round, Task
+from llm_proxy.store import message_from_row
 from orchestrator import heard as heard_rules
 from orchestrator.models import CallbackEvent as StoredEvent
 from orchestrator.protocol import ERROR_METRIC, HEARD, METRIC, TRANSCRIPT, CallbackEvent
@@ -112,13 +113,7 @@ def _candidates(conn: Connection, task_id: str, trtc_round_id: str | None) -> li
         .where(Message.round_id.in_(list(candidates)))
         .order_by(Message.round_id, Message.position)
     ):
-        message: Msg = {"role": role, "content": content}
-        if name is not None:
-            message["name"] = name
-        if tool_call_id is not None:
-            message["tool_call_id"] = tool_call_id
-        if tool_calls is not None:
-            message["tool_calls"] = tool_calls
+        message = message_from_row(role, content, name, tool_call_id, tool_calls)
         candidates[round_id].messages.append((position, message))
     return [candidates[row.id] for row in rows]
 
