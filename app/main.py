@@ -57,11 +57,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     if settings.serves_llm:
+        from admin.api_router import router as admin_router
         from llm_proxy.api_router import router as llm_router
         from orchestrator.api_router import router as callback_router
 
         app.include_router(llm_router)
         app.include_router(callback_router)
+        app.include_router(admin_router)
     if settings.serves_tts:
         from tts_server.api_router import router as tts_router
 

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     config_file: Path | None = None
 
     api_keys: str = ""
+    # Keys of the admin API (/admin/v1/...), apart from the chat and TTS keys; unset: it is off.
+    admin_api_keys: str = ""
     # Larger chat and TTS bodies get 413. A 50-round history of long turns in escaped CJK is
     # under 1 MB.
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
@@ -101,6 +103,10 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return _split(self.api_keys)
+
+    @property
+    def admin_api_key_list(self) -> list[str]:
+        return _split(self.admin_api_keys)
 
     @property
     def tools_module_list(self) -> list[str]:

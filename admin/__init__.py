@@ -1,0 +1,1 @@
+"""The operators' view: an admin API over the stored conversations."""

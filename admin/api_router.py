@@ -1,0 +1,65 @@
+"""The admin API's routes, behind `ADMIN_API_KEYS` (separate from the chat and TTS keys). With no
+admin key configured the routes do not exist for anyone: every request gets 404."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from admin.queries import TaskFilter, decode_cursor, list_tasks, task_detail
+from app.auth import is_authorized
+from app.errors import ApiError, bad_request, unauthorized
+
+router = APIRouter()
+
+
+def _authorize(request: Request) -> None:
+    keys = request.app.state.settings.admin_api_key_list
+    if not keys:
+        raise ApiError(404, "Not Found", "invalid_request_error", "not_found")
+    if not is_authorized(request.headers.get("authorization"), keys):
+        raise unauthorized("Missing or invalid admin key (Authorization: Bearer <a key from ADMIN_API_KEYS>).")
+
+
+def _moment(request: Request, name: str) -> datetime | None:
+    value = request.query_params.get(name)
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise bad_request(f"`{name}` must be an ISO 8601 time (e.g. 2026-11-27T08:00:00Z), not {value!r}.", "invalid_time") from None
+
+
+@router.get("/admin/v1/tasks")
+async def tasks(request: Request) -> Any:
+    _authorize(request)
+    params = request.query_params
+    try:
+        limit = int(params.get("limit", "50"))
+    except ValueError:
+        raise bad_request("`limit` must be a whole number from 1 to 500.", "invalid_limit") from None
+    if not 1 <= limit <= 500:
+        raise bad_request("`limit` must be a whole number from 1 to 500.", "invalid_limit")
+    try:
+        cursor = decode_cursor(params["cursor"]) if "cursor" in params else None
+    except ValueError:
+        raise bad_request("`cursor` is not one this API handed out.", "invalid_cursor") from None
+    where = TaskFilter(
+        user_id=params.get("user_id"), room_id=params.get("room_id"), sdk_app_id=params.get("sdk_app_id"),
+        since=_moment(request, "since"), until=_moment(request, "until"),
+    )
+    page, next_cursor = await request.app.state.db.run(list_tasks, where, limit, cursor)
+    return JSONResponse({"data": page, "next_cursor": next_cursor})
+
+
+@router.get("/admin/v1/tasks/{task_id:path}")
+async def task(request: Request, task_id: str) -> Any:
+    _authorize(request)
+    detail = await request.app.state.db.run(task_detail, task_id)
+    if detail is None:
+        raise ApiError(404, f"No task {task_id!r}.", "invalid_request_error", "task_not_found")
+    return JSONResponse(detail)
