@@ -50,13 +50,17 @@ class Turn:
     continues: bool = False
 
 
+# The roles of system prompts: the request's own, which the profile may replace.
+SYSTEM_ROLES = ("system", "developer")
+
+
 def split_turn(messages: Sequence[ChatMessage]) -> Turn:
     """System messages come from the request; the new turn is what follows its last assistant
     message. Anything before that is the orchestrator's own copy of the history, which the
     store already holds, so it is dropped rather than sent twice."""
-    system = [m.to_dict() for m in messages if m.role in ("system", "developer")]
+    system = [m.to_dict() for m in messages if m.role in SYSTEM_ROLES]
     last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
-    new = [m.to_dict() for m in messages[last_assistant + 1 :] if m.role not in ("system", "developer")]
+    new = [m.to_dict() for m in messages[last_assistant + 1 :] if m.role not in SYSTEM_ROLES]
     if any(m["role"] == "user" for m in new):
         return Turn(system=system, new=new)
     if new and all(m["role"] == "tool" and m.get("tool_call_id") for m in new):

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncGenerator, Mapping
 
 import anyio
-from sqlalchemy.exc import SQLAlchemyError
 from langchain_core.messages import BaseMessage
+from sqlalchemy.exc import SQLAlchemyError
 from sse_starlette import ServerSentEvent
 
 from app.db import Database
@@ -29,6 +29,7 @@ from app.metrics import LLM_ADDED, LLM_FALLBACKS, LLM_FIRST_TOKEN, LLM_ROUNDS, L
 from app.settings import Settings
 from llm_proxy import store
 from llm_proxy.context import (
+    SYSTEM_ROLES,
     Msg,
     StoredRound,
     Turn,
@@ -39,8 +40,8 @@ from llm_proxy.context import (
     upstream_messages,
     window,
 )
-from llm_proxy.history_cache import HistoryCache
 from llm_proxy.agents import Agent, Agents
+from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall
 from llm_proxy.models import ID_MAX_CHARS
 from llm_proxy.profiles import PromptContext
@@ -136,8 +137,8 @@ class ChatService:
         )
         if task is None:
             messages = [m.to_dict() for m in request.messages]
-            system = agent.system([m for m in messages if m["role"] in ("system", "developer")], prompt_context)
-            head = [m for m in messages if m["role"] not in ("system", "developer")]
+            system = agent.system([m for m in messages if m["role"] in SYSTEM_ROLES], prompt_context)
+            head = [m for m in messages if m["role"] not in SYSTEM_ROLES]
             return await self._start(None, head, upstream_messages(system, [], head), calls, started)
 
         turn = split_turn(request.messages)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import re
 
-_EMOJI = re.compile(
-    "[\U0001f000-\U0001faff\U00002600-\U000027bf\U00002b00-\U00002bff\U0001f1e6-\U0001f1ff\ufe0e\ufe0f\u200d\u20e3]"
-)
+from tts_server.text import EMOJI
+
 _IMAGE = re.compile(r"!\[([^\]\n]*)\]\([^)\n]*\)")
 _LINK = re.compile(r"\[([^\]\n]+)\]\([^)\n]*\)")
 # A URL ends at a space, a bracket or CJK punctuation, and not on a sentence's full stop or comma.
@@ -55,7 +54,7 @@ def _content(text: str, before: str = "") -> str:
     text = _LINK.sub(r"\1", text)
     text = _URL.sub("", text)
     text = _TAG.sub("", text)
-    text = _EMOJI.sub("", text)
+    text = EMOJI.sub("", text)
     text = _MARKS.sub("", text)
     joined, kept, last = before[-1:] + text, [], len(before[-1:])
     for match in _UNDERSCORE.finditer(joined, last):  # looks behind into `before`

@@ -207,7 +207,7 @@ def claim_new_round(
             "request_id": task.request_id,
             "owner": owner,
             "tokens": sum(row["tokens"] for row in rows),
-            "head": [{k: v for k, v in row.items() if k != "round_id"} for row in rows],
+            "head": [_without_round(row) for row in rows],
         },
     ).one()
     if inserted is None:
@@ -377,12 +377,20 @@ def _reopen_last(conn: Connection, task: TaskInfo, owner: str | None) -> Claim |
     return claim
 
 
+def bump_edits(conn: Connection, task_id: str) -> tuple[int, int]:
+    """A finished round of the task is about to change: bump the task's version and edit count
+    (taking its row first, as every writer of rounds does), so every process's history copy is
+    read again; returns both."""
+    version, edits = conn.execute(_BUMP_EDITS, {"task_id": task_id}).one()
+    return version, edits
+
+
 def _reopen(conn: Connection, task_id: str, round_id: str, owner: str | None) -> tuple[int, int]:
     """Set a finished round back to pending, which changes what a later round's context waits
     for; returns the task's new version and edit count."""
-    bumped = conn.execute(_BUMP_EDITS, {"task_id": task_id}).one()
+    bumped = bump_edits(conn, task_id)
     conn.execute(update(Round).where(Round.id == round_id).values(status=ROUND_PENDING, owner=owner))
-    return bumped.version, bumped.edits
+    return bumped
 
 
 def _round_messages(conn: Connection, round_id: str) -> list[Msg]:

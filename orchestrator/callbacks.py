@@ -27,8 +27,8 @@ from app.db import Database
 from app.metrics import ORCHESTRATOR_COUNTS, ORCHESTRATOR_ERRORS, ORCHESTRATOR_EVENTS, ORCHESTRATOR_LATENCIES
 from llm_proxy.context import Msg, message_tokens
 from llm_proxy.history_cache import HistoryCache
-from llm_proxy.models import FINISHED_STATUSES, ROUND_INTERRUPTED, Message, Round, Task
-from llm_proxy.store import message_from_row
+from llm_proxy.models import FINISHED_STATUSES, ROUND_INTERRUPTED, Message, Round
+from llm_proxy.store import bump_edits, message_from_row
 from orchestrator import heard as heard_rules
 from orchestrator.models import CallbackEvent as StoredEvent
 from orchestrator.protocol import ERROR_METRIC, HEARD, METRIC, TRANSCRIPT, CallbackEvent
@@ -140,9 +140,7 @@ def _apply_heard(conn: Connection, task_id: str, trtc_round_id: str | None, text
 def _cut(conn: Connection, task_id: str, candidate: _Candidate, heard: int) -> None:
     """Cut the round's stored reply after `heard` characters. The task row goes first (the
     version and edit bump tell every process's history copy that a finished round changed)."""
-    conn.execute(
-        update(Task).where(Task.id == task_id).values(version=Task.version + 1, edits=Task.edits + 1)
-    )
+    bump_edits(conn, task_id)
     cut = heard_rules.cut_reply([message for _position, message in candidate.messages], heard)
     changed = [
         {"b_round_id": candidate.id, "b_position": position, "b_content": new["content"], "b_tokens": message_tokens(new)}

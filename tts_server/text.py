@@ -20,7 +20,8 @@ _RULE = re.compile(r"^\s*(?:[-*_]\s*){3,}$", re.MULTILINE)
 _TABLE_RULE = re.compile(r"^\s*\|?(?:\s*:?-{2,}:?\s*\|)+\s*:?-*:?\s*$", re.MULTILINE)
 _EMPHASIS = re.compile(r"(\*{1,3}|_{2,3}|~~)(?=\S)(.+?)(?<=\S)\1")
 _LONE_MARKS = re.compile(r"[*`#|~^]+|(?<!\w)_+|_+(?!\w)")
-_EMOJI = re.compile(
+# Emoji and their joiners; also what the chat proxy's `speakable` filter removes.
+EMOJI = re.compile(
     "["
     "\U0001f000-\U0001faff"  # pictographs, emoticons, transport, symbols and pictographs ext.
     "\U00002600-\U000027bf"  # misc symbols, dingbats
@@ -80,7 +81,7 @@ def normalize(text: str) -> str:
     text = _LIST_MARKER.sub("", text)
     for _ in range(2):  # nested emphasis, e.g. ***bold italic*** inside **bold**
         text = _EMPHASIS.sub(r"\2", text)
-    text = _EMOJI.sub("", text)
+    text = EMOJI.sub("", text)
     text = _LONE_MARKS.sub(" ", text)
     text = text.replace("|", " ")
     lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
