@@ -3,16 +3,18 @@ admin key configured the routes do not exist for anyone: every request gets 404.
 
 from __future__ import annotations
 
-from datetime import datetime
+import logging
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from admin.queries import TaskFilter, decode_cursor, list_tasks, task_detail
+from admin.queries import TaskFilter, decode_cursor, list_tasks, stats, task_detail
 from app.auth import is_authorized
 from app.errors import ApiError, bad_request, unauthorized
 
+log = logging.getLogger("trtc.admin")
 router = APIRouter()
 
 
@@ -61,5 +63,41 @@ async def task(request: Request, task_id: str) -> Any:
     _authorize(request)
     detail = await request.app.state.db.run(task_detail, task_id)
     if detail is None:
-        raise ApiError(404, f"No task {task_id!r}.", "invalid_request_error", "task_not_found")
+        raise _no_task(task_id)
     return JSONResponse(detail)
+
+
+@router.delete("/admin/v1/tasks/{task_id:path}")
+async def delete_task(request: Request, task_id: str) -> Any:
+    _authorize(request)
+    if not await request.app.state.lifecycle.delete_tasks([task_id]):
+        raise _no_task(task_id)
+    log.info("admin: deleted task", extra={"task_id": task_id})
+    return JSONResponse({"deleted": {"tasks": [task_id]}})
+
+
+@router.delete("/admin/v1/users/{sdk_app_id}/{user_id:path}")
+async def delete_user(request: Request, sdk_app_id: str, user_id: str) -> Any:
+    """Every task of the user (and what belongs to them). A user with nothing stored is not an
+    error: the request's aim, nothing stored for them, holds."""
+    _authorize(request)
+    gone = await request.app.state.lifecycle.delete_user(sdk_app_id, user_id)
+    log.info("admin: deleted %d task(s) of a user", len(gone), extra={"sdk_app_id": sdk_app_id, "user_id": user_id})
+    return JSONResponse({"deleted": {"tasks": gone}})
+
+
+@router.get("/admin/v1/stats")
+async def round_stats(request: Request) -> Any:
+    _authorize(request)
+    until = _moment(request, "until") or datetime.now(timezone.utc)
+    since = _moment(request, "since") or until - timedelta(hours=24)
+    if not timedelta(0) < until - since <= _STATS_MAX_RANGE:
+        raise bad_request("`since` must come before `until`, at most 31 days before it.", "invalid_range")
+    return JSONResponse(await request.app.state.db.run(stats, since, until))
+
+
+_STATS_MAX_RANGE = timedelta(days=31)
+
+
+def _no_task(task_id: str) -> ApiError:
+    return ApiError(404, f"No task {task_id!r}.", "invalid_request_error", "task_not_found")

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, case, func, literal, or_, select
 from sqlalchemy.engine import Connection
 
-from llm_proxy.models import Message, Round, Task
+from llm_proxy.models import ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Message, Round, Task
 from llm_proxy.store import message_from_row
 from orchestrator.models import CallbackEvent
+from orchestrator.protocol import METRIC
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,30 @@ def list_tasks(conn: Connection, where: TaskFilter, limit: int, cursor: tuple[da
     rows = conn.execute(query.order_by(Task.updated_at.desc(), Task.id.desc()).limit(limit + 1)).mappings().all()
     page = rows[:limit]
     # Counted for this page's tasks only.
+    ids = [row["id"] for row in page]
     counts = {
-        task_id: (rounds, int(interrupted or 0))
-        for task_id, rounds, interrupted in conn.execute(
-            select(Round.task_id, func.count(), func.sum(case((Round.interrupted.is_(True), 1), else_=0)))
-            .where(Round.task_id.in_([row["id"] for row in page]))
+        task_id: (rounds, int(interrupted or 0), int(errors or 0))
+        for task_id, rounds, interrupted, errors in conn.execute(
+            select(
+                Round.task_id,
+                func.count(),
+                func.sum(case((Round.interrupted.is_(True), 1), else_=0)),
+                func.sum(case((Round.error.is_not(None), 1), else_=0)),
+            )
+            .where(Round.task_id.in_(ids))
             .group_by(Round.task_id)
         )
     }
-    data = [{**_task(row), "rounds": counts.get(row["id"], (0, 0))[0], "interrupted": counts.get(row["id"], (0, 0))[1]} for row in page]
+    failed: dict[str, int] = {
+        task_id: count
+        for task_id, count in conn.execute(
+            select(FailedRequest.task_id, func.count()).where(FailedRequest.task_id.in_(ids)).group_by(FailedRequest.task_id)
+        )
+    }
+    data = []
+    for row in page:
+        rounds, interrupted, errors = counts.get(row["id"], (0, 0, 0))
+        data.append({**_task(row), "rounds": rounds, "interrupted": interrupted, "errors": errors + failed.get(row["id"], 0)})
     last = rows[limit - 1] if len(rows) > limit else None
     return data, encode_cursor(last["updated_at"], last["id"]) if last else None
 
@@ -103,6 +120,12 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
     events = conn.execute(
         select(CallbackEvent.__table__).where(CallbackEvent.task_id == task_id).order_by(CallbackEvent.id)
     ).mappings().all()
+    failures = conn.execute(
+        select(FailedRequest.__table__).where(FailedRequest.task_id == task_id).order_by(FailedRequest.id)
+    ).mappings().all()
+    # A metric event (906) may come before the 903 that ties its RoundId to our round.
+    by_trtc_round = {r["trtc_round_id"]: r["id"] for r in rounds if r["trtc_round_id"]}
+    round_of = {e["id"]: e["round_id"] or by_trtc_round.get(e["trtc_round_id"]) for e in events}
     return {
         **_task(task),
         "rounds": [
@@ -120,15 +143,38 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
                 "usage": r["usage"],
                 "started_at": _utc(r["created_at"]).isoformat(),
                 "finished_at": _utc(r["finished_at"]).isoformat() if r["finished_at"] else None,
+                "first_token_ms": r["first_token_ms"],
+                "total_ms": r["total_ms"],
+                "error": r["error"],
                 "messages": messages[r["id"]],
                 # What the user did not hear (event 905 cut it from the stored reply).
                 "unheard": r["unheard"],
-                "events": [_event(e) for e in events if e["round_id"] == r["id"]],
+                "orchestrator_metrics": _metrics([e for e in events if round_of[e["id"]] == r["id"]]),
+                "events": [_event(e) for e in events if round_of[e["id"]] == r["id"]],
             }
             for r in rounds
         ],
-        "events": [_event(e) for e in events if e["round_id"] is None],
+        "failed_requests": [
+            {
+                "request_id": f["request_id"],
+                "code": f["code"],
+                "message": f["message"],
+                "occurred_at": _utc(f["occurred_at"]).isoformat(),
+            }
+            for f in failures
+        ],
+        "events": [_event(e) for e in events if round_of[e["id"]] is None],
     }
+
+
+def _metrics(events: list[Any]) -> dict[str, Any]:
+    """The orchestrator's metrics of a round (event 906: `llm_first_token`, `tts_first_frame_latency`, ...)."""
+    out: dict[str, Any] = {}
+    for event in events:
+        payload = (event["body"].get("EventInfo") or {}).get("Payload") or {}
+        if event["event_type"] == METRIC and isinstance(payload.get("Metric"), str):
+            out[payload["Metric"]] = payload.get("Value")
+    return out
 
 
 def _event(event: Any) -> dict[str, Any]:
@@ -139,3 +185,108 @@ def _event(event: Any) -> dict[str, Any]:
         "payload": (event["body"].get("EventInfo") or {}).get("Payload"),
         "received_at": _utc(event["received_at"]).isoformat(),
     }
+
+
+PERCENTILES = (0.5, 0.9, 0.99)
+
+
+def stats(conn: Connection, since: datetime, until: datetime) -> dict[str, Any]:
+    """Rounds, outcomes and the proxy's time to first token and total time per hour (UTC), and
+    over the whole range. Percentiles are nearest-rank (`percentile_disc` on PostgreSQL, the
+    same rule in Python on SQLite), so both databases give the same numbers."""
+    since, until = _utc(since), _utc(until)
+    dialect = conn.dialect.name
+    hour = _hour(dialect, Round.created_at)
+    in_range = (Round.created_at >= since, Round.created_at < until, Round.status != ROUND_PENDING)
+    counted = (
+        func.count().label("rounds"),
+        func.sum(case((and_(Round.status == ROUND_COMPLETED, Round.error.is_(None)), 1), else_=0)).label("completed"),
+        func.sum(case((and_(Round.status == ROUND_INTERRUPTED, Round.error.is_(None)), 1), else_=0)).label("interrupted"),
+        func.sum(case((Round.error.is_not(None), 1), else_=0)).label("upstream_error"),
+    )
+    hours: dict[str, dict[str, Any]] = {}
+    for row in conn.execute(select(hour.label("hour"), *counted).where(*in_range).group_by(hour)).mappings():
+        hours[_hour_key(row["hour"])] = _counts(row)
+    failed_hour = _hour(dialect, FailedRequest.occurred_at)
+    failed = conn.execute(
+        select(failed_hour, func.count())
+        .where(FailedRequest.occurred_at >= since, FailedRequest.occurred_at < until)
+        .group_by(failed_hour)
+    ).all()
+    for key, count in failed:
+        hours.setdefault(_hour_key(key), _counts(None))["outcomes"]["failed"] = count
+    for key, timings in _percentiles(conn, hour, in_range).items():
+        hours.setdefault(key, _counts(None)).update(timings)
+    total = _counts(conn.execute(select(*counted).where(*in_range)).mappings().one())
+    total["outcomes"]["failed"] = sum(count for _key, count in failed)
+    total.update(_percentiles(conn, None, in_range).get("", _no_timings()))
+    return {
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "total": total,
+        "hours": [{"hour": key, **_no_timings(), **hours[key]} for key in sorted(hours)],
+    }
+
+
+def _hour(dialect: str, column: Any) -> Any:
+    if dialect == "postgresql":
+        return func.date_trunc("hour", func.timezone("UTC", column))
+    return func.strftime("%Y-%m-%d %H:00:00", column)
+
+
+def _hour_key(value: Any) -> str:
+    """An hour as ISO 8601 in UTC, from either database's hour expression."""
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return _utc(moment).isoformat()
+
+
+def _counts(row: Any) -> dict[str, Any]:
+    def get(name: str) -> int:
+        return int(row[name] or 0) if row is not None else 0
+
+    outcomes = {name: get(name) for name in ("completed", "interrupted", "upstream_error")}
+    return {"rounds": get("rounds"), "outcomes": {**outcomes, "failed": 0}}
+
+
+def _no_timings() -> dict[str, Any]:
+    empty = {f"p{round(p * 100)}": None for p in PERCENTILES}
+    return {"first_token_ms": dict(empty), "total_ms": dict(empty)}
+
+
+def _percentiles(conn: Connection, hour: Any | None, in_range: tuple[Any, ...]) -> dict[str, dict[str, Any]]:
+    """Percentiles of both timings, by hour key ("" for the whole range when `hour` is None)."""
+    names = [f"p{round(p * 100)}" for p in PERCENTILES]
+    out: dict[str, dict[str, Any]] = {}
+    if conn.dialect.name == "postgresql":
+        columns = [
+            func.percentile_disc(p).within_group(column).label(f"{metric}_{name}")
+            for metric, column in (("first_token_ms", Round.first_token_ms), ("total_ms", Round.total_ms))
+            for p, name in zip(PERCENTILES, names)
+        ]
+        query = select(*([hour.label("hour")] if hour is not None else []), *columns).where(*in_range)
+        for row in conn.execute(query.group_by(hour) if hour is not None else query).mappings():
+            key = _hour_key(row["hour"]) if hour is not None else ""
+            out[key] = {
+                metric: {name: row[f"{metric}_{name}"] for name in names} for metric in ("first_token_ms", "total_ms")
+            }
+        return out
+    values: dict[str, dict[str, list[int]]] = {}
+    query = select(hour if hour is not None else literal(""), Round.first_token_ms, Round.total_ms).where(*in_range)
+    for key, first_token, total in conn.execute(query):
+        bucket = values.setdefault(_hour_key(key) if hour is not None else "", {"first_token_ms": [], "total_ms": []})
+        if first_token is not None:
+            bucket["first_token_ms"].append(first_token)
+        if total is not None:
+            bucket["total_ms"].append(total)
+    for key, bucket in values.items():
+        out[key] = {
+            metric: {name: _nearest_rank(sorted(series), p) for p, name in zip(PERCENTILES, names)}
+            for metric, series in bucket.items()
+        }
+    return out
+
+
+def _nearest_rank(ordered: list[int], p: float) -> int | None:
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(p * len(ordered)) - 1)]

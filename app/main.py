@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
     import httpx
 
+    from admin.lifecycle import Lifecycle
     from llm_proxy.agents import Agents, UpstreamClients, build_agents
     from llm_proxy.profiles import ConfigError, load_profiles
     from llm_proxy.recovery import Lease
@@ -99,6 +100,10 @@ async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stac
 
     chat = ChatService(settings, db, agents(), lease)
     app.state.chat = chat
+    lifecycle = Lifecycle(db, chat.history, settings.retention_days, settings.retention_interval_s)
+    await lifecycle.start()
+    stack.push_async_callback(lifecycle.stop)
+    app.state.lifecycle = lifecycle
     app.state.callbacks = CallbackService(db, chat.history)
 
     def reload() -> None:

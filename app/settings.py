@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     api_keys: str = ""
     # Keys of the admin API (/admin/v1/...), apart from the chat and TTS keys; unset: it is off.
     admin_api_keys: str = ""
+    # Tasks last active longer ago than this are deleted with all they hold (unset: kept
+    # forever); checked at start and every RETENTION_INTERVAL_S, in small batches.
+    retention_days: float | None = Field(default=None, gt=0)
+    retention_interval_s: float = Field(default=600.0, gt=0)
     # Larger chat and TTS bodies get 413. A 50-round history of long turns in escaped CJK is
     # under 1 MB.
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)

@@ -13,6 +13,7 @@ turn, and what a reopened round already had), the tool calls and results, then t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
 
@@ -23,13 +24,18 @@ from app.metrics import LLM_ROUNDS
 from llm_proxy.context import Msg, as_langchain
 from llm_proxy.protocol import usage_dict
 from llm_proxy.speech import spoken
-from llm_proxy.store import Claim
+from llm_proxy.store import Claim, Failure, RoundTiming
 from llm_proxy.tool_calls import CallAccumulator, answer_missing, call_name, run_calls
 from llm_proxy.tools.registry import ToolRegistry
 from llm_proxy.upstream import Delta, Upstream
 
 if TYPE_CHECKING:
     from llm_proxy.serving import ChatService
+
+
+def elapsed_ms(started: float) -> int:
+    """Milliseconds since `started` (a `time.perf_counter()` reading)."""
+    return round((time.perf_counter() - started) * 1000)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class LiveRound:
         call: UpstreamCall,
         stream: AsyncGenerator[Delta, None],
         first: Delta,
+        started: float,
         completion_id: str,
     ) -> None:
         self._service = service
@@ -86,6 +93,9 @@ class LiveRound:
         self._call = call
         self._stream = stream
         self._first: Delta | None = first
+        # When the request came (perf_counter), and how long its first token took.
+        self._started = started
+        self._first_token_ms = elapsed_ms(started)
         self._closed = False
         # Tool calls and results of this round, and the length of the text streamed before them.
         self._produced: list[Msg] = []
@@ -156,9 +166,10 @@ class LiveRound:
             out.append({"role": "assistant", "content": sent_text[self._consumed :]})
         return out
 
-    async def close(self, sent_text: str, *, interrupted: bool) -> None:
-        """Stop the upstream and store the round with what the client received. Runs once,
-        shielded: it usually runs because the client went away and the task is being cancelled."""
+    async def close(self, sent_text: str, *, interrupted: bool, error: str | None = None) -> None:
+        """Stop the upstream and store the round with what the client received (and `error`,
+        the upstream's code, when it failed mid-reply). Runs once, shielded: it usually runs
+        because the client went away and the task is being cancelled."""
         if self._closed:
             return
         self._closed = True
@@ -175,17 +186,18 @@ class LiveRound:
                     finish_reason=None if interrupted else self.finish_reason,
                     usage=self.usage,
                     call=self._call,
+                    timing=RoundTiming(self._first_token_ms, elapsed_ms(self._started), error),
                 )
             LLM_ROUNDS.labels(outcome).inc()
 
-    async def release(self) -> None:
+    async def release(self, failure: Failure) -> None:
         """Give the round up: the upstream failed before the client got any of it
-        (non-streaming), so the request failed and nothing is kept."""
+        (non-streaming), so the request failed and nothing is kept but the failure."""
         if self._closed:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
             await self._stream.aclose()
             if self._claim is not None:
-                await self._service.release(self._claim)
+                await self._service.release(self._claim, failure)
             LLM_ROUNDS.labels("failed").inc()

@@ -48,6 +48,11 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 class Task(Base):
     __tablename__ = "tasks"
+    __table_args__ = (
+        # The admin list (newest activity first) and retention (oldest first) read this.
+        Index("ix_tasks_updated_at", "updated_at", "id"),
+        Index("ix_tasks_user", "sdk_app_id", "user_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(ID_MAX_CHARS), primary_key=True)
     sdk_app_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
@@ -61,7 +66,8 @@ class Task(Base):
     version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Bumped only when a finished round is changed (taken up again, cut short): while it stays the
     # same, a copy of the history stays right for the rounds it holds, and only newer rounds need
-    # reading.
+    # reading. It starts at a random number, so a task deleted and then created again (same id)
+    # never matches a copy some process still holds of the old one.
     edits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -103,7 +109,13 @@ class Round(Base):
     # Estimated tokens of all the round's messages: the history window sums these.
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The proxy's time from the request to the first token, and to the stored reply (written
+    # by the finish statement itself; null for rounds settled by recovery).
+    first_token_ms: Mapped[int | None] = mapped_column(Integer)
+    total_ms: Mapped[int | None] = mapped_column(Integer)
+    # The upstream's error code when it failed mid-reply (the round is stored interrupted).
+    error: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -121,6 +133,22 @@ class Message(Base):
     tool_call_id: Mapped[str | None] = mapped_column(Text)
     tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     tokens: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class FailedRequest(Base):
+    """A request of a task that failed before its round had an answer (the upstream refused,
+    timed out, ...): the round itself is not kept, so the retry starts clean; this row is what
+    operators see of it."""
+
+    __tablename__ = "failed_requests"
+    __table_args__ = (Index("ix_failed_requests_task", "task_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    request_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
+    code: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(Text)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class Instance(Base):

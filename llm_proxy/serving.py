@@ -42,12 +42,12 @@ from llm_proxy.context import (
 )
 from llm_proxy.agents import Agent, Agents
 from llm_proxy.history_cache import HistoryCache
-from llm_proxy.live_round import LiveRound, UpstreamCall
+from llm_proxy.live_round import LiveRound, UpstreamCall, elapsed_ms
 from llm_proxy.models import ID_MAX_CHARS
 from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
 from llm_proxy.recovery import Lease, PendingRound
-from llm_proxy.store import Claim, HistoryCopy, TaskInfo
+from llm_proxy.store import Claim, Failure, HistoryCopy, RoundTiming, TaskInfo
 from llm_proxy.upstream import Delta
 
 log = logging.getLogger("trtc.llm")
@@ -162,10 +162,10 @@ class ChatService:
             )
             return await self._start(claim, head, upstream_messages(system, history, head), calls, started)
         except asyncio.CancelledError:
-            await self._abandon(claim, turn, call)
+            await self._abandon(claim, turn, call, started)
             raise
-        except BaseException:
-            await self.release(claim)
+        except BaseException as exc:
+            await self.release(claim, failure(exc, task.request_id))
             LLM_ROUNDS.labels("failed").inc()
             raise
 
@@ -242,6 +242,7 @@ class ChatService:
                 call=call,
                 stream=stream,
                 first=first,
+                started=started,
                 completion_id="chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex),
             )
         raise AssertionError("unreachable: the last upstream returns or raises")
@@ -344,6 +345,7 @@ class ChatService:
         finish_reason: str | None,
         usage: dict[str, int] | None,
         call: UpstreamCall,
+        timing: RoundTiming,
     ) -> None:
         """Store a claimed round with its messages, and let rounds waiting for it go on. If the
         database cannot be reached, the write is retried in the background (`Lease.retry_later`):
@@ -362,6 +364,7 @@ class ChatService:
                 usage=usage,
                 profile=call.profile,
                 upstream=call.upstream_label,
+                timing=timing,
             )
 
         try:
@@ -373,8 +376,8 @@ class ChatService:
                 self.lease.retry_later(claim.round_id, finish)
                 return
             if finished is None:
-                log.warning("round %s was settled by another process (this one's lease ran out); its reply is not stored",
-                            claim.round_id)
+                log.warning("round %s is no longer pending (another process settled it when this one's lease ran out, "
+                            "or its task was deleted); its reply is not stored", claim.round_id)
                 self.history.drop(claim.task_id)
             elif claim.reopened_status is not None:
                 self.history.drop(claim.task_id)
@@ -383,7 +386,7 @@ class ChatService:
         finally:
             self.round_done(claim.round_id)
 
-    async def _abandon(self, claim: Claim, turn: Turn, call: UpstreamCall) -> None:
+    async def _abandon(self, claim: Claim, turn: Turn, call: UpstreamCall, started: float | None = None) -> None:
         """The client left before the first token: keep what the user said, reply empty."""
         try:
             head = _head(claim, turn)
@@ -397,6 +400,7 @@ class ChatService:
                 finish_reason=None,
                 usage=None,
                 call=call,
+                timing=RoundTiming(total_ms=None if started is None else elapsed_ms(started)),
             )
             LLM_ROUNDS.labels("interrupted").inc()
 
@@ -429,13 +433,13 @@ class ChatService:
         if event is not None:
             event.set()
 
-    async def release(self, claim: Claim) -> None:
+    async def release(self, claim: Claim, failure: Failure | None = None) -> None:
         with anyio.CancelScope(shield=True):
             try:
-                await self.db.run(store.release_round, claim)
+                await self.db.run(store.release_round, claim, failure)
             except _DATABASE_DOWN as exc:
                 log.error("could not release round %s (%s); retrying in the background", claim.round_id, exc)
-                self.lease.retry_later(claim.round_id, lambda: self.db.run(store.release_round, claim))
+                self.lease.retry_later(claim.round_id, lambda: self.db.run(store.release_round, claim, failure))
             finally:
                 self.round_done(claim.round_id)
 
@@ -454,8 +458,8 @@ class ChatService:
             text = "".join(parts)
             await reply.close(text, interrupted=False)
             stored = True
-        except ApiError:
-            await reply.release()
+        except ApiError as error:
+            await reply.release(failure(error, task.request_id if task else None))
             raise
         finally:
             if not stored:
@@ -496,7 +500,7 @@ async def sse_events(reply: LiveRound | Replay) -> AsyncGenerator[bytes, None]:
         yield _events(*unsent, *_closing(writer, reply.finish_reason, usage))
     except ApiError as error:
         log.warning("upstream failed mid-stream: %s", error.message)
-        await reply.close("".join(sent), interrupted=True)
+        await reply.close("".join(sent), interrupted=True, error=error.code or "upstream_failed")
         yield _events(*unsent, error_event(error))
     finally:
         # Client gone (cancelled, or the generator closed): keep what it received.
@@ -515,6 +519,13 @@ async def _close_quietly(stream: AsyncGenerator[Delta, None]) -> None:
             await stream.aclose()
         except Exception:  # the stream already failed; its error is the one being handled
             pass
+
+
+def failure(exc: BaseException, request_id: str | None) -> Failure:
+    """What operators see of a request that failed before its round had an answer."""
+    if isinstance(exc, ApiError):
+        return Failure(exc.code or exc.type, exc.message, request_id)
+    return Failure("internal_error", type(exc).__name__, request_id)
 
 
 def _closing(writer: ChunkWriter, finish_reason: str, usage: dict[str, int] | None) -> list[str]:

@@ -15,6 +15,7 @@ fell behind is brought up to date by reading only the rounds added since.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ from llm_proxy.models import (
     ROUND_COMPLETED,
     ROUND_INTERRUPTED,
     ROUND_PENDING,
+    FailedRequest,
     Message,
     Round,
     Task,
@@ -47,6 +49,25 @@ class TaskInfo:
     user_id: str | None = None
     room_id: str | None = None
     room_id_type: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    """What operators see of a finished round besides its messages."""
+
+    first_token_ms: int | None = None
+    total_ms: int | None = None
+    # The upstream's error code, when it failed mid-reply.
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a request failed before its round had an answer."""
+
+    code: str
+    message: str | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,13 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def first_edits() -> int:
+    """A new task row's edit count: random, so that a copy of a deleted task's history, still
+    held by some process, never matches the task made again under its id (the copy is checked
+    against the task's version and edits, which a new task would otherwise reach again)."""
+    return secrets.randbelow(1 << 30)
+
+
 def claim_round(
     conn: Connection,
     task: TaskInfo,
@@ -139,7 +167,7 @@ def claim_round(
             "room_id_type": task.room_id_type,
             "last_seq": 1,
             "version": 0,
-            "edits": 0,
+            "edits": first_edits(),
             "created_at": now,
             "updated_at": now,
         },
@@ -203,6 +231,7 @@ def claim_new_round(
             "room_id": task.room_id,
             "room_id_type": task.room_id_type,
             "now": now,
+            "edits": first_edits(),
             "round_id": round_id,
             "request_id": task.request_id,
             "owner": owner,
@@ -272,7 +301,7 @@ def _claim_new_statement() -> Any:
             room_id_type=bindparam("room_id_type", type_=Task.room_id_type.type),
             last_seq=1,
             version=0,
-            edits=0,
+            edits=bindparam("edits", type_=Task.edits.type),
             created_at=bindparam("now", type_=Task.created_at.type),
             updated_at=bindparam("now", type_=Task.updated_at.type),
         )
@@ -484,11 +513,13 @@ def finish_round(
     usage: dict[str, int] | None,
     profile: str | None = None,
     upstream: str | None = None,
+    timing: RoundTiming | None = None,
 ) -> tuple[int, StoredRound] | None:
     """Store the round's messages (those after its stored head; a reopened round's are all
-    replaced) and mark it finished; returns the task's new version and the round as the history
-    window holds it. None: the round was no longer pending, because another process found this
-    one's lease run out and settled it (the settled round stays as it is). On PostgreSQL a new
+    replaced) and mark it finished, with its timing; returns the task's new version and the round
+    as the history window holds it. None: the round was no longer pending, because another
+    process found this one's lease run out and settled it (the settled round stays as it is), or
+    its task was deleted meanwhile (nothing is stored). On PostgreSQL a new
     (not reopened) round is finished in one statement, so the caller may run it outside a
     transaction (`Database.run_autocommit`): one round trip instead of five."""
     rows = message_rows(claim.round_id, messages)
@@ -504,20 +535,24 @@ def finish_round(
         "new_finished_at": _now(),
         "new_profile": profile,
         "new_upstream": upstream,
+        "new_first_token_ms": timing.first_token_ms if timing else None,
+        "new_total_ms": timing.total_ms if timing else None,
+        "new_error": timing.error if timing else None,
     }
     added = rows[claim.head_stored :]
     if conn.dialect.name == "postgresql" and claim.reopened_status is None:
         params = {**finish, "finish_task_id": claim.task_id, "messages": [_without_round(row) for row in added]}
-        version, finished = conn.execute(_finish_new_statement(), params).one()
+        row = conn.execute(_finish_new_statement(), params).first()
+        version, finished = row if row is not None else (None, None)
     else:
-        version = conn.execute(_BUMP_VERSION, {"task_id": claim.task_id}).scalar_one()
-        finished = conn.execute(_FINISH, finish).first()
+        version = conn.execute(_BUMP_VERSION, {"task_id": claim.task_id}).scalar_one_or_none()
+        finished = None if version is None else conn.execute(_FINISH, finish).first()
         if finished is not None:
             if claim.reopened_status is not None:
                 conn.execute(delete(Message).where(Message.round_id == claim.round_id))
             if added:
                 conn.execute(_INSERT_MESSAGES, added)
-    if finished is None:
+    if finished is None or version is None:
         return None
     stored = [message_from_row(r["role"], r["content"], r["name"], r["tool_call_id"], r["tool_calls"]) for r in rows]
     return version, StoredRound(claim.seq, tokens, stored)
@@ -583,6 +618,9 @@ _FINISH = (
         upstream=bindparam("new_upstream", type_=Round.upstream.type),
         usage=bindparam("new_usage", type_=Round.usage.type),
         finished_at=bindparam("new_finished_at", type_=Round.finished_at.type),
+        first_token_ms=bindparam("new_first_token_ms", type_=Round.first_token_ms.type),
+        total_ms=bindparam("new_total_ms", type_=Round.total_ms.type),
+        error=bindparam("new_error", type_=Round.error.type),
     )
     .returning(Round.id)
 )
@@ -625,13 +663,27 @@ def _finish_new_statement() -> Any:
     return select(version.c.version, select(finished.c.id).scalar_subquery().label("finished")).add_cte(messages)
 
 
-def release_round(conn: Connection, claim: Claim) -> None:
+def release_round(conn: Connection, claim: Claim, failure: Failure | None = None) -> None:
     """Undo a claim whose upstream failed before answering: nothing of the round stays
-    (a reopened round goes back to how it was)."""
+    (a reopened round goes back to how it was); the failure is kept for operators."""
     if claim.reopened_status is not None:
         conn.execute(update(Round).where(Round.id == claim.round_id).values(status=claim.reopened_status))
     else:
         conn.execute(delete(Round).where(Round.id == claim.round_id))
+    if failure is not None:
+        # A task deleted meanwhile gets no row (the select finds no task).
+        conn.execute(
+            insert(FailedRequest).from_select(
+                ["task_id", "request_id", "code", "message", "occurred_at"],
+                select(
+                    Task.id,
+                    literal(failure.request_id, FailedRequest.request_id.type),
+                    literal(failure.code[:64], FailedRequest.code.type),
+                    literal(_no_nul(failure.message), FailedRequest.message.type),
+                    literal(_now(), FailedRequest.occurred_at.type),
+                ).where(Task.id == claim.task_id),
+            )
+        )
 
 
 def round_messages(conn: Connection, task_id: str) -> list[dict[str, Any]]:

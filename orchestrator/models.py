@@ -29,4 +29,5 @@ class CallbackEvent(Base):
     round_id: Mapped[str | None] = mapped_column(String(32))
     event_ms_ts: Mapped[int | None] = mapped_column(BigInteger)
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Retention purges events of tasks it never saw by this.
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

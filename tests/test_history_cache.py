@@ -78,8 +78,9 @@ def test_a_claim_reads_only_what_its_copy_lacks(tmp_path) -> None:
             conn, claimed, said, interrupted=False, model="m", finish_reason="stop", usage=None))
         return version
 
-    version = finish(claim())
-    copy = HistoryCopy(version, 1, 0)
+    first = claim()
+    version = finish(first)
+    copy = HistoryCopy(version, 1, first.edits)
     for _ in range(2):  # rounds 2 and 3, served by another process
         finish(claim())
     fourth = claim(copy)
@@ -91,4 +92,29 @@ def test_a_claim_reads_only_what_its_copy_lacks(tmp_path) -> None:
     run_db(url, lambda conn: store.release_round(conn, reopened))
     fifth = claim(copy)
     assert fifth.newer is None and [r.seq for r in fifth.history or []] == [3, 2, 1]
-    assert fifth.edits == 1
+    assert fifth.edits == first.edits + 1
+
+
+def test_a_task_made_again_after_its_deletion_matches_no_old_copy(tmp_path) -> None:
+    """Same id, same number of rounds: the new task's random first edit count tells them apart,
+    so the claim reads the (empty) history instead of trusting a copy of the deleted one."""
+    from admin.lifecycle import delete_tasks
+    from migrations import upgrade
+    from llm_proxy import store
+    from tests.support import run_db
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    upgrade(url)
+    task = store.TaskInfo("t", request_id=None)
+    said = [{"role": "user", "content": "secret"}, {"role": "assistant", "content": "noted"}]
+    old = run_db(url, lambda conn: store.claim_round(conn, task, max_rounds=50))
+    version, _stored = run_db(url, lambda conn: store.finish_round(
+        conn, old, said, interrupted=False, model="m", finish_reason="stop", usage=None))
+    copy = HistoryCopy(version, 1, old.edits)
+    assert run_db(url, lambda conn: delete_tasks(conn, ["t"])) == ["t"]
+    again = run_db(url, lambda conn: store.claim_round(conn, task, max_rounds=50))
+    run_db(url, lambda conn: store.finish_round(
+        conn, again, said, interrupted=False, model="m", finish_reason="stop", usage=None))
+    second = run_db(url, lambda conn: store.claim_round(conn, task, max_rounds=50, known=copy))
+    assert second.seq == 2 and second.edits != copy.edits
+    assert [r.seq for r in second.history or []] == [1]

@@ -1,0 +1,185 @@
+"""Deleting stored conversations: on request (the admin API) and by age (`RETENTION_DAYS`).
+
+A task is deleted in one statement on its row: its rounds, their messages and its failed
+requests go with it by cascade (both databases enforce the foreign keys), and its callback events
+(not tied by a key: they may come before the task does) are deleted beside it. Each process also
+keeps a copy of recent history in memory (`HistoryCache`); a deletion leaves a notice in
+`deletions`, which every process reads every `NOTICE_POLL_S` and drops its copies of those tasks.
+Correctness does not wait for that: a task made again under a deleted id starts with a new random
+`edits`, so no old copy ever matches it, and its first round starts empty.
+
+Retention runs off the request path, in small batches with a pause between them, so a purge of a
+large backlog never holds the database's write lock (SQLite) or many row locks (PostgreSQL) for
+long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import Sequence
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.engine import Connection
+
+from admin.models import Deletion
+from app.db import Database
+from llm_proxy.history_cache import HistoryCache
+from llm_proxy.models import Task
+from orchestrator.models import CallbackEvent
+
+log = logging.getLogger("trtc.admin")
+
+# How often each process reads new deletion notices, and how long a notice is kept. Each read
+# goes back `NOTICE_OVERLAP_S` before the previous one: a notice's time is its writer's clock, and
+# a transaction may commit a while after it took that time.
+NOTICE_POLL_S = 2.0
+NOTICE_OVERLAP_S = 60.0
+NOTICE_KEEP_S = 600.0
+# Tasks per purge transaction, and the pause between two: short enough that a live round's
+# claim never queues long behind a purge.
+PURGE_BATCH = 50
+PURGE_PAUSE_S = 0.05
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def delete_tasks(conn: Connection, task_ids: Sequence[str]) -> list[str]:
+    """Delete these tasks with everything stored for them; returns the ids that existed."""
+    if not task_ids:
+        return []
+    gone = list(conn.execute(delete(Task).where(Task.id.in_(task_ids)).returning(Task.id)).scalars())
+    conn.execute(delete(CallbackEvent).where(CallbackEvent.task_id.in_(task_ids)))
+    if gone:
+        now = _now()
+        conn.execute(insert(Deletion), [{"task_id": task_id, "deleted_at": now} for task_id in gone])
+    return gone
+
+
+def user_task_ids(conn: Connection, sdk_app_id: str, user_id: str, limit: int) -> list[str]:
+    return list(
+        conn.execute(
+            select(Task.id).where(Task.sdk_app_id == sdk_app_id, Task.user_id == user_id).limit(limit)
+        ).scalars()
+    )
+
+
+def expired_task_ids(conn: Connection, cutoff: datetime, limit: int) -> list[str]:
+    return list(
+        conn.execute(select(Task.id).where(Task.updated_at < cutoff).order_by(Task.updated_at).limit(limit)).scalars()
+    )
+
+
+def purge_expired(conn: Connection, cutoff: datetime, limit: int) -> list[str]:
+    """One batch of retention: tasks last active before `cutoff` (checked again in the delete,
+    so a task a round just touched stays), and callback events older than it whose task this
+    server never stored."""
+    candidates = expired_task_ids(conn, cutoff, limit)
+    gone = list(
+        conn.execute(
+            delete(Task).where(Task.id.in_(candidates), Task.updated_at < cutoff).returning(Task.id)
+        ).scalars()
+    ) if candidates else []
+    if gone:
+        conn.execute(delete(CallbackEvent).where(CallbackEvent.task_id.in_(gone)))
+        now = _now()
+        conn.execute(insert(Deletion), [{"task_id": task_id, "deleted_at": now} for task_id in gone])
+    stray = select(CallbackEvent.id).where(
+        CallbackEvent.received_at < cutoff,
+        ~select(Task.id).where(Task.id == CallbackEvent.task_id).exists(),
+    ).limit(limit)
+    conn.execute(delete(CallbackEvent).where(CallbackEvent.id.in_(stray.scalar_subquery())))
+    return gone
+
+
+def deleted_since(conn: Connection, since: datetime) -> list[str]:
+    return list(conn.execute(select(Deletion.task_id).where(Deletion.deleted_at >= since)).scalars())
+
+
+def forget_notices(conn: Connection, older_than: datetime) -> None:
+    conn.execute(delete(Deletion).where(Deletion.deleted_at < older_than))
+
+
+class Lifecycle:
+    """This process's part: deletes on request, drops copies of tasks deleted anywhere, and
+    (with `retention_days`) purges by age every `retention_interval_s`."""
+
+    def __init__(
+        self, db: Database, history: HistoryCache, retention_days: float | None, retention_interval_s: float
+    ) -> None:
+        self._db = db
+        self._history = history
+        self._retention_days = retention_days
+        self._interval_s = retention_interval_s
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._follow_notices(), name="deletion-notices"),
+            asyncio.create_task(self._purge_forever(), name="retention"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def delete_tasks(self, task_ids: Sequence[str]) -> list[str]:
+        gone = await self._db.run(delete_tasks, task_ids)
+        for task_id in gone:
+            self._history.drop(task_id)
+        return gone
+
+    async def delete_user(self, sdk_app_id: str, user_id: str) -> list[str]:
+        """Every task of the user, in batches (a user may have thousands)."""
+        gone: list[str] = []
+        while batch := await self._db.run(user_task_ids, sdk_app_id, user_id, PURGE_BATCH):
+            gone += await self.delete_tasks(batch)
+        return gone
+
+    async def purge(self) -> int:
+        """Run retention to the end, batch by batch; returns how many tasks went."""
+        if self._retention_days is None:
+            return 0
+        cutoff = _now() - timedelta(days=self._retention_days)
+        purged = 0
+        while True:
+            gone = await self._db.run(purge_expired, cutoff, PURGE_BATCH)
+            for task_id in gone:
+                self._history.drop(task_id)
+            purged += len(gone)
+            if len(gone) < PURGE_BATCH:
+                break
+            await asyncio.sleep(PURGE_PAUSE_S)
+        if purged:
+            log.info("retention: deleted %d task(s) last active before %s", purged, cutoff.isoformat())
+        return purged
+
+    async def _follow_notices(self) -> None:
+        # A new process holds no copies yet: only notices from now on concern it.
+        read_at = _now()
+        while True:
+            await asyncio.sleep(NOTICE_POLL_S)
+            now = _now()
+            try:
+                for task_id in await self._db.run(deleted_since, read_at - timedelta(seconds=NOTICE_OVERLAP_S)):
+                    self._history.drop(task_id)
+                read_at = now
+            except Exception as exc:  # the database is down: try again next time
+                log.warning("could not read deletion notices: %s", exc)
+
+    async def _purge_forever(self) -> None:
+        while True:
+            try:
+                await self.purge()
+                await self._db.run(forget_notices, _now() - timedelta(seconds=NOTICE_KEEP_S))
+            except Exception as exc:  # the database is down: try again next time
+                log.warning("retention failed: %s", exc)
+            await asyncio.sleep(self._interval_s)
