@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test test-postgres bench-llm bench-tts bench-soak fake-upstream clean
+.PHONY: install browser run test test-postgres bench-llm bench-tts bench-soak fake-upstream clean
 
 install: $(STAMP)
 
@@ -16,15 +16,26 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# Debian's chromium and chromedriver, for the console's browser test (tests/test_console.py).
+# A machine where they cannot be installed still runs every other test; that one then fails
+# and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		( $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver ) \
+			|| echo "make browser: could not install chromium and chromium-driver; the console's browser test will fail"; \
+	else echo "make browser: no apt-get here; install chromium and chromedriver for the console's browser test"; fi
+
 run: install
 	$(BIN)/trtc-backend db upgrade
 	$(BIN)/trtc-backend serve --host $(HOST) --port $(PORT)
 
-test: install
+test: install browser
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-postgres: install
+test-postgres: install browser
 	TEST_POSTGRES_URL=$${TEST_POSTGRES_URL:-postgresql+asyncpg://postgres@127.0.0.1:5432/test} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench-llm: install

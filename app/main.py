@@ -58,12 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     if settings.serves_llm:
         from admin.api_router import router as admin_router
+        from admin.console_router import router as console_router
         from llm_proxy.api_router import router as llm_router
         from orchestrator.api_router import router as callback_router
 
         app.include_router(llm_router)
         app.include_router(callback_router)
         app.include_router(admin_router)
+        app.include_router(console_router)
     if settings.serves_tts:
         from tts_server.api_router import router as tts_router
 
@@ -139,5 +141,6 @@ async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack
     voices = await asyncio.to_thread(load)
     pool = SynthesisPool(settings.tts_workers)
     stack.callback(pool.close)
-    app.state.tts_api_keys = settings.tts_api_key_list or api_keys
+    # Admin keys open the TTS server too: the console's playground speaks with the operator's key.
+    app.state.tts_api_keys = [*(settings.tts_api_key_list or api_keys), *settings.admin_api_key_list]
     app.state.tts = TtsService(settings, voices, pool)

@@ -5,7 +5,9 @@ Open-loop load, as conversations are: every conversation sends a round every `--
 seconds whether or not its last one finished; rounds alternate between the proxy and the direct
 path. Each task starts with a 50-round history in the store; the direct path sends those 101
 messages (system + 50 rounds) itself. Then a saturation search: the proxy rounds per second at
-which the p99 added TTFT passes 50 ms. Writes its table into docs/benchmarks.md.
+which the p99 added TTFT passes 50 ms. Then retention: the proxy restarted with `RETENTION_DAYS`
+over a backlog of expired tasks, and the same level measured again while it purges them. Writes
+its tables into docs/benchmarks.md.
 
     .venv/bin/python bench/llm_bench.py            # SQLite and PostgreSQL (make bench-llm)
     .venv/bin/python bench/llm_bench.py --quick    # short smoke run
@@ -24,7 +26,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -62,12 +64,12 @@ def _history(task_n: int) -> list[dict]:
     return out
 
 
-def _seed(url: str, task_ids: list[str]) -> None:
-    now = datetime.now(timezone.utc)
+def _seed(url: str, task_ids: list[str], rounds_each: int = HISTORY_ROUNDS, age_days: float = 0) -> None:
+    now = datetime.now(timezone.utc) - timedelta(days=age_days)
     rounds, messages = [], []
     for n, task_id in enumerate(task_ids):
         history = _history(n)
-        for r in range(HISTORY_ROUNDS):
+        for r in range(rounds_each):
             round_id = uuid.uuid4().hex
             pair = history[2 * r: 2 * r + 2]
             rounds.append({"id": round_id, "task_id": task_id, "seq": r + 1, "status": "completed",
@@ -79,7 +81,7 @@ def _seed(url: str, task_ids: list[str]) -> None:
 
     def insert(conn: Connection) -> None:
         conn.execute(Task.__table__.insert(), [
-            {"id": t, "last_seq": HISTORY_ROUNDS, "created_at": now, "updated_at": now} for t in task_ids
+            {"id": t, "last_seq": rounds_each, "created_at": now, "updated_at": now} for t in task_ids
         ])
         conn.execute(Round.__table__.insert(), rounds)
         conn.execute(Message.__table__.insert(), messages)
@@ -213,7 +215,23 @@ HEADER = ["db", "workers", "conversations", "proxy rounds/s", "proxy rounds", "T
           "CPU proxy / proxy round", "CPU upstream / round", "CPU load generator / round", "errors"]
 
 
-def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir: Path) -> tuple[list[Row], list[list[str]]]:
+RETENTION_HEADER = ["db", "workers", "conversations", "expired tasks purged during the level", "purged tasks/s",
+                    "TTFT proxy median, no purge", "TTFT proxy median, purging", "TTFT proxy p99, no purge",
+                    "TTFT proxy p99, purging", "total proxy p99, no purge", "total proxy p99, purging", "errors"]
+
+
+def _count_tasks(prefix: str) -> Callable[[Connection], int]:
+    def count(conn: Connection) -> int:
+        from sqlalchemy import func, select
+
+        return conn.execute(select(func.count()).where(Task.id.like(f"{prefix}%"))).scalar_one()
+
+    return count
+
+
+def bench_db(
+    db: str, url: str, workers: int, args: argparse.Namespace, workdir: Path
+) -> tuple[list[Row], list[list[str]], list[list[str]]]:
     upgrade(url)
     max_conv = max([*args.levels, *args.saturation])
     task_ids = [f"bench-{uuid.uuid4().hex[:8]}-{n}" for n in range(max_conv)]
@@ -237,6 +255,7 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
     proxy.start("--workers", str(workers), "--only", "llm")
     rows: list[Row] = []
     saturation: list[list[str]] = []
+    retention: list[list[str]] = []
     try:
         def cpu_s() -> dict[str, float]:
             return {"proxy": _cpu_s(proxy.pid), "upstream": _cpu_s(fake.pid), "loadgen": time.process_time()}
@@ -264,10 +283,38 @@ def bench_db(db: str, url: str, workers: int, args: argparse.Namespace, workdir:
             print(saturation[-1], flush=True)
             if added_p99 > 0.050:
                 break
+        if args.retention_backlog:
+            retention.append(purging_level(proxy, url, rows, level, args))
     finally:
         proxy.stop()
         fake.stop()
-    return rows, saturation
+    return rows, saturation, retention
+
+
+def purging_level(proxy: Proxy, url: str, rows: list[Row], level: Callable, args: argparse.Namespace) -> list[str]:
+    """The proxy restarted with retention on over a backlog of expired tasks (10 rounds each),
+    warmed up as before, then the last level measured again while the purge runs."""
+    base = rows[-1]
+    prefix = f"expired-{uuid.uuid4().hex[:6]}-"
+    _seed(url, [f"{prefix}{n}" for n in range(args.retention_backlog)], rounds_each=10, age_days=30)
+    proxy.stop()
+    proxy.env.update({"RETENTION_DAYS": "7", "RETENTION_INTERVAL_S": "3600"})
+    proxy.start("--workers", str(base.workers), "--only", "llm")
+    level(base.conversations, args.interval, args.interval)
+    before = run_db(url, _count_tasks(prefix))
+    started = time.perf_counter()
+    p, d, _rate, _cpu = level(base.conversations, args.interval, args.duration)
+    elapsed = time.perf_counter() - started
+    after = run_db(url, _count_tasks(prefix))
+    if after == 0:
+        print(f"warning: the purge finished within the level ({before} tasks); raise --retention-backlog", flush=True)
+    purged = before - after
+    bp = base.proxy
+    cells = [base.db, str(base.workers), str(base.conversations), str(purged), f"{purged / elapsed:.0f}",
+             _ms(statistics.median(bp.ttft)), _ms(statistics.median(p.ttft)), _ms(_p(bp.ttft, 0.99)), _ms(_p(p.ttft, 0.99)),
+             _ms(_p(bp.total, 0.99)), _ms(_p(p.total, 0.99)), str(p.errors + d.errors)]
+    print(cells, flush=True)
+    return cells
 
 
 def _postgres_database(admin_url: str) -> tuple[str, Callable[[], None]]:
@@ -289,29 +336,34 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--profile", choices=["implicit", "filters-off", "filters-on"], default="implicit",
                         help="the proxy's profile: none (the implicit one), or one from a file with the output filters off or on")
+    parser.add_argument("--retention-backlog", type=int, default=20_000,
+                        help="expired tasks (10 rounds each) purged while the last level runs again; 0: skip")
     parser.add_argument("--quick", action="store_true", help="short run: levels 1 and 50, 6 s each")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
     if args.quick:
         args.levels, args.saturation, args.duration = [1, 50], [], 6.0
+        args.retention_backlog = min(args.retention_backlog, 3000)
 
     all_rows: list[Row] = []
     all_saturation: list[list[str]] = []
+    all_retention: list[list[str]] = []
     dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     for db in dbs:
         for workers in args.workers:
             with tempfile.TemporaryDirectory(prefix=f"trtc-bench-{db}-") as tmp:
                 workdir = Path(tmp)
                 if db == "sqlite":
-                    rows, sat = bench_db(db, f"sqlite:///{workdir / 'bench.db'}", workers, args, workdir)
+                    rows, sat, ret = bench_db(db, f"sqlite:///{workdir / 'bench.db'}", workers, args, workdir)
                 else:
                     url, drop = _postgres_database(args.postgres_url)
                     try:
-                        rows, sat = bench_db(db, url, workers, args, workdir)
+                        rows, sat, ret = bench_db(db, url, workers, args, workdir)
                     finally:
                         drop()
                 all_rows += rows
                 all_saturation += sat
+                all_retention += ret
 
     command = "python bench/llm_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     section = "\n".join([
@@ -333,6 +385,12 @@ def main() -> None:
         "",
         table(["db", "workers", "conversations", "proxy rounds/s", "TTFT direct p99", "TTFT proxy p99", "added p99", "errors", "past 50 ms"],
                all_saturation) if all_saturation else "(not run)",
+        "",
+        "Retention (`RETENTION_DAYS`): the proxy restarted over a backlog of expired tasks (10 rounds each, "
+        "30 days old) with `RETENTION_DAYS=7`, warmed up, and the last level above measured again while the "
+        "purge deletes them in batches of 50 tasks; \"no purge\" is that level's row above.",
+        "",
+        table(RETENTION_HEADER, all_retention) if all_retention else "(not run)",
     ])
     print(section)
     if not args.no_write:

@@ -1,0 +1,155 @@
+"""The console in real headless Chromium (Debian's chromium and chromedriver, driven by Selenium):
+sign in, filter the task list, open a conversation with a tool call and an interrupted round, see
+the latency charts, play a TTS sample, delete a task. A machine without the browser fails here
+with the reason (`make browser` installs it); it is never skipped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import CALLBACK_KEY
+from tests.support import Proxy, marker
+from tests.test_admin import ADMIN_KEY, _callback, _chat, _get
+
+# Where the run also saves its screenshot of a conversation (the README's picture).
+SCREENSHOT_ENV = "CONSOLE_SCREENSHOT"
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.fail("Debian's chromium and chromium-driver are not installed: run `make browser` (make test does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never try to download anything
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--autoplay-policy=no-user-gesture-required", "--window-size=1280,1100", f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def console(start_proxy) -> Proxy:
+    return start_proxy({"ADMIN_API_KEYS": ADMIN_KEY, "CALLBACK_SIGN_KEY": CALLBACK_KEY, "BUILTIN_TOOLS": "true"})
+
+
+def _wait(driver: Any, condition: Callable[[Any], Any], what: str, timeout: float = 15) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition, message=f"waiting for {what}")
+
+
+def _visible(driver: Any, selector: str) -> bool:
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.CSS_SELECTOR, selector)
+    return bool(found) and found[0].is_displayed()
+
+
+def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    tag = marker()
+    user, task_id, other_task = f"user-{tag}", f"task-{tag}", f"task-{tag}-other"
+    # Round 1 calls a server tool; round 2 is cut by a 905 to what was heard.
+    _chat(console, task_id, f'{tag} [[say:Let me look.]] [[tool:current_time:{{"timezone": "UTC"}}]]', user)
+    reply = "Sure. The table for two is booked at eight, and I sent the confirmation."
+    _chat(console, task_id, f"{tag} book it [[reply:{reply}]]", user)
+    _callback(console, task_id, 905, {"UserId": "bot", "RoundId": f"r-{tag}", "Text": "Sure."})
+    _callback(console, task_id, 906, {"Metric": "llm_first_token", "Value": 640, "Tag": {"RoundId": f"r-{tag}"}})
+    _chat(console, other_task, f"{tag} hello", f"other-{tag}")
+
+    browser.get(console.url + "/console")
+    _wait(browser, lambda d: _visible(d, "#signin-view"), "the sign-in form")
+    browser.find_element(By.ID, "key").send_keys("not-the-key")
+    browser.find_element(By.ID, "signin-button").click()
+    _wait(browser, lambda d: "refused" in d.find_element(By.ID, "signin-error").text, "a refused key's message")
+    key = browser.find_element(By.ID, "key")
+    key.clear()
+    key.send_keys(ADMIN_KEY)
+    browser.find_element(By.ID, "signin-button").click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'#tasks tr[data-task="{other_task}"]'), "the task list")
+
+    browser.find_element(By.CSS_SELECTOR, '#filters input[name="user_id"]').send_keys(user)
+    browser.find_element(By.ID, "filter").click()
+    _wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, f'#tasks tr[data-task="{other_task}"]'), "the filter")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr")
+    assert [row.get_attribute("data-task") for row in rows] == [task_id]
+    assert rows[0].find_elements(By.TAG_NAME, "td")[5].text == "2"
+
+    rows[0].click()
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rounds .round")) == 2, "the conversation")
+    first, second = browser.find_elements(By.CSS_SELECTOR, "#rounds .round")
+    tool = first.find_element(By.CSS_SELECTOR, "details.tool-call")
+    assert "current_time" in tool.find_element(By.TAG_NAME, "summary").text
+    assert tool.get_attribute("open") is None  # folded
+    assert "interrupted" in second.find_element(By.TAG_NAME, "header").text
+    struck = second.find_element(By.CSS_SELECTOR, ".unheard")
+    assert struck.text.strip() == reply.removeprefix("Sure.").strip()
+    assert struck.value_of_css_property("text-decoration-line") == "line-through"
+    assert second.find_element(By.CSS_SELECTOR, ".heard").text == "Sure."
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#round-latency rect.proxy-ttft")) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#round-latency rect.orchestrator-ttft")) == 1
+    screenshot = tmp_path / "console.png"
+    browser.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get(SCREENSHOT_ENV):
+        shutil.copy(screenshot, os.environ[SCREENSHOT_ENV])
+
+    browser.find_element(By.CSS_SELECTOR, 'a[data-view="latency"]').click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#hourly-chart polyline.hourly-p50"), "the hourly chart")
+    assert "3 rounds" in browser.find_element(By.ID, "stats-total").text
+
+    browser.find_element(By.CSS_SELECTOR, 'a[data-view="tts"]').click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#tts-voice option"), "the voice list")
+    browser.find_element(By.ID, "tts-speak").click()
+    duration = _wait(
+        browser,
+        lambda d: d.execute_script("const a = document.querySelector('#tts-audio'); return isFinite(a.duration) && a.duration;"),
+        "the sample's audio",
+        timeout=30,
+    )
+    assert duration > 1.0  # "Hello! This is how I sound on the phone." is about two seconds
+    assert browser.find_element(By.ID, "first-audio").text.isdigit()
+    assert browser.find_element(By.ID, "tts-error").text == ""
+
+    browser.get(f"{console.url}/console/#task/{task_id}")
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rounds .round")) == 2, "the conversation again")
+    browser.find_element(By.ID, "delete-task").click()
+    _wait(browser, lambda d: _visible(d, "#confirm"), "the confirmation")
+    assert task_id in browser.find_element(By.ID, "confirm-text").text
+    browser.find_element(By.ID, "confirm-ok").click()
+    _wait(browser, lambda d: _visible(d, "#tasks-view"), "the task list after the delete")
+    assert _get(console, f"/admin/v1/tasks/{task_id}").status_code == 404
+    assert _get(console, f"/admin/v1/tasks/{other_task}").status_code == 200
+
+
+def test_console_is_off_without_admin_keys(proxy: Proxy) -> None:
+    for path in ("/console", "/console/", "/console/console.js"):
+        assert httpx.get(proxy.url + path, follow_redirects=False).status_code == 404
+
+
+def test_console_serves_only_its_files_under_a_strict_policy(console: Proxy) -> None:
+    page = httpx.get(console.url + "/console", follow_redirects=True)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert httpx.get(console.url + "/console/../app/settings.py").status_code == 404
+    assert httpx.get(console.url + "/console/secret.txt").status_code == 404
