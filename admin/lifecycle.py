@@ -39,7 +39,7 @@ NOTICE_OVERLAP_S = 60.0
 NOTICE_KEEP_S = 600.0
 # Tasks per purge transaction, and the pause between two: short enough that a live round's
 # claim never queues long behind a purge.
-PURGE_BATCH = 50
+PURGE_BATCH = 10
 PURGE_PAUSE_S = 0.05
 
 
