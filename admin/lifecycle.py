@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Sequence
 
@@ -37,9 +38,14 @@ log = logging.getLogger("trtc.admin")
 NOTICE_POLL_S = 2.0
 NOTICE_OVERLAP_S = 60.0
 NOTICE_KEEP_S = 600.0
-# Tasks per purge transaction, and the pause between two: short enough that a live round's
-# claim never queues long behind a purge.
+# Tasks per purge transaction: it starts at PURGE_BATCH and is scaled after each transaction so
+# the next takes about PURGE_TARGET_S (a task may hold many rounds, and a busy database makes
+# every statement slower), between 1 and PURGE_BATCH_MAX. Between two transactions the purge
+# waits at least PURGE_PAUSE_S and four times the last one's duration, so it takes at most a fifth
+# of the database's time, and a live round's claim queues behind at most one short transaction.
 PURGE_BATCH = 10
+PURGE_BATCH_MAX = 50
+PURGE_TARGET_S = 0.01
 PURGE_PAUSE_S = 0.05
 
 
@@ -150,14 +156,18 @@ class Lifecycle:
             return 0
         cutoff = _now() - timedelta(days=self._retention_days)
         purged = 0
+        batch = PURGE_BATCH
         while True:
-            gone = await self._db.run(purge_expired, cutoff, PURGE_BATCH)
+            started = time.perf_counter()
+            gone = await self._db.run(purge_expired, cutoff, batch)
+            took = time.perf_counter() - started
             for task_id in gone:
                 self._history.drop(task_id)
             purged += len(gone)
-            if len(gone) < PURGE_BATCH:
+            if len(gone) < batch:
                 break
-            await asyncio.sleep(PURGE_PAUSE_S)
+            batch = max(1, min(PURGE_BATCH_MAX, round(batch * PURGE_TARGET_S / max(took, 1e-4))))
+            await asyncio.sleep(max(PURGE_PAUSE_S, 4 * took))
         if purged:
             log.info("retention: deleted %d task(s) last active before %s", purged, cutoff.isoformat())
         return purged

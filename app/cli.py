@@ -19,6 +19,8 @@ db_cli = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrat
 cli.add_typer(db_cli, name="db")
 config_cli = typer.Typer(no_args_is_help=True, help="Agent profiles (CONFIG_FILE).")
 cli.add_typer(config_cli, name="config")
+tts_cli = typer.Typer(no_args_is_help=True, help="The TTS server's text handling.")
+cli.add_typer(tts_cli, name="tts")
 
 
 @cli.command()
@@ -139,6 +141,24 @@ def _check_config(file: Path) -> list[str]:
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
+
+
+@tts_cli.command("normalize")
+def tts_normalize(
+    text: str = typer.Argument(..., help="The text, as the orchestrator would send it."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="en or zh for every piece; default: by script, as the server does."),
+) -> None:
+    """Print what the voice will be given: the pieces the text is cut into, each as it will be said."""
+    from tts_server import text as text_rules
+    from tts_server.verbalize import Verbalizer, lang_for
+
+    if lang not in (None, "en", "zh"):
+        raise typer.BadParameter("--lang takes en or zh")
+    verbalizer = Verbalizer()
+    for piece in text_rules.pieces(text):
+        grammar = lang or lang_for(text_rules.language(piece), "en")
+        spoken = verbalizer(piece, grammar) if grammar in ("en", "zh") else piece  # type: ignore[arg-type]
+        typer.echo(f"[{grammar or '-'}] {spoken}")
 
 
 @db_cli.command("upgrade")

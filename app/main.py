@@ -126,6 +126,7 @@ async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stac
 async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
     from tts_server.pool import SynthesisPool
     from tts_server.serving import TtsService
+    from tts_server.verbalize import Verbalizer
     from tts_server.voices import VoiceRegistry, load_voices
 
     def load() -> VoiceRegistry:
@@ -138,9 +139,12 @@ async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack
         voices.warm_up()
         return voices
 
+    verbalizer = Verbalizer() if settings.tts_normalize else None
     voices = await asyncio.to_thread(load)
+    if verbalizer is not None:
+        await asyncio.to_thread(verbalizer.warm_up)
     pool = SynthesisPool(settings.tts_workers)
     stack.callback(pool.close)
     # Admin keys open the TTS server too: the console's playground speaks with the operator's key.
     app.state.tts_api_keys = [*(settings.tts_api_key_list or api_keys), *settings.admin_api_key_list]
-    app.state.tts = TtsService(settings, voices, pool)
+    app.state.tts = TtsService(settings, voices, pool, verbalizer)

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     tts_queue_timeout_s: float = Field(default=2.0, gt=0)
     tts_cache_mb: int = Field(default=32, ge=0)
     tts_espeak_fallback: bool = True
+    # Numbers, prices, dates, times, units and abbreviations written out as said (English and
+    # Chinese pieces; `trtc-backend tts normalize` shows what a text becomes).
+    tts_normalize: bool = True
 
     # The key the orchestrator signs its server callbacks with (at most 32 letters and digits,
     # chosen in the TRTC console). Unset: /api/v1/trtc/callback refuses every request.

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from admin.lifecycle import PURGE_BATCH  # noqa: E402
+from admin.lifecycle import PURGE_BATCH, PURGE_TARGET_S  # noqa: E402
 from llm_proxy.context import message_tokens  # noqa: E402
 from llm_proxy.models import Message, Round, Task  # noqa: E402
 from migrations import upgrade  # noqa: E402
@@ -393,7 +393,7 @@ def main() -> None:
         f"Retention: the proxy runs with `RETENTION_DAYS=7` and `RETENTION_INTERVAL_S={RETENTION_INTERVAL_S}` "
         "throughout (the rows above include its empty periodic purges). Then a backlog of expired tasks "
         "(10 rounds each, 30 days old) is added, and once the purge has begun on it the last level above is "
-        f"measured again while it deletes them in batches of {PURGE_BATCH} tasks; \"no purge\" is that level's row above.",
+        f"measured again while it deletes them (transactions of {PURGE_BATCH} tasks to start, scaled so each takes about {PURGE_TARGET_S * 1000:g} ms); \"no purge\" is that level's row above.",
         "",
         table(RETENTION_HEADER, all_retention) if all_retention else "(not run)",
     ])

@@ -55,9 +55,12 @@ def test_without_admin_keys_the_admin_api_does_not_exist(proxy: Proxy) -> None:
 
 
 def test_only_admin_keys_open_it(admin: Proxy) -> None:
-    for key in (API_KEY, "nope"):
-        response = _get(admin, "/admin/v1/tasks", key=key)
-        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    """No key, a wrong key and a chat key are all refused, on every route."""
+    for path in ("/admin/v1/tasks", "/admin/v1/tasks/t", "/admin/v1/stats"):
+        assert httpx.get(admin.url + path).status_code == 401
+        for key in (API_KEY, "nope"):
+            response = _get(admin, path, key=key)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_tasks_are_filtered_and_paged(admin: Proxy) -> None:

@@ -21,6 +21,7 @@ from tts_server.audio import PcmEncoder, silence, wav_header
 from tts_server.cache import AudioCache
 from tts_server.pool import FIRST_PIECE, LATER_PIECE, Job, SynthesisPool
 from tts_server.protocol import TtsError, TtsRequest
+from tts_server.verbalize import Lang, Verbalizer, lang_for
 from tts_server.voices import Voice, VoiceRegistry
 
 log = logging.getLogger("trtc.tts")
@@ -33,6 +34,8 @@ SILENCE_S = 0.2
 class Piece:
     text: str
     voice: Voice
+    # The grammar that writes its numbers, prices, dates... out as said (`verbalize`); None: as written.
+    lang: Lang | None = None
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,14 @@ class _Renderer:
     """Synthesizes and encodes one stream's pieces in order (in the pool's threads, one at a
     time), keeping one resampler per voice rate so the audio stays continuous across pieces."""
 
-    def __init__(self, request: TtsRequest) -> None:
+    def __init__(self, request: TtsRequest, verbalizer: Verbalizer | None) -> None:
         self._request = request
+        self._verbalizer = verbalizer
         self._encoder: PcmEncoder | None = None
         self._source_rate = 0
 
     def render(self, piece: Piece, *, last: bool) -> bytes:
-        samples = piece.voice.synthesize(piece.text)
+        samples = piece.voice.synthesize(spoken_text(piece, self._verbalizer))
         TTS_PIECES.inc()
         out = b""
         if piece.voice.info.sample_rate != self._source_rate:
@@ -67,11 +71,21 @@ class _Renderer:
         return out
 
 
+def spoken_text(piece: Piece, verbalizer: Verbalizer | None) -> str:
+    """What the voice is given for a piece. Runs in a synthesis thread: the grammars take a few ms."""
+    if verbalizer is None or piece.lang is None:
+        return piece.text
+    return verbalizer(piece.text, piece.lang)
+
+
 class TtsService:
-    def __init__(self, settings: Settings, voices: VoiceRegistry, pool: SynthesisPool) -> None:
+    def __init__(
+        self, settings: Settings, voices: VoiceRegistry, pool: SynthesisPool, verbalizer: Verbalizer | None = None
+    ) -> None:
         self.settings = settings
         self.voices = voices
         self.pool = pool
+        self.verbalizer = verbalizer
         self.cache = AudioCache(settings.tts_cache_mb * 1024 * 1024)
         self._key_voices = settings.tts_key_voice_map
 
@@ -100,7 +114,7 @@ class TtsService:
                     f"No installed voice speaks {family!r} (the text {piece[:30]!r}); add a piper voice for it "
                     "to VOICES_DIR, or turn on TTS_ESPEAK_FALLBACK.",
                 )
-            planned.append(Piece(piece, speaker))
+            planned.append(Piece(piece, speaker, lang_for(family, speaker.info.language)))
         return planned
 
     async def open(self, request: TtsRequest, voice: Voice) -> Speech:
@@ -118,7 +132,7 @@ class TtsService:
             # Only emoji, a URL, markup: a moment of silence, never a 200 without audio.
             TTS_STREAMS.labels("empty").inc()
             return Speech(voices, _once(header + silence(request.sample_rate, request.channel, SILENCE_S)))
-        renderer = _Renderer(request)
+        renderer = _Renderer(request, self.verbalizer)
         first = await self._first_piece(renderer, pieces)
         TTS_FIRST_AUDIO.observe(time.perf_counter() - started)
         return Speech(voices, self._stream(renderer, pieces, header, first, key))

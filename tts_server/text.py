@@ -34,9 +34,16 @@ _SPACES = re.compile(r"[ \t\r\f\v]+")
 # Control characters (NUL and the like) that no engine should be handed; tabs and newlines stay.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
-# Sentence ends (Western and CJK), then clause marks a long first sentence may be cut at.
-_SENTENCE_END = re.compile(r"(?<=[.!?…。！？；;])[\"'”’)）」』]*\s*|\n+")
-_CLAUSE_END = re.compile(r"(?<=[,:，、：—–])\s*")
+# Sentence ends, then clause marks a long first sentence may be cut at. A Western mark ends a
+# sentence or clause only before a space (or the end): "3.14", "$12.50", "3:30" and "1,234" stay
+# whole, so a piece never ends inside what `verbalize` reads as one number. CJK marks need no space.
+_SENTENCE_END = re.compile(r"[.!?…;][\"'”’)）」』]*(?:\s+|$)|[。！？；][\"'”’)）」』]*\s*|\n+")
+_CLAUSE_END = re.compile(r"[,:—–]\s+|[，、：]\s*")
+# Abbreviations whose period ends no sentence ("Dr. Smith", "No. 5").
+_ABBREVIATION = re.compile(r"(?:^|\s)(?:Dr|Mr|Mrs|Ms|St|No|Prof|Jr|Sr|vs|etc|e\.g|i\.e|[A-Z])\.$")
+# A CJK first piece cut by length moves its cut past a number with what belongs to it
+# ("2026年11月27日", "3:30", "12.5元"), or past a Latin word.
+_RUN = re.compile(r"[0-9][0-9.,:%/+\-年月日号时点分秒元角]*|[A-Za-z]+")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HANGUL = re.compile(r"[\uac00-\ud7af\u1100-\u11ff\u3130-\u318f]")
@@ -91,12 +98,24 @@ def normalize(text: str) -> str:
 def pieces(text: str) -> list[str]:
     """Normalized text cut into sentences, the first one shortened to a clause: each piece is
     synthesized and streamed on its own, so the first audio never waits for the whole text."""
-    sentences = [s.strip() for s in _SENTENCE_END.split(normalize(text))]
+    sentences = [s.strip() for s in _sentences(normalize(text))]
     sentences = [s for s in sentences if s and _WORD.search(s)]
     if not sentences:
         return []
     head, rest = _split_first(sentences[0])
     return [head, *([rest] if rest else []), *sentences[1:]]
+
+
+def _sentences(text: str) -> list[str]:
+    out: list[str] = []
+    start = 0
+    for end in _SENTENCE_END.finditer(text):
+        if end.group().startswith(".") and _ABBREVIATION.search(text[start : end.start() + 1]):
+            continue
+        out.append(text[start : end.end()])
+        start = end.end()
+    out.append(text[start:])
+    return out
 
 
 def _split_first(sentence: str) -> tuple[str, str]:
@@ -106,13 +125,14 @@ def _split_first(sentence: str) -> tuple[str, str]:
         return sentence, ""
     # The first clause mark past a few words, if it comes before twice the limit.
     for match in _CLAUSE_END.finditer(sentence):
-        head = sentence[: match.start()].strip()
+        head = sentence[: match.start() + 1].strip()
         if _length(head, cjk) >= limit // 2:
             if _length(head, cjk) <= limit * 2:
                 return head, sentence[match.end() :].strip()
             break
     if cjk:
-        return sentence[:limit].strip(), sentence[limit:].strip()
+        cut = next((run.end() for run in _RUN.finditer(sentence) if run.start() < limit < run.end()), limit)
+        return sentence[:cut].strip(), sentence[cut:].strip()
     words = sentence.split(" ")
     return " ".join(words[:limit]), " ".join(words[limit:])
 
