@@ -58,15 +58,17 @@ _MONTH_DAY = re.compile(r"(?<![\d/])(0?[1-9]|1[0-2])/(0[1-9]|[12]\d|3[01])(?![\d
 _TWENTY_FOUR_SEVEN = re.compile(r"\b24/7\b")
 _DECADE = re.compile(r"\b(1[0-9]|20)([1-9]0)s\b")
 _ROUND_THOUSANDS = re.compile(r"(?<![\d,.])([1-9])000(?![\d,.])")
-# Phone numbers (+country, groups split by spaces or hyphens) and long digit runs: one digit at
-# a time, a pause between groups.
-_PHONE = re.compile(r"(?<![\w.,])\+?\d{1,4}(?:[ -]\d{2,4}){2,}(?!\w|[.,]\d)")
+# Phone numbers (+country, groups split by spaces or hyphens; not an ISO date) and long digit
+# runs: one digit at a time, a pause between groups.
+_PHONE = re.compile(r"(?<![\w.,])(?!\d{4}-\d{1,2}-\d{1,2}(?!\d))\+?\d{1,4}(?:[ -]\d{2,4}){2,}(?!\w|[.,]\d)")
 _DIGIT_RUN = re.compile(r"(?<![\w.,])\d{7,}(?!\w|[.,]\d)")
 _ID_EN = re.compile(r"(?:#|\b(?:ID|id|No\.|code|order|PIN|pin)\s?#?)\s?(\d{3,})\b")
 _NUMBER_SIGN_EN = re.compile(r"\bNo\.\s?(?=\d)")
 _SAINT = re.compile(r"\bSt\.\s(?=[A-Z])")
 _METRES = re.compile(r"(\d)\s?m\b(?!/)")
 _WORD_DASH_NUMBER = re.compile(r"(?<=[A-Za-z])-(?=\d)")
+# A leading plus or at sign before a number (which the grammar cannot take).
+_SIGNED = re.compile(r"(?<![\w+])[+@](?=\d)")
 _ID_ZH = re.compile(r"(?:订单号|编号|单号|账号|工号|验证码|ID|#)\s?(\d{3,})")
 
 
@@ -115,6 +117,7 @@ def _glue_en(text: str) -> str:
     text = _SAINT.sub("Saint ", text)
     text = _METRES.sub(r"\1 meters", text)
     text = _WORD_DASH_NUMBER.sub(" ", text)
+    text = _SIGNED.sub(lambda m: "plus " if m.group(0) == "+" else "at ", text)
     for abbreviation, spoken in _ABBREVIATIONS_EN.items():
         text = text.replace(abbreviation, spoken)
     return text
