@@ -11,11 +11,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
+from tts_server.codecs import CONTENT_TYPES, encoded_rate
+
 log = logging.getLogger("trtc.tts")
 
-CONTENT_TYPES = {"pcm": "audio/L16", "wav": "audio/wav"}
-# Named by the protocol as future formats; no encoder for them ships with this server.
-UNSUPPORTED_FORMATS = {"mp3", "ogg_opus"}
 MIN_RATE, MAX_RATE = 8000, 48000
 
 
@@ -36,7 +35,7 @@ class TtsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     text: str = Field(alias="Text")
-    format: Literal["pcm", "wav"] = Field(default="wav", alias="Format")
+    format: Literal["pcm", "wav", "mp3", "ogg_opus"] = Field(default="wav", alias="Format")
     sample_rate: int = Field(default=16000, alias="SampleRate", ge=MIN_RATE, le=MAX_RATE)
     channel: Literal[1, 2] = Field(default=1, alias="Channel")
     voice: str | None = Field(default=None, alias="Voice")
@@ -49,6 +48,12 @@ class TtsRequest(BaseModel):
     @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.format]
+
+    @property
+    def rate(self) -> int:
+        """The rate the audio is encoded at: the requested one, or for MP3 and Opus the next the
+        codec takes (`codecs.encoded_rate`)."""
+        return encoded_rate(self.format, self.sample_rate)
 
 
 def parse_request(raw: bytes) -> TtsRequest:
@@ -65,11 +70,6 @@ def parse_request(raw: bytes) -> TtsRequest:
     text = body.get("Text")
     if not isinstance(text, str) or not text.strip():
         raise TtsError(400, "MISSING_TEXT", "`Text` is required and must be a non-empty string.")
-    fmt = body.get("Format")
-    if isinstance(fmt, str) and fmt.lower() in UNSUPPORTED_FORMATS:
-        raise TtsError(
-            400, "UNSUPPORTED_FORMAT", f"Format {fmt!r} is not supported by this server; use one of: pcm, wav."
-        )
     try:
         return TtsRequest.model_validate(body)
     except ValidationError as exc:
@@ -89,7 +89,7 @@ def _error_code(exc: ValidationError) -> str:
 
 def _describe(exc: ValidationError) -> str:
     hints = {
-        "Format": "`Format` must be 'pcm' or 'wav'",
+        "Format": "`Format` must be 'pcm', 'wav', 'mp3' or 'ogg_opus'",
         "SampleRate": f"`SampleRate` must be an integer from {MIN_RATE} to {MAX_RATE}",
         "Channel": "`Channel` must be 1 or 2",
     }

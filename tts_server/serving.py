@@ -17,7 +17,8 @@ from typing import AsyncIterator, Hashable
 from app.metrics import TTS_FIRST_AUDIO, TTS_PIECES, TTS_STREAMS
 from app.settings import Settings
 from tts_server import text as text_rules
-from tts_server.audio import PcmEncoder, silence, wav_header
+from tts_server.audio import PcmEncoder, silence
+from tts_server.codecs import open_codec
 from tts_server.cache import AudioCache
 from tts_server.pool import FIRST_PIECE, LATER_PIECE, Job, SynthesisPool
 from tts_server.protocol import TtsError, TtsRequest
@@ -54,6 +55,7 @@ class _Renderer:
         self._verbalizer = verbalizer
         self._encoder: PcmEncoder | None = None
         self._source_rate = 0
+        self._codec = open_codec(request.format, request.rate, request.channel)
 
     def render(self, piece: Piece, *, last: bool) -> bytes:
         samples = piece.voice.synthesize(spoken_text(piece, self._verbalizer))
@@ -63,12 +65,17 @@ class _Renderer:
             if self._encoder is not None:
                 out += self._encoder.flush()
             self._source_rate = piece.voice.info.sample_rate
-            self._encoder = PcmEncoder(self._source_rate, self._request.sample_rate, self._request.channel)
+            self._encoder = PcmEncoder(self._source_rate, self._codec.rate, self._request.channel)
         assert self._encoder is not None
         out += self._encoder.encode(samples)
         if last:
             out += self._encoder.flush()
-        return out
+        encoded = self._codec.encode(out)
+        return encoded + self._codec.flush() if last else encoded
+
+    def silence(self, seconds: float) -> bytes:
+        """The whole stream as a moment of silence (a text with nothing speakable in it)."""
+        return self._codec.encode(silence(self._codec.rate, self._request.channel, seconds)) + self._codec.flush()
 
 
 def spoken_text(piece: Piece, verbalizer: Verbalizer | None) -> str:
@@ -122,20 +129,19 @@ class TtsService:
         pieces = self.plan(request, voice)
         voices = list(dict.fromkeys(piece.voice.info.name for piece in pieces)) or [voice.info.name]
         key: Hashable = (voice.info.name, request.text, request.sample_rate, request.channel, request.format)
-        header = wav_header(request.sample_rate, request.channel) if request.format == "wav" else b""
         cached = self.cache.get(key)
         if cached is not None:
             TTS_STREAMS.labels("cached").inc()
             TTS_FIRST_AUDIO.observe(time.perf_counter() - started)
-            return Speech(voices, _once(header + cached))
+            return Speech(voices, _once(cached))
+        renderer = _Renderer(request, self.verbalizer)
         if not pieces:
             # Only emoji, a URL, markup: a moment of silence, never a 200 without audio.
             TTS_STREAMS.labels("empty").inc()
-            return Speech(voices, _once(header + silence(request.sample_rate, request.channel, SILENCE_S)))
-        renderer = _Renderer(request, self.verbalizer)
+            return Speech(voices, _once(renderer.silence(SILENCE_S)))
         first = await self._first_piece(renderer, pieces)
         TTS_FIRST_AUDIO.observe(time.perf_counter() - started)
-        return Speech(voices, self._stream(renderer, pieces, header, first, key))
+        return Speech(voices, self._stream(renderer, pieces, first, key))
 
     async def _first_piece(self, renderer: _Renderer, pieces: list[Piece]) -> bytes:
         job = self.pool.submit(lambda: renderer.render(pieces[0], last=len(pieces) == 1), FIRST_PIECE)
@@ -159,16 +165,14 @@ class TtsService:
             log.exception("synthesis failed", exc_info=exc)
             raise TtsError(500, "ENGINE_FAILURE", f"Speech synthesis failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _stream(
-        self, renderer: _Renderer, pieces: list[Piece], header: bytes, first: bytes, key: Hashable
-    ) -> AsyncIterator[bytes]:
+    async def _stream(self, renderer: _Renderer, pieces: list[Piece], first: bytes, key: Hashable) -> AsyncIterator[bytes]:
         sent: list[bytes] = [first]
         job = None
         outcome = "cancelled"
         try:
             if len(pieces) > 1:
                 job = self._submit(renderer, pieces, 1)
-            yield header + first
+            yield first
             for index in range(1, len(pieces)):
                 assert job is not None
                 audio = await job.result
