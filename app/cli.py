@@ -21,6 +21,8 @@ config_cli = typer.Typer(no_args_is_help=True, help="Agent profiles (CONFIG_FILE
 cli.add_typer(config_cli, name="config")
 tts_cli = typer.Typer(no_args_is_help=True, help="The TTS server's text handling.")
 cli.add_typer(tts_cli, name="tts")
+voices_cli = typer.Typer(no_args_is_help=True, help="piper voices in VOICES_DIR, and piper's catalogue (VOICES_BASE_URL).")
+cli.add_typer(voices_cli, name="voices")
 
 
 @cli.command()
@@ -159,6 +161,63 @@ def tts_normalize(
         grammar = lang or lang_for(text_rules.language(piece), "en")
         spoken = verbalizer(piece, grammar) if grammar in ("en", "zh") else piece  # type: ignore[arg-type]
         typer.echo(f"[{grammar or '-'}] {spoken}")
+
+
+@voices_cli.command("list")
+def voices_list(
+    remote: bool = typer.Option(False, "--remote", help="List piper's catalogue (VOICES_BASE_URL) instead."),
+) -> None:
+    """The installed voices with their settings, or with --remote the catalogue (* = installed)."""
+    import httpx
+
+    from tts_server.catalog import CatalogError, fetch_catalog
+    from tts_server.voices import VoiceSettingsError, load_voices
+
+    settings = get_settings()
+    if remote:
+        try:
+            with httpx.Client(timeout=30, follow_redirects=True) as client:
+                catalog = fetch_catalog(settings.voices_base_url, client)
+        except CatalogError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+        for voice in sorted(catalog.values(), key=lambda v: v.name):
+            installed = "*" if (settings.voices_dir / f"{voice.name}.onnx").exists() else " "
+            typer.echo(f"{installed} {voice.name:<40} {voice.language:<8} {voice.quality:<8} {voice.size / 1e6:7.1f} MB")
+        return
+    try:
+        registry = load_voices(settings.voices_dir, default=settings.tts_default_voice, onnx_threads=1,
+                               espeak_fallback=settings.tts_espeak_fallback)
+    except VoiceSettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    for installed_voice in registry.all:
+        info, tuned = installed_voice.info, installed_voice.settings.model_dump(exclude_defaults=True)
+        shown = ", ".join(f"{key}={value}" for key, value in tuned.items())
+        typer.echo(f"{info.name:<40} {info.language:<8} {info.sample_rate:>6} Hz  {info.engine:<9} {shown}")
+
+
+@voices_cli.command("download")
+def voices_download(names: list[str] = typer.Argument(..., help="Voice names as the catalogue gives them.")) -> None:
+    """Fetch voices into VOICES_DIR, checking sizes and MD5 sums; send the server SIGHUP to load them."""
+    import httpx
+
+    from tts_server.catalog import CatalogError, download, fetch_catalog
+
+    settings = get_settings()
+    try:
+        with httpx.Client(timeout=60, follow_redirects=True) as client:
+            catalog = fetch_catalog(settings.voices_base_url, client)
+            missing = [name for name in names if name not in catalog]
+            if missing:
+                raise CatalogError(f"not in the catalogue: {', '.join(missing)} (see `trtc-backend voices list --remote`)")
+            for name in names:
+                path = download(catalog[name], settings.voices_base_url, settings.voices_dir, client, typer.echo)
+                typer.echo(f"installed {name} -> {path}")
+    except CatalogError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo("send the server SIGHUP (or restart it) to start using them")
 
 
 @db_cli.command("upgrade")

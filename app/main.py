@@ -11,7 +11,7 @@ import gc
 import logging
 import signal
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
@@ -36,11 +36,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = None
         app.state.tts = None
         api_keys = resolve_api_keys(settings.api_key_list, settings.data_dir)
+        # What SIGHUP reloads (the profiles, the voices): each service adds its own.
+        reloaders: list[Callable[[], None]] = []
         async with AsyncExitStack() as stack:
             if settings.serves_llm:
-                await _open_chat(app, settings, api_keys, stack)
+                await _open_chat(app, settings, api_keys, stack, reloaders)
             if settings.serves_tts:
-                await _open_tts(app, settings, api_keys, stack)
+                await _open_tts(app, settings, api_keys, stack, reloaders)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, lambda: [reload() for reload in reloaders])
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             # Everything imported and built so far lives as long as the process: keep it out of
             # the cyclic collector's full passes, which otherwise walk it again and again.
             gc.collect()
@@ -73,7 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
+async def _open_chat(
+    app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack, reloaders: list[Callable[[], None]]
+) -> None:
     import httpx
 
     from admin.lifecycle import Lifecycle
@@ -118,12 +125,12 @@ async def _open_chat(app: FastAPI, settings: Settings, api_keys: list[str], stac
             return
         log.info("SIGHUP: profiles reloaded: %s", ", ".join(p.name for p in chat.agents.profiles.all))
 
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+    reloaders.append(reload)
 
 
-async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack) -> None:
+async def _open_tts(
+    app: FastAPI, settings: Settings, api_keys: list[str], stack: AsyncExitStack, reloaders: list[Callable[[], None]]
+) -> None:
     from tts_server.pool import SynthesisPool
     from tts_server.serving import TtsService
     from tts_server.verbalize import Verbalizer
@@ -147,4 +154,22 @@ async def _open_tts(app: FastAPI, settings: Settings, api_keys: list[str], stack
     stack.callback(pool.close)
     # Admin keys open the TTS server too: the console's playground speaks with the operator's key.
     app.state.tts_api_keys = [*(settings.tts_api_key_list or api_keys), *settings.admin_api_key_list]
-    app.state.tts = TtsService(settings, voices, pool, verbalizer)
+    app.state.tts = service = TtsService(settings, voices, pool, verbalizer)
+    swaps: set[asyncio.Task[None]] = set()
+
+    async def swap() -> None:
+        """New voices (and `voices.yaml`) for new streams; streams in flight keep the voices they
+        started with. A set that does not load leaves the voices in use in place."""
+        try:
+            service.voices = await asyncio.to_thread(load)
+        except Exception as exc:  # any failure to load keeps the server speaking as before
+            log.error("SIGHUP: voices not reloaded (%s); the voices in use stay", exc)
+            return
+        log.info("SIGHUP: voices reloaded: %s", ", ".join(info.name for info in service.voices.infos))
+
+    def reload() -> None:
+        task = asyncio.create_task(swap())
+        swaps.add(task)
+        task.add_done_callback(swaps.discard)
+
+    reloaders.append(reload)

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # The TTS server. Keys: TTS_API_KEYS, or API_KEYS when unset.
     tts_api_keys: str = ""
     voices_dir: Path = Path("./voices")
+    # Where `trtc-backend voices` finds piper's catalogue (voices.json) and voice files: piper's
+    # own home on Hugging Face, or an internal mirror of it.
+    voices_base_url: str = "https://huggingface.co/rhasspy/piper-voices/resolve/main"
     tts_default_voice: str = ""
     # Per-key default voices: "key1:voice,key2:voice".
     tts_key_voices: str = ""

