@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     tts_workers: int = Field(default=1, ge=1)
     tts_onnx_threads: int = Field(default=2, ge=1)
     tts_queue_timeout_s: float = Field(default=2.0, gt=0)
+    # The first audio every stream should get within: a new stream's first piece goes ahead of
+    # other streams' next pieces only while it could otherwise miss this (see `pool`).
+    tts_first_audio_target_s: float = Field(default=0.5, gt=0)
     tts_cache_mb: int = Field(default=32, ge=0)
     tts_espeak_fallback: bool = True
     # Numbers, prices, dates, times, units and abbreviations written out as said (English and

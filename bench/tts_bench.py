@@ -3,6 +3,9 @@ side with piper's own HTTP server (`python -m piper.http_server`, same package, 
 one run, on the same texts: a short line, one 12-word sentence and a five-sentence paragraph, at
 concurrency 1, 4 and 16. Also the real-time factor (synthesis time / audio duration) per stream.
 Then the formats: the paragraph as WAV, MP3 and Ogg Opus from our server, beside piper's WAV.
+Then gaps under load: streams of the paragraph at concurrency 1, 4, 16 and 32, each played out
+in real time on a simulated clock from its first byte; a discontinuity is audio running out
+before the next bytes arrive (what the orchestrator counts as `tts_discontinuity`).
 
 Our server is asked for what the orchestrator asks by default (WAV, 16000 Hz, mono), with its
 response cache off so every request is synthesized. Piper's server answers a whole WAV at the
@@ -118,6 +121,67 @@ async def run_cell(url: str, body: dict, concurrency: int, rounds: int) -> Sampl
     return samples
 
 
+@dataclass
+class Playback:
+    first: list[float] = field(default_factory=list)
+    gaps: int = 0
+    gap_s: float = 0.0
+    streams_with_gaps: int = 0
+    streams: int = 0
+    errors: int = 0
+
+
+def _play(arrivals: list[tuple[float, int]], bytes_per_second: float, header: int) -> tuple[int, float]:
+    """Discontinuities and their total length when the chunks, arriving at these times, are
+    played from the first one on: the audio runs out whenever a chunk comes after the cursor."""
+    gaps, gap_s = 0, 0.0
+    cursor: float | None = None
+    for at, size in arrivals:
+        seconds = (size - header) / bytes_per_second
+        header = 0
+        if cursor is None:
+            cursor = at
+        elif at > cursor + 0.001:
+            gaps, gap_s, cursor = gaps + 1, gap_s + at - cursor, at
+        cursor += seconds
+    return gaps, gap_s
+
+
+async def _stream_played(client: httpx.AsyncClient, url: str, body: dict, bytes_per_second: float, header: int,
+                         out: Playback) -> None:
+    started = time.perf_counter()
+    arrivals: list[tuple[float, int]] = []
+    async with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
+        if response.status_code != 200:
+            await response.aread()
+            out.errors += 1
+            return
+        async for chunk in response.aiter_raw():
+            if chunk:
+                arrivals.append((time.perf_counter(), len(chunk)))
+    if not arrivals:
+        out.errors += 1
+        return
+    gaps, gap_s = _play(arrivals, bytes_per_second, header)
+    out.first.append(arrivals[0][0] - started)
+    out.streams += 1
+    out.gaps += gaps
+    out.gap_s += gap_s
+    out.streams_with_gaps += gaps > 0
+
+
+async def run_playback(url: str, body: dict, bytes_per_second: float, header: int, concurrency: int, rounds: int) -> Playback:
+    out = Playback()
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def listener(n: int) -> None:
+            await asyncio.sleep(n / concurrency)  # conversations start spread over a second
+            for _ in range(rounds):
+                await _stream_played(client, url, body, bytes_per_second, header, out)
+
+        await asyncio.gather(*(listener(n) for n in range(concurrency)))
+    return out
+
+
 def _ms(values: list[float], q: float | None = None) -> str:
     if not values:
         return "-"
@@ -132,12 +196,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per cell (at least one per stream)")
     parser.add_argument("--format-concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--gap-concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.quick:
+        args.gap_concurrency = [1, 4]
 
     rows = []
     format_rows: list[list[str]] = []
+    gap_rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="trtc-tts-bench-") as tmp:
         workdir = Path(tmp)
         ours = Proxy(workdir / "ours", {"TTS_API_KEYS": KEY, "TTS_CACHE_MB": "0", "LOG_LEVEL": "WARNING"})
@@ -177,6 +245,22 @@ def main() -> None:
                                         f"{statistics.median(cell.bytes_per_second) * 8 / 1000:.0f}",
                                         f"{max(cell.rtf):.2f}", str(cell.errors + piper_cell.errors)])
                     print(" | ".join(format_rows[-1]), flush=True)
+            for concurrency in args.gap_concurrency:
+                rounds = 1 if args.quick or concurrency >= 16 else 2
+                ours_played = asyncio.run(run_playback(
+                    ours.url + "/api/v1/tts/stream", {"Text": paragraph, "Format": "pcm", "SampleRate": 16000},
+                    32000, 0, concurrency, rounds))
+                piper_played = asyncio.run(run_playback(piper.url + "/synthesize", {"text": paragraph}, 44100, 44,
+                                                        concurrency, rounds))
+                gap_rows.append([str(concurrency), str(ours_played.streams),
+                                 _ms(ours_played.first), _ms(piper_played.first),
+                                 _ms(ours_played.first, 0.99), _ms(piper_played.first, 0.99),
+                                 f"{ours_played.streams_with_gaps}/{ours_played.streams}",
+                                 f"{piper_played.streams_with_gaps}/{piper_played.streams}",
+                                 str(ours_played.gaps), str(piper_played.gaps),
+                                 f"{ours_played.gap_s * 1000:.0f}", f"{piper_played.gap_s * 1000:.0f}",
+                                 str(ours_played.errors + piper_played.errors)])
+                print(" | ".join(gap_rows[-1]), flush=True)
         finally:
             ours.stop()
             piper.stop()
@@ -203,6 +287,17 @@ def main() -> None:
         table(["format", "concurrency", "requests", "first byte median (ours)", "first byte p99 (ours)",
                "first byte median (piper, WAV)", "total median (ours)", "total median (piper, WAV)", "kbit/s (ours)",
                "worst RTF (ours)", "errors"], format_rows),
+        "",
+        "Gaps under load: the paragraph (about 15 s of speech) as N concurrent streams, each listener starting "
+        "within the first second and asking again when a stream ends; each stream is played out in real time from "
+        "its first byte on a simulated clock. A discontinuity is the audio running out before the next bytes came "
+        "(the orchestrator's `tts_discontinuity`); gap ms is their total length. Ours: PCM 16000 Hz, synthesis "
+        "scheduled by need (the stream closest to running dry first). Piper's server sends each WAV whole.",
+        "",
+        table(["concurrency", "streams", "first audio median (ours)", "first audio median (piper)",
+               "first audio p99 (ours)", "first audio p99 (piper)", "streams with a gap (ours)",
+               "streams with a gap (piper)", "discontinuities (ours)", "discontinuities (piper)",
+               "gap ms (ours)", "gap ms (piper)", "errors"], gap_rows),
     ])
     print(section)
     if not args.no_write:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tts_server.audio import PcmEncoder, wav_header
-from tts_server.pool import FIRST_PIECE, LATER_PIECE, SynthesisPool
+from tts_server.pool import SynthesisPool
 from tts_server.text import language, normalize, pieces
 
 
@@ -92,21 +92,27 @@ def test_stereo_duplicates_mono() -> None:
     assert np.array_equal(stereo[:, 0], stereo[:, 1]) and len(stereo) == 100
 
 
-def test_first_pieces_go_before_later_ones_and_unstarted_jobs_can_be_withdrawn() -> None:
+def test_the_job_due_soonest_runs_first_and_unstarted_jobs_can_be_withdrawn() -> None:
+    """A stream about to run dry (due in 0.1 s) goes before a new stream's first piece (due in
+    0.4 s: its first-audio target less its synthesis), which goes before a stream with seconds
+    of audio still to play."""
+
     async def scenario() -> list[str]:
         pool = SynthesisPool(1)
         ran: list[str] = []
         gate = threading.Event()
-        blocker = pool.submit(gate.wait, LATER_PIECE)
+        blocker = pool.submit(gate.wait, 0.0)
         await blocker.started.wait()
-        later = pool.submit(lambda: ran.append("later"), LATER_PIECE)
-        withdrawn = pool.submit(lambda: ran.append("withdrawn"), FIRST_PIECE)
-        first = pool.submit(lambda: ran.append("first"), FIRST_PIECE)
+        now = 100.0
+        comfortable = pool.submit(lambda: ran.append("comfortable"), now + 3.0)
+        withdrawn = pool.submit(lambda: ran.append("withdrawn"), now)
+        first = pool.submit(lambda: ran.append("new stream"), now + 0.4)
+        running_dry = pool.submit(lambda: ran.append("running dry"), now + 0.1)
         assert pool.withdraw(withdrawn)
         gate.set()
-        await asyncio.gather(blocker.result, later.result, first.result)
+        await asyncio.gather(blocker.result, comfortable.result, first.result, running_dry.result)
         assert not pool.withdraw(first)  # already ran
         pool.close()
         return ran
 
-    assert asyncio.run(scenario()) == ["first", "later"]
+    assert asyncio.run(scenario()) == ["running dry", "new stream", "comfortable"]

@@ -1,8 +1,13 @@
-"""The synthesis pool: a fixed number of worker threads (syntheses at once), jobs in priority
-order. A stream's first piece goes before every later piece of other streams, so a new request
-starts speaking soon even while others are midway; each stream has at most one piece queued, so
-the streams take turns. A job that has not started yet can be withdrawn (the client left, or it
-waited too long to be admitted)."""
+"""The synthesis pool: a fixed number of worker threads (syntheses at once), jobs by need.
+
+Every job comes with the latest time it can start and still be in time (`deadline`, on the
+`time.monotonic` clock), and the pool runs the earliest first. The service sets it
+(`TtsService`): for a stream's next piece, when the audio already sent will have played out,
+less the piece's expected synthesis time; for a new stream's first piece, its first-audio target
+less the same. So the stream about to run dry goes first, and a new stream's first piece goes
+ahead of it only while the newcomer could otherwise miss its target. Each stream has at most one
+piece queued. A job that has not started yet can be withdrawn (the client left, or it waited too
+long to be admitted)."""
 
 from __future__ import annotations
 
@@ -13,16 +18,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-FIRST_PIECE, LATER_PIECE = 0, 1
-
-
 class PoolClosed(Exception):
     pass
 
 
 @dataclass(order=True)
 class Job:
-    priority: int
+    deadline: float
     order: int
     fn: Callable[[], Any] = field(compare=False)
     loop: asyncio.AbstractEventLoop = field(compare=False)
@@ -48,9 +50,9 @@ class SynthesisPool:
     def queued(self) -> int:
         return len(self._heap)
 
-    def submit(self, fn: Callable[[], Any], priority: int) -> Job:
+    def submit(self, fn: Callable[[], Any], deadline: float) -> Job:
         loop = asyncio.get_running_loop()
-        job = Job(priority, next(self._order), fn, loop, loop.create_future(), asyncio.Event())
+        job = Job(deadline, next(self._order), fn, loop, loop.create_future(), asyncio.Event())
         with self._cond:
             if self._closed:
                 raise PoolClosed()

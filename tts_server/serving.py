@@ -22,7 +22,7 @@ from tts_server import text as text_rules
 from tts_server.audio import PcmEncoder, silence
 from tts_server.codecs import open_codec
 from tts_server.cache import AudioCache
-from tts_server.pool import FIRST_PIECE, LATER_PIECE, Job, SynthesisPool
+from tts_server.pool import Job, SynthesisPool
 from tts_server.protocol import TtsError, TtsRequest
 from tts_server.verbalize import Lang, Verbalizer, lang_for
 from tts_server.voices import Voice, VoiceRegistry
@@ -48,22 +48,44 @@ class Speech:
     audio: AsyncIterator[bytes]
 
 
+class SynthesisCost:
+    """Seconds of synthesis per character of text, learnt from every piece (a moving average):
+    what a piece is expected to take, for the pool's deadlines."""
+
+    def __init__(self, seconds_per_char: float = 0.003) -> None:
+        self.seconds_per_char = seconds_per_char
+
+    def estimate(self, text: str) -> float:
+        return self.seconds_per_char * len(text)
+
+    def learn(self, text: str, seconds: float) -> None:
+        if text:
+            # A float store is atomic: the pool's threads may learn at once.
+            self.seconds_per_char += 0.2 * (seconds / len(text) - self.seconds_per_char)
+
+
 class _Renderer:
     """Synthesizes and encodes one stream's pieces in order (in the pool's threads, one at a
     time), keeping one resampler per voice rate so the audio stays continuous across pieces."""
 
-    def __init__(self, request: TtsRequest, verbalizer: Verbalizer | None) -> None:
+    def __init__(self, request: TtsRequest, verbalizer: Verbalizer | None, cost: SynthesisCost) -> None:
         self._request = request
         self._verbalizer = verbalizer
+        self._cost = cost
+        # Seconds of audio rendered so far: how long what was sent takes to play.
+        self.seconds = 0.0
         self._encoder: PcmEncoder | None = None
         self._source_rate = 0
         self._codec = open_codec(request.format, request.rate, request.channel)
 
     def render(self, piece: Piece, *, last: bool) -> bytes:
+        started = time.perf_counter()
         samples = piece.voice.synthesize(spoken_text(piece, self._verbalizer))
+        self._cost.learn(piece.text, time.perf_counter() - started)
         pause = piece.voice.settings.sentence_pause_s
         if pause and not last:
             samples = np.concatenate([samples, np.zeros(round(pause * piece.voice.info.sample_rate), dtype=np.float32)])
+        self.seconds += len(samples) / piece.voice.info.sample_rate
         TTS_PIECES.inc()
         out = b""
         if piece.voice.info.sample_rate != self._source_rate:
@@ -98,6 +120,7 @@ class TtsService:
         self.voices = voices
         self.pool = pool
         self.verbalizer = verbalizer
+        self.cost = SynthesisCost()
         self.cache = AudioCache(settings.tts_cache_mb * 1024 * 1024)
         self._key_voices = settings.tts_key_voice_map
 
@@ -139,7 +162,7 @@ class TtsService:
             TTS_STREAMS.labels("cached").inc()
             TTS_FIRST_AUDIO.observe(time.perf_counter() - started)
             return Speech(voices, _once(cached))
-        renderer = _Renderer(request, self.verbalizer)
+        renderer = _Renderer(request, self.verbalizer, self.cost)
         if not pieces:
             # Only emoji, a URL, markup: a moment of silence, never a 200 without audio.
             TTS_STREAMS.labels("empty").inc()
@@ -149,7 +172,8 @@ class TtsService:
         return Speech(voices, self._stream(renderer, pieces, first, key))
 
     async def _first_piece(self, renderer: _Renderer, pieces: list[Piece]) -> bytes:
-        job = self.pool.submit(lambda: renderer.render(pieces[0], last=len(pieces) == 1), FIRST_PIECE)
+        deadline = time.monotonic() + self.settings.tts_first_audio_target_s - self.cost.estimate(pieces[0].text)
+        job = self.pool.submit(lambda: renderer.render(pieces[0], last=len(pieces) == 1), deadline)
         try:
             await asyncio.wait_for(job.started.wait(), self.settings.tts_queue_timeout_s)
         except TimeoutError:
@@ -174,14 +198,16 @@ class TtsService:
         sent: list[bytes] = [first]
         job = None
         outcome = "cancelled"
+        # When the first audio went out: the client's playback clock starts about then.
+        playing_since = time.monotonic()
         try:
             if len(pieces) > 1:
-                job = self._submit(renderer, pieces, 1)
+                job = self._submit(renderer, pieces, 1, playing_since)
             yield first
             for index in range(1, len(pieces)):
                 assert job is not None
                 audio = await job.result
-                job = self._submit(renderer, pieces, index + 1) if index + 1 < len(pieces) else None
+                job = self._submit(renderer, pieces, index + 1, playing_since) if index + 1 < len(pieces) else None
                 sent.append(audio)
                 yield audio
             outcome = "completed"
@@ -196,9 +222,12 @@ class TtsService:
             if outcome == "cancelled":
                 log.info("client left; synthesis stopped after %d of %d pieces", len(sent), len(pieces))
 
-    def _submit(self, renderer: _Renderer, pieces: list[Piece], index: int) -> Job:
+    def _submit(self, renderer: _Renderer, pieces: list[Piece], index: int, playing_since: float) -> Job:
+        """The next piece, due when the audio rendered so far (all of it sent, or about to be)
+        has played out, less its expected synthesis time."""
         last = index == len(pieces) - 1
-        return self.pool.submit(lambda: renderer.render(pieces[index], last=last), LATER_PIECE)
+        deadline = playing_since + renderer.seconds - self.cost.estimate(pieces[index].text)
+        return self.pool.submit(lambda: renderer.render(pieces[index], last=last), deadline)
 
 
 async def _once(audio: bytes) -> AsyncIterator[bytes]:
