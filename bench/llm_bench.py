@@ -313,6 +313,8 @@ def purging_level(url: str, rows: list[Row], level: Callable, args: argparse.Nam
     if after == 0:
         print(f"warning: the purge finished within the level ({before} tasks); raise --retention-backlog", flush=True)
     purged = before - after
+    if purged == 0:
+        raise SystemExit(f"retention purged nothing while the level ran ({before} expired tasks left)")
     bp = base.proxy
     cells = [base.db, str(base.workers), str(base.conversations), str(purged), f"{purged / elapsed:.0f}",
              _ms(statistics.median(bp.ttft)), _ms(statistics.median(p.ttft)), _ms(_p(bp.ttft, 0.99)), _ms(_p(p.ttft, 0.99)),

@@ -263,8 +263,9 @@ async function loadVoices() {
     el("option", { value: v.name, ...(v.name === voices.default ? { selected: "" } : {}) }, `${v.name} (${v.language})`)));
 }
 
-// Plays PCM as it arrives (Web Audio), so what the page plays starts where the orchestrator's
-// would; the whole answer then goes into the <audio> element to replay.
+// Plays PCM and WAV as they arrive (Web Audio), so what the page plays starts where the
+// orchestrator's would; the whole answer then goes into the <audio> element to replay. MP3 and
+// Ogg Opus go to the <audio> element whole (the first-audio time is still the first byte's).
 async function speak() {
   $("#tts-error").textContent = "";
   $("#first-audio").textContent = $("#all-audio").textContent = "-";
@@ -285,6 +286,20 @@ async function speak() {
     return;
   }
   const reader = response.body.getReader();
+  if (format === "mp3" || format === "ogg_opus") {
+    const parts = [];
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      if (!parts.length) $("#first-audio").textContent = Math.round(performance.now() - started);
+      parts.push(value);
+    }
+    $("#all-audio").textContent = Math.round(performance.now() - started);
+    const audio = $("#tts-audio");
+    audio.src = URL.createObjectURL(new Blob(parts, { type: response.headers.get("content-type") }));
+    audio.play().catch(() => { /* autoplay refused: the player is there to press */ });
+    return;
+  }
   let pending = new Uint8Array(0);
   let headerDone = format !== "wav";
   const pcm = [];
