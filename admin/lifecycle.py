@@ -21,7 +21,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Sequence
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import Connection
 
 from admin.models import Deletion
@@ -32,11 +32,10 @@ from orchestrator.models import CallbackEvent
 
 log = logging.getLogger("trtc.admin")
 
-# How often each process reads new deletion notices, and how long a notice is kept. Each read
-# goes back `NOTICE_OVERLAP_S` before the previous one: a notice's time is its writer's clock, and
-# a transaction may commit a while after it took that time.
+# How often each process reads new deletion notices, how long it waits for a notice whose id was
+# skipped (see `NoticeCursor`), and how long a notice is kept.
 NOTICE_POLL_S = 2.0
-NOTICE_OVERLAP_S = 60.0
+NOTICE_GAP_S = 30.0
 NOTICE_KEEP_S = 600.0
 # Tasks per purge transaction: it starts at PURGE_BATCH and is scaled after each transaction so
 # the next takes about PURGE_TARGET_S (a task may hold many rounds, and a busy database makes
@@ -104,8 +103,41 @@ def purge_expired(conn: Connection, cutoff: datetime, limit: int) -> list[str]:
     return gone
 
 
-def deleted_since(conn: Connection, since: datetime) -> list[str]:
-    return list(conn.execute(select(Deletion.task_id).where(Deletion.deleted_at >= since)).scalars())
+def notices_after(conn: Connection, after_id: int) -> list[tuple[int, str]]:
+    rows = conn.execute(select(Deletion.id, Deletion.task_id).where(Deletion.id > after_id).order_by(Deletion.id))
+    return [(row.id, row.task_id) for row in rows]
+
+
+def last_notice(conn: Connection) -> int:
+    return int(conn.execute(select(func.coalesce(func.max(Deletion.id), 0))).scalar_one())
+
+
+class NoticeCursor:
+    """Which deletion notices a process has read, by id. Ids are handed out at insert, so two
+    deletes in flight may commit out of order: a notice above a missing id is handled at once,
+    but reading goes on from the missing id (the frontier) until it shows up, or for at most
+    `NOTICE_GAP_S` (then it was a rolled-back delete; PostgreSQL sequences leave such gaps)."""
+
+    def __init__(self, frontier: int) -> None:
+        self.frontier = frontier
+        self._handled: set[int] = set()
+        self._gap_since: float | None = None
+
+    def take(self, notices: list[tuple[int, str]], now: float) -> list[str]:
+        """The task ids of notices not handled before; moves the frontier."""
+        fresh = [task_id for notice_id, task_id in notices if notice_id not in self._handled]
+        self._handled.update(notice_id for notice_id, _task_id in notices)
+        while self.frontier + 1 in self._handled:
+            self.frontier += 1
+        if self._handled and max(self._handled) > self.frontier:
+            if self._gap_since is None:
+                self._gap_since = now
+            elif now - self._gap_since > NOTICE_GAP_S:
+                self.frontier, self._gap_since = max(self._handled), None
+        else:
+            self._gap_since = None
+        self._handled = {notice_id for notice_id in self._handled if notice_id > self.frontier}
+        return fresh
 
 
 def forget_notices(conn: Connection, older_than: datetime) -> None:
@@ -176,17 +208,17 @@ class Lifecycle:
         return purged
 
     async def _follow_notices(self) -> None:
-        # A new process holds no copies yet: only notices from now on concern it.
-        read_at = _now()
+        cursor: NoticeCursor | None = None
         while True:
-            await asyncio.sleep(NOTICE_POLL_S)
-            now = _now()
             try:
-                for task_id in await self._db.run(deleted_since, read_at - timedelta(seconds=NOTICE_OVERLAP_S)):
+                if cursor is None:
+                    # A new process holds no copies yet: only notices from now on concern it.
+                    cursor = NoticeCursor(await self._db.run(last_notice))
+                for task_id in cursor.take(await self._db.run(notices_after, cursor.frontier), time.monotonic()):
                     self._history.drop(task_id)
-                read_at = now
             except Exception as exc:  # the database is down: try again next time
                 log.warning("could not read deletion notices: %s", exc)
+            await asyncio.sleep(NOTICE_POLL_S)
 
     async def _purge_forever(self) -> None:
         while True:

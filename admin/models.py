@@ -19,6 +19,8 @@ class Deletion(Base):
     deleted words leave every process's memory."""
 
     __tablename__ = "deletions"
+    # Ids only ever grow, even on SQLite once old notices are deleted (readers follow them by id).
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     task_id: Mapped[str] = mapped_column(String(ID_MAX_CHARS))

@@ -287,3 +287,35 @@ def _age(conn: Any, task_ids: list[str], days: int) -> None:
 
     then = datetime.now(timezone.utc) - timedelta(days=days)
     conn.execute(update(Task).where(Task.id.in_(task_ids)).values(updated_at=then, created_at=then))
+
+
+def test_deletion_notices_are_read_once_even_when_they_commit_out_of_order() -> None:
+    from admin.lifecycle import NOTICE_GAP_S, NoticeCursor
+
+    cursor = NoticeCursor(10)
+    assert cursor.take([(11, "a"), (12, "b")], now=0) == ["a", "b"] and cursor.frontier == 12
+    # 14 committed before 13: 14 is handled now, and 13 is still looked for.
+    assert cursor.take([(14, "d")], now=1) == ["d"] and cursor.frontier == 12
+    assert cursor.take([(13, "c"), (14, "d")], now=2) == ["c"] and cursor.frontier == 14
+    # 15 never commits (a rolled-back delete): after NOTICE_GAP_S, reading moves past it.
+    assert cursor.take([(16, "f")], now=3) == ["f"] and cursor.frontier == 14
+    assert cursor.take([(16, "f")], now=4 + NOTICE_GAP_S) == [] and cursor.frontier == 16
+
+
+def test_notice_ids_only_grow_after_old_notices_are_forgotten(tmp_path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from admin.lifecycle import delete_tasks, forget_notices, last_notice
+    from llm_proxy import store
+    from migrations import upgrade
+
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    upgrade(url)
+    for task_id in ("t1", "t2"):
+        run_db(url, lambda conn, t=task_id: store.claim_round(conn, store.TaskInfo(t), max_rounds=5))
+        run_db(url, delete_tasks, [task_id])
+    before = run_db(url, last_notice)
+    run_db(url, forget_notices, datetime.now(timezone.utc) + timedelta(seconds=1))
+    run_db(url, lambda conn: store.claim_round(conn, store.TaskInfo("t3"), max_rounds=5))
+    run_db(url, delete_tasks, ["t3"])
+    assert run_db(url, last_notice) == before + 1

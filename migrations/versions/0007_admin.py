@@ -47,6 +47,7 @@ def upgrade() -> None:
         sa.Column("task_id", sa.String(length=256), nullable=False),
         sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_deletions_deleted_at", "deletions", ["deleted_at"])
 
