@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.gap_concurrency = [1, 4]
+        args.format_concurrency, args.gap_concurrency = [1], [1, 4]
 
     rows = []
     format_rows: list[list[str]] = []

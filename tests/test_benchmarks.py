@@ -15,7 +15,7 @@ from tests.support import ROOT
     ("script", "args", "expect"),
     [
         ("llm_bench.py", ["--db", "sqlite", "--workers", "1"], "| sqlite | 1 | 50 |"),
-        ("tts_bench.py", [], "5-sentence paragraph"),
+        ("tts_bench.py", [], "| ogg_opus | 1 |"),
         ("soak.py", [], "| audit violations | 0 |"),
     ],
     ids=["llm", "tts", "soak"],

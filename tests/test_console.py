@@ -130,6 +130,19 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     assert duration > 1.0  # "Hello! This is how I sound on the phone." is about two seconds
     assert browser.find_element(By.ID, "first-audio").text.isdigit()
     assert browser.find_element(By.ID, "tts-error").text == ""
+    # Ogg Opus plays in the same player (Chromium decodes it natively).
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, "tts-format")).select_by_value("ogg_opus")
+    browser.execute_script("document.querySelector('#tts-audio').removeAttribute('src'); document.querySelector('#tts-audio').load();")
+    browser.find_element(By.ID, "tts-speak").click()
+    opus = _wait(
+        browser,
+        lambda d: d.execute_script("const a = document.querySelector('#tts-audio'); return isFinite(a.duration) && a.duration;"),
+        "the Opus sample's audio",
+        timeout=30,
+    )
+    assert opus > 1.0
 
     browser.get(f"{console.url}/console/#task/{task_id}")
     _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rounds .round")) == 2, "the conversation again")
