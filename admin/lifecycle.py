@@ -40,13 +40,13 @@ NOTICE_KEEP_S = 600.0
 # Tasks per purge transaction: it starts at PURGE_BATCH and is scaled after each transaction so
 # the next takes about PURGE_TARGET_S (a task may hold many rounds, and a busy database makes
 # every statement slower), between 1 and PURGE_BATCH_MAX. Between two transactions the purge
-# waits at least PURGE_PAUSE_S and four times the last one's duration, so it takes at most a fifth
+# waits at least PURGE_PAUSE_S and nine times the last one's duration, so it takes at most a tenth
 # of the database's time, and a live round's claim queues behind at most one short transaction;
 # but never more than PURGE_PAUSE_MAX_S (a transaction that waited long for a lock says nothing
 # about the next one).
 PURGE_BATCH = 10
 PURGE_BATCH_MAX = 50
-PURGE_TARGET_S = 0.01
+PURGE_TARGET_S = 0.004
 PURGE_PAUSE_S = 0.05
 PURGE_PAUSE_MAX_S = 1.0
 
@@ -202,7 +202,7 @@ class Lifecycle:
             if len(gone) < batch:
                 break
             batch = max(1, min(PURGE_BATCH_MAX, round(batch * PURGE_TARGET_S / max(took, 1e-4))))
-            await asyncio.sleep(min(PURGE_PAUSE_MAX_S, max(PURGE_PAUSE_S, 4 * took)))
+            await asyncio.sleep(min(PURGE_PAUSE_MAX_S, max(PURGE_PAUSE_S, 9 * took)))
         if purged:
             log.info("retention: deleted %d task(s) last active before %s", purged, cutoff.isoformat())
         return purged
