@@ -28,6 +28,7 @@ from admin.models import Deletion
 from app.db import Database
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.models import Task
+from llm_proxy.recovery import oldest_live_instance
 from orchestrator.models import CallbackEvent
 
 log = logging.getLogger("trtc.admin")
@@ -49,6 +50,8 @@ PURGE_BATCH_MAX = 50
 PURGE_TARGET_S = 0.004
 PURGE_PAUSE_S = 0.05
 PURGE_PAUSE_MAX_S = 1.0
+# The chore a process with retention on announces with its lease (`Instance.chores`).
+RETENTION = "retention"
 
 
 def _now() -> datetime:
@@ -149,9 +152,12 @@ class Lifecycle:
     (with `retention_days`) purges by age every `retention_interval_s`."""
 
     def __init__(
-        self, db: Database, history: HistoryCache, retention_days: float | None, retention_interval_s: float
+        self, db: Database, history: HistoryCache, retention_days: float | None, retention_interval_s: float,
+        instance_id: str | None = None,
     ) -> None:
         self._db = db
+        # This process's lease (`recovery.Lease`): only the oldest live process purges.
+        self._instance_id = instance_id
         self._history = history
         self._retention_days = retention_days
         self._interval_s = retention_interval_s
@@ -186,8 +192,12 @@ class Lifecycle:
         return gone
 
     async def purge(self) -> int:
-        """Run retention to the end, batch by batch; returns how many tasks went."""
+        """Run retention to the end, batch by batch; returns how many tasks went. Only one
+        process of a deployment does it (the oldest live one): several purging at once would
+        only queue behind each other's locks, and behind them the live rounds."""
         if self._retention_days is None:
+            return 0
+        if self._instance_id is not None and await self._db.run(oldest_live_instance, RETENTION) != self._instance_id:
             return 0
         cutoff = _now() - timedelta(days=self._retention_days)
         purged = 0

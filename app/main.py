@@ -83,7 +83,7 @@ async def _open_chat(
 ) -> None:
     import httpx
 
-    from admin.lifecycle import Lifecycle
+    from admin.lifecycle import RETENTION, Lifecycle
     from llm_proxy.agents import Agents, UpstreamClients, build_agents
     from llm_proxy.profiles import ConfigError, load_profiles
     from llm_proxy.recovery import Lease
@@ -94,7 +94,7 @@ async def _open_chat(
 
     db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     stack.push_async_callback(db.dispose)
-    lease = Lease(db, settings.instance_lease_s)
+    lease = Lease(db, settings.instance_lease_s, chores=RETENTION if settings.retention_days else None)
     await lease.start()
     stack.push_async_callback(lease.stop)
     clients = UpstreamClients(settings)
@@ -109,7 +109,7 @@ async def _open_chat(
 
     chat = ChatService(settings, db, agents(), lease)
     app.state.chat = chat
-    lifecycle = Lifecycle(db, chat.history, settings.retention_days, settings.retention_interval_s)
+    lifecycle = Lifecycle(db, chat.history, settings.retention_days, settings.retention_interval_s, lease.id)
     await lifecycle.start()
     stack.push_async_callback(lifecycle.stop)
     app.state.lifecycle = lifecycle

@@ -164,3 +164,6 @@ class Instance(Base):
     # Seconds since the epoch by the database's clock (all replicas read the same clock).
     lease_expires: Mapped[float] = mapped_column(Float)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The once-per-deployment chores it is configured for ("retention"); the oldest live process
+    # with a chore does it (`recovery.oldest_live_instance`).
+    chores: Mapped[str | None] = mapped_column(String(64))

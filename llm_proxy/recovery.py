@@ -97,15 +97,28 @@ def _renew_statement(dialect: str) -> Any:
     insert = (postgresql if dialect == "postgresql" else sqlite).insert(Instance)
     expires = _db_now(dialect) + bindparam("lease_s")
     return insert.values(
-        id=bindparam("id"), process=bindparam("process"), lease_expires=expires, started_at=bindparam("started_at")
+        id=bindparam("id"), process=bindparam("process"), lease_expires=expires, started_at=bindparam("started_at"),
+        chores=bindparam("chores", type_=Instance.chores.type),
     ).on_conflict_do_update(index_elements=[Instance.id], set_={"lease_expires": expires})
 
 
-def renew_lease(conn: Connection, instance_id: str, process: str | None, lease_s: float) -> None:
+def renew_lease(conn: Connection, instance_id: str, process: str | None, lease_s: float, chores: str | None = None) -> None:
     conn.execute(
         _renew_statement(conn.dialect.name),
-        {"id": instance_id, "process": process, "lease_s": lease_s, "started_at": datetime.now(timezone.utc)},
+        {"id": instance_id, "process": process, "lease_s": lease_s, "started_at": datetime.now(timezone.utc),
+         "chores": chores},
     )
+
+
+def oldest_live_instance(conn: Connection, chore: str) -> str | None:
+    """The longest-running process with this chore whose lease holds: the one that does it, so
+    replicas and workers do not contend for the same rows."""
+    return conn.execute(
+        select(Instance.id)
+        .where(Instance.lease_expires > _db_now(conn.dialect.name), Instance.chores == chore)
+        .order_by(Instance.started_at, Instance.id)
+        .limit(1)
+    ).scalar_one_or_none()
 
 
 def drop_lease(conn: Connection, instance_id: str) -> None:
@@ -189,8 +202,9 @@ def forget_instances(conn: Connection, older_than_s: float) -> None:
 class Lease:
     """This process's instance row, renewed in the background for as long as it serves."""
 
-    def __init__(self, db: Database, lease_s: float) -> None:
+    def __init__(self, db: Database, lease_s: float, chores: str | None = None) -> None:
         self.id = uuid.uuid4().hex
+        self.chores = chores
         self.process = process_identity()
         self._db = db
         self._lease_s = lease_s
@@ -221,7 +235,7 @@ class Lease:
         and settle what dead processes left. A database that is down or not migrated yet does
         not stop the start: `/readyz` says so, and the renewals keep trying."""
         try:
-            await self._db.run(renew_lease, self.id, self.process, self._lease_s)
+            await self._db.run(renew_lease, self.id, self.process, self._lease_s, self.chores)
             await self.sweep()
         except Exception as exc:
             log.error("could not take this process's lease: %s", exc)
@@ -271,7 +285,7 @@ class Lease:
             await asyncio.sleep(self._lease_s / 4)
             beats += 1
             try:
-                await self._db.run(renew_lease, self.id, self.process, self._lease_s)
+                await self._db.run(renew_lease, self.id, self.process, self._lease_s, self.chores)
                 await self._retry_unfinished()
                 if beats % _SWEEP_EVERY == 0:
                     await self.sweep()

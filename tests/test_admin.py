@@ -258,6 +258,39 @@ def test_retention_purges_tasks_last_active_too_long_ago(start_proxy, migrated_u
     assert run_db(migrated_url, _event_count, f"task-{tag}-never-chatted") == 1
 
 
+
+def test_one_process_purges_and_another_takes_over_when_it_stops(start_proxy, migrated_url: str) -> None:
+    """Two processes with retention on: the oldest live one purges; once it stops, the other does."""
+    env = {"DATABASE_URL": migrated_url, "ADMIN_API_KEYS": ADMIN_KEY, "RETENTION_DAYS": "2", "RETENTION_INTERVAL_S": "0.2"}
+    first, second = start_proxy(env), start_proxy(env)
+    assert run_db(migrated_url, _retention_leader) == run_db(migrated_url, _oldest_retention_instance)
+    tag = marker()
+    for batch in ("a", "b"):
+        old = [f"task-{tag}-{batch}-{n}" for n in range(2)]
+        for task_id in old:
+            _chat(second, task_id, f"{tag} hi", f"user-{tag}")
+        run_db(migrated_url, _age, old, 3)
+        wait_until(lambda: all(_get(second, f"/admin/v1/tasks/{t}").status_code == 404 for t in old),
+                   what=f"batch {batch} purged")
+        first.stop()
+
+
+def _retention_leader(conn: Any) -> str | None:
+    from llm_proxy.recovery import oldest_live_instance
+
+    return oldest_live_instance(conn, "retention")
+
+
+def _oldest_retention_instance(conn: Any) -> str:
+    from sqlalchemy import select
+
+    from llm_proxy.models import Instance
+
+    return conn.execute(
+        select(Instance.id).where(Instance.chores == "retention").order_by(Instance.started_at, Instance.id).limit(1)
+    ).scalar_one()
+
+
 def _event_count(conn: Any, task_id: str) -> int:
     from sqlalchemy import func, select
 

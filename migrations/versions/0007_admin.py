@@ -1,5 +1,5 @@
 """What the admin API and retention need: per-round times and errors, failed requests, deletion
-notices, and indexes for listing, per-user deletes and purging by age
+notices, the chores a process runs, and indexes for listing, per-user deletes and purging by age
 
 Revision ID: 0007
 Revises: 0006
@@ -25,6 +25,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("total_ms", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("error", sa.String(length=64), nullable=True))
         batch_op.create_index("ix_rounds_created_at", ["created_at"], unique=False)
+    with op.batch_alter_table("instances") as batch_op:
+        batch_op.add_column(sa.Column("chores", sa.String(length=64), nullable=True))
     op.create_index("ix_tasks_updated_at", "tasks", ["updated_at", "id"])
     op.create_index("ix_tasks_user", "tasks", ["sdk_app_id", "user_id"])
     op.create_index("ix_callback_events_received_at", "callback_events", ["received_at"])
@@ -61,6 +63,8 @@ def downgrade() -> None:
     op.drop_index("ix_callback_events_received_at", table_name="callback_events")
     op.drop_index("ix_tasks_user", table_name="tasks")
     op.drop_index("ix_tasks_updated_at", table_name="tasks")
+    with op.batch_alter_table("instances") as batch_op:
+        batch_op.drop_column("chores")
     with op.batch_alter_table("rounds") as batch_op:
         batch_op.drop_index("ix_rounds_created_at")
         batch_op.drop_column("error")
