@@ -20,7 +20,7 @@ from app.db import Base
 from llm_proxy import store
 import llm_proxy.models  # noqa: F401  (the tables on Base.metadata)
 import orchestrator.models  # noqa: F401
-import admin.models  # noqa: F401
+from admin import models as _admin_models  # noqa: F401
 from tests.conftest import postgres_url_or_skip
 from tests.support import (
     API_KEY,

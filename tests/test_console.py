@@ -64,6 +64,12 @@ def _visible(driver: Any, selector: str) -> bool:
     return bool(found) and found[0].is_displayed()
 
 
+def _played_seconds(driver: Any, what: str) -> float:
+    """The playground's audio element's duration, once it knows one."""
+    script = "const a = document.querySelector('#tts-audio'); return isFinite(a.duration) && a.duration;"
+    return float(_wait(driver, lambda d: d.execute_script(script), what, timeout=30))
+
+
 def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -121,13 +127,7 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     browser.find_element(By.CSS_SELECTOR, 'a[data-view="tts"]').click()
     _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#tts-voice option"), "the voice list")
     browser.find_element(By.ID, "tts-speak").click()
-    duration = _wait(
-        browser,
-        lambda d: d.execute_script("const a = document.querySelector('#tts-audio'); return isFinite(a.duration) && a.duration;"),
-        "the sample's audio",
-        timeout=30,
-    )
-    assert duration > 1.0  # "Hello! This is how I sound on the phone." is about two seconds
+    assert _played_seconds(browser, "the sample's audio") > 1.0  # "Hello! This is how I sound on the phone." is about two seconds
     assert browser.find_element(By.ID, "first-audio").text.isdigit()
     assert browser.find_element(By.ID, "tts-error").text == ""
     # Ogg Opus plays in the same player (Chromium decodes it natively).
@@ -136,13 +136,7 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     Select(browser.find_element(By.ID, "tts-format")).select_by_value("ogg_opus")
     browser.execute_script("document.querySelector('#tts-audio').removeAttribute('src'); document.querySelector('#tts-audio').load();")
     browser.find_element(By.ID, "tts-speak").click()
-    opus = _wait(
-        browser,
-        lambda d: d.execute_script("const a = document.querySelector('#tts-audio'); return isFinite(a.duration) && a.duration;"),
-        "the Opus sample's audio",
-        timeout=30,
-    )
-    assert opus > 1.0
+    assert _played_seconds(browser, "the Opus sample's audio") > 1.0
 
     browser.get(f"{console.url}/console/#task/{task_id}")
     _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rounds .round")) == 2, "the conversation again")
