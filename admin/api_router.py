@@ -12,17 +12,22 @@ from fastapi.responses import JSONResponse
 
 from admin.queries import TaskFilter, decode_cursor, list_tasks, stats, task_detail
 from app.auth import is_authorized
-from app.errors import ApiError, bad_request, unauthorized
+from app.errors import ApiError, bad_request, not_found, unauthorized
 
 log = logging.getLogger("trtc.admin")
 router = APIRouter()
 
 
-def _authorize(request: Request) -> None:
-    keys = request.app.state.settings.admin_api_key_list
+def require_enabled(request: Request) -> list[str]:
+    """The admin keys; with none set, the admin API and the console do not exist (404)."""
+    keys: list[str] = request.app.state.settings.admin_api_key_list
     if not keys:
-        raise ApiError(404, "Not Found", "invalid_request_error", "not_found")
-    if not is_authorized(request.headers.get("authorization"), keys):
+        raise not_found()
+    return keys
+
+
+def _authorize(request: Request) -> None:
+    if not is_authorized(request.headers.get("authorization"), require_enabled(request)):
         raise unauthorized("Missing or invalid admin key (Authorization: Bearer <a key from ADMIN_API_KEYS>).")
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
-from app.errors import ApiError
+from admin.api_router import require_enabled
+from app.errors import not_found
 
 router = APIRouter()
 
@@ -27,14 +28,9 @@ def _file(name: str) -> bytes:
     return (_DIR / name).read_bytes()
 
 
-def _enabled(request: Request) -> None:
-    if not request.app.state.settings.admin_api_key_list:
-        raise ApiError(404, "Not Found", "invalid_request_error", "not_found")
-
-
 @router.get("/console", include_in_schema=False)
 async def console_root(request: Request) -> Response:
-    _enabled(request)
+    require_enabled(request)
     # Relative, so the console works behind a reverse proxy that adds a path prefix.
     return RedirectResponse("console/", status_code=308)
 
@@ -42,8 +38,8 @@ async def console_root(request: Request) -> Response:
 @router.get("/console/{name}", include_in_schema=False)
 @router.get("/console/", include_in_schema=False)
 async def console_file(request: Request, name: str = "index.html") -> Response:
-    _enabled(request)
+    require_enabled(request)
     if name not in _TYPES:
-        raise ApiError(404, "Not Found", "invalid_request_error", "not_found")
+        raise not_found()
     return Response(_file(name), media_type=_TYPES[name],
                     headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Sequence
+from typing import Any, Sequence
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import Connection
@@ -58,15 +58,23 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def delete_tasks(conn: Connection, task_ids: Sequence[str]) -> list[str]:
-    """Delete these tasks with everything stored for them; returns the ids that existed."""
-    if not task_ids:
-        return []
-    gone = list(conn.execute(delete(Task).where(Task.id.in_(task_ids)).returning(Task.id)).scalars())
-    conn.execute(delete(CallbackEvent).where(CallbackEvent.task_id.in_(task_ids)))
+def _delete_where(conn: Connection, *where: Any) -> list[str]:
+    """Delete the tasks matching `where` (their rounds, messages and failed requests by cascade)
+    and leave a notice of each for the other processes; returns their ids."""
+    gone = list(conn.execute(delete(Task).where(*where).returning(Task.id)).scalars())
     if gone:
         now = _now()
         conn.execute(insert(Deletion), [{"task_id": task_id, "deleted_at": now} for task_id in gone])
+    return gone
+
+
+def delete_tasks(conn: Connection, task_ids: Sequence[str]) -> list[str]:
+    """Delete these tasks with everything stored for them (also the callback events of an id
+    whose task was never stored); returns the ids that existed."""
+    if not task_ids:
+        return []
+    gone = _delete_where(conn, Task.id.in_(task_ids))
+    conn.execute(delete(CallbackEvent).where(CallbackEvent.task_id.in_(task_ids)))
     return gone
 
 
@@ -89,15 +97,9 @@ def purge_expired(conn: Connection, cutoff: datetime, limit: int) -> list[str]:
     so a task a round just touched stays), and callback events older than it whose task this
     server never stored."""
     candidates = expired_task_ids(conn, cutoff, limit)
-    gone = list(
-        conn.execute(
-            delete(Task).where(Task.id.in_(candidates), Task.updated_at < cutoff).returning(Task.id)
-        ).scalars()
-    ) if candidates else []
+    gone = _delete_where(conn, Task.id.in_(candidates), Task.updated_at < cutoff) if candidates else []
     if gone:
         conn.execute(delete(CallbackEvent).where(CallbackEvent.task_id.in_(gone)))
-        now = _now()
-        conn.execute(insert(Deletion), [{"task_id": task_id, "deleted_at": now} for task_id in gone])
     stray = select(CallbackEvent.id).where(
         CallbackEvent.received_at < cutoff,
         ~select(Task.id).where(Task.id == CallbackEvent.task_id).exists(),

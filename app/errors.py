@@ -33,6 +33,10 @@ def bad_request(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code)
 
 
+def not_found() -> ApiError:
+    return ApiError(404, "Not Found", "invalid_request_error", "not_found")
+
+
 def unauthorized(message: str = "Missing or invalid API key (Authorization: Bearer <key>).") -> ApiError:
     return ApiError(401, message, "invalid_request_error", "invalid_api_key")
 

@@ -88,24 +88,32 @@ def _audio_seconds(data: bytes) -> float:
     return sum(frame.samples for frame in frames) / frames[0].sample_rate if frames else 0.0
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict, samples: Samples) -> None:
+async def _fetch(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, list[tuple[float, bytes]]] | None:
+    """One streamed request: when it started, and each non-empty chunk with its arrival time
+    (perf_counter); None if it failed or brought nothing."""
     started = time.perf_counter()
-    first = None
-    chunks = []
+    arrivals: list[tuple[float, bytes]] = []
     async with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
         if response.status_code != 200:
             await response.aread()
-            samples.errors += 1
-            return
+            return None
         async for chunk in response.aiter_raw():
-            if first is None and chunk:
-                first = time.perf_counter()
-            chunks.append(chunk)
+            if chunk:
+                arrivals.append((time.perf_counter(), chunk))
+    return (started, arrivals) if arrivals else None
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, samples: Samples) -> None:
+    fetched = await _fetch(client, url, body)
+    if fetched is None:
+        samples.errors += 1
+        return
+    started, arrivals = fetched
     total = time.perf_counter() - started
-    data = b"".join(chunks)
+    data = b"".join(chunk for _at, chunk in arrivals)
     seconds = _audio_seconds(data)
     samples.bytes_per_second.append(len(data) / seconds)
-    samples.first.append((first or time.perf_counter()) - started)
+    samples.first.append(arrivals[0][0] - started)
     samples.total.append(total)
     samples.rtf.append(total / seconds)
 
@@ -149,20 +157,12 @@ def _play(arrivals: list[tuple[float, int]], bytes_per_second: float, header: in
 
 async def _stream_played(client: httpx.AsyncClient, url: str, body: dict, bytes_per_second: float, header: int,
                          out: Playback) -> None:
-    started = time.perf_counter()
-    arrivals: list[tuple[float, int]] = []
-    async with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
-        if response.status_code != 200:
-            await response.aread()
-            out.errors += 1
-            return
-        async for chunk in response.aiter_raw():
-            if chunk:
-                arrivals.append((time.perf_counter(), len(chunk)))
-    if not arrivals:
+    fetched = await _fetch(client, url, body)
+    if fetched is None:
         out.errors += 1
         return
-    gaps, gap_s = _play(arrivals, bytes_per_second, header)
+    started, arrivals = fetched
+    gaps, gap_s = _play([(at, len(chunk)) for at, chunk in arrivals], bytes_per_second, header)
     out.first.append(arrivals[0][0] - started)
     out.streams += 1
     out.gaps += gaps

@@ -40,7 +40,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SENTENCE_END = re.compile(r"[.!?…;][\"'”’)）」』]*(?:\s+|$)|[。！？；][\"'”’)）」』]*\s*|\n+")
 _CLAUSE_END = re.compile(r"[,:—–]\s+|[，、：]\s*")
 # Abbreviations whose period ends no sentence ("Dr. Smith", "No. 5").
-_ABBREVIATION = re.compile(r"(?:^|\s)(?:Dr|Mr|Mrs|Ms|St|No|Prof|Jr|Sr|vs|etc|e\.g|i\.e|[A-Z])\.$")
+# (Also what `verbalize` spells out.)
+ABBREVIATIONS = r"Dr|Mr|Mrs|Ms|St|No|Prof|Jr|Sr|vs|etc|e\.g|i\.e"
+_ABBREVIATION = re.compile(rf"(?:^|\s)(?:{ABBREVIATIONS}|[A-Z])\.$")
 # A CJK first piece cut by length moves its cut past a number with what belongs to it
 # ("2026年11月27日", "3:30", "12.5元"), or past a Latin word.
 _RUN = re.compile(r"[0-9][0-9.,:%/+\-年月日号时点分秒元角]*|[A-Za-z]+")

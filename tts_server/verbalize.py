@@ -22,13 +22,16 @@ from typing import Callable, Literal
 
 from num2words import num2words
 
+from tts_server.text import ABBREVIATIONS
+
 log = logging.getLogger("trtc.tts")
 
 Lang = Literal["en", "zh"]
 
 # Anything the grammars would change: digits, currency and unit signs, and the abbreviations of
 # the glue. A piece without any skips the grammars (most pieces: a few ms each saved).
-_NEEDS_WORK = re.compile(r"[0-9$€£¥￥%℃°#&@]|\b(?:Dr|Mr|Mrs|Ms|St|No|vs|etc|e\.g|i\.e|Prof|Jr|Sr)\.")
+_SIGNS = re.compile(r"[0-9$€£¥￥%℃°#&@]")
+_NEEDS_WORK = re.compile(rf"{_SIGNS.pattern}|\b(?:{ABBREVIATIONS})\.")
 
 _DIGIT_NAMES_EN = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _DIGIT_NAMES_ZH = "零幺二三四五六七八九"
@@ -164,7 +167,7 @@ class Verbalizer:
         if not _NEEDS_WORK.search(text):
             return text
         glued = _glue_en(text) if lang == "en" else _glue_zh(text)
-        if not re.search(r"[0-9$€£¥￥%℃°#&@]", glued):
+        if not _SIGNS.search(glued):
             return glued
         lock, normalize = self._grammar(lang)
         try:
