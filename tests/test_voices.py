@@ -142,26 +142,29 @@ def test_new_voices_come_on_sighup_without_dropping_a_stream(mirror: Mirror, sta
     assert GOOD in _voices(server)
 
 
-def test_voice_settings_apply_at_synthesis(tts: Proxy, start_tts, tmp_path: Path) -> None:
+def test_voice_settings_apply_at_synthesis(start_tts, tmp_path: Path) -> None:
     """length_scale 2 doubles the speech; volume scales it; the pause lengthens a two-sentence
-    text by that much, and nothing else."""
+    text by that much, and nothing else. piper varies durations at random (one sentence spans
+    ±10% over 40 runs), so both settings turn that off and compare like with like."""
     voices_dir = tmp_path / "voices"
     voices_dir.mkdir()
-    (voices_dir / "voices.yaml").write_text(
-        "voices:\n  en_US-joe-medium: {length_scale: 2.0, volume: 0.5, sentence_pause_s: 0.5}\n"
-    )
-    tuned = start_tts({"VOICES_DIR": str(voices_dir), "TTS_CACHE_MB": "0"})
+    yaml = voices_dir / "voices.yaml"
+    yaml.write_text("voices:\n  en_US-joe-medium: {noise_w_scale: 0.0}\n")
+    server = start_tts({"VOICES_DIR": str(voices_dir), "TTS_CACHE_MB": "0"})
     one = "This sentence is read at two speeds."
-    plain_response, tuned_response = _speak(tts, one), _speak(tuned, one)
+    plain_response = _speak(server, one)
+    yaml.write_text("voices:\n  en_US-joe-medium: {noise_w_scale: 0.0, length_scale: 2.0, volume: 0.5, sentence_pause_s: 0.5}\n")
+    subprocess.run(["kill", "-HUP", str(server.pid)], check=True)
+    wait_until(lambda: _voices(server)["en_US-joe-medium"]["settings"].get("length_scale") == 2.0, what="the tuned voice after SIGHUP")
+    tuned_response = _speak(server, one)
     ratio = _seconds(tuned_response) / _seconds(plain_response)
     assert 1.7 < ratio < 2.3, ratio
     loudness = [float(np.abs(np.frombuffer(r.content, dtype="<i2")).max()) for r in (plain_response, tuned_response)]
     assert loudness[1] < 0.7 * loudness[0], loudness
     two = "First sentence here. Second sentence here."
-    with_pause = _seconds(_speak(tuned, two))
-    without = sum(_seconds(_speak(tuned, part)) for part in ("First sentence here.", "Second sentence here."))
-    assert abs(with_pause - without - 0.5) < 0.35, (with_pause, without)
-    assert _voices(tuned)["en_US-joe-medium"]["settings"]["length_scale"] == 2.0
+    with_pause = _seconds(_speak(server, two))
+    without = sum(_seconds(_speak(server, part)) for part in ("First sentence here.", "Second sentence here."))
+    assert abs(with_pause - without - 0.5) < 0.1, (with_pause, without)
 
 
 def test_a_bad_voices_yaml_stops_the_start_with_the_reason(tmp_path: Path) -> None:
