@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +26,8 @@ from tests.support import (
 BACKENDS = ["sqlite", "postgres"]
 # The key the session proxy checks callback signatures with.
 CALLBACK_KEY = "cbKey2026abc"
+# The session proxy's admin key (the admin API and console are on there).
+ADMIN_KEY = "admin-key-1"
 
 
 @pytest.fixture(scope="session")
@@ -69,22 +72,22 @@ def migrated_url(database_url: str) -> str:
 def proxy(migrated_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     server = Proxy(
         tmp_path_factory.mktemp("proxy"),
-        {"DATABASE_URL": migrated_url, "UPSTREAM_BASE_URL": upstream.base_url, "CALLBACK_SIGN_KEY": CALLBACK_KEY},
+        {"DATABASE_URL": migrated_url, "UPSTREAM_BASE_URL": upstream.base_url, "CALLBACK_SIGN_KEY": CALLBACK_KEY,
+         "ADMIN_API_KEYS": ADMIN_KEY},
     )
     server.start()
     yield server
     server.stop()
 
 
-@pytest.fixture
-def start_proxy(upstream: Upstream, tmp_path: Path) -> Iterator[callable]:
-    """Start extra proxies with their own settings; all are stopped after the test."""
+@contextmanager
+def _proxies(upstream: Upstream, folder: Path) -> Iterator[callable]:
     started: list[Proxy] = []
 
     def start(
-        env: dict[str, str], *, workdir: Path | None = None, migrate: bool = True, args: tuple[str, ...] = ()
+        env: dict[str, str], *, workdir: Path | None = None, migrate: bool = True, args: tuple[str, ...] = ("--only", "llm")
     ) -> Proxy:
-        server = Proxy(workdir or tmp_path / f"proxy{len(started)}", {"UPSTREAM_BASE_URL": upstream.base_url, **env})
+        server = Proxy(workdir or folder / f"proxy{len(started)}", {"UPSTREAM_BASE_URL": upstream.base_url, **env})
         if migrate:
             from migrations import upgrade
 
@@ -93,9 +96,26 @@ def start_proxy(upstream: Upstream, tmp_path: Path) -> Iterator[callable]:
         server.start(*args)
         return server
 
-    yield start
-    for server in started:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def start_proxy(upstream: Upstream, tmp_path: Path) -> Iterator[callable]:
+    """Start extra chat proxies (`serve --only llm`: the TTS server's start is not paid where it
+    is not used; `args=()` serves both) with their own settings; all are stopped after the test."""
+    with _proxies(upstream, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def start_proxy_for_module(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[callable]:
+    """`start_proxy` for servers that a module's tests share; stopped after the module."""
+    with _proxies(upstream, tmp_path_factory.mktemp("module")) as start:
+        yield start
 
 
 @pytest.fixture

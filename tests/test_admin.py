@@ -15,15 +15,14 @@ import pytest
 import openai
 
 from orchestrator.protocol import sign
-from tests.conftest import CALLBACK_KEY
+from tests.conftest import ADMIN_KEY, CALLBACK_KEY
 from tests.support import API_KEY, Proxy, Upstream, headers, marker, run_db, wait_until
-
-ADMIN_KEY = "admin-key-1"
 
 
 @pytest.fixture
-def admin(start_proxy, migrated_url: str) -> Proxy:
-    return start_proxy({"DATABASE_URL": migrated_url, "ADMIN_API_KEYS": ADMIN_KEY, "CALLBACK_SIGN_KEY": CALLBACK_KEY})
+def admin(proxy: Proxy) -> Proxy:
+    """The session proxy, which has the admin API on (ADMIN_KEY)."""
+    return proxy
 
 
 def _get(server: Proxy, path: str, key: str = ADMIN_KEY, **params: Any) -> httpx.Response:
@@ -49,8 +48,11 @@ def _callback(server: Proxy, task_id: str, event_type: int, payload: dict[str, A
     assert response.status_code == 200
 
 
-def test_without_admin_keys_the_admin_api_does_not_exist(proxy: Proxy) -> None:
-    response = _get(proxy, "/admin/v1/tasks", key=API_KEY)
+def test_without_admin_keys_neither_the_admin_api_nor_the_console_exists(start_proxy, migrated_url: str) -> None:
+    server = start_proxy({"DATABASE_URL": migrated_url}, args=())
+    for path in ("/console", "/console/", "/console/console.js"):
+        assert httpx.get(server.url + path, follow_redirects=False).status_code == 404
+    response = _get(server, "/admin/v1/tasks", key=API_KEY)
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 

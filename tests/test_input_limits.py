@@ -136,7 +136,7 @@ def test_a_retried_round_takes_no_sequence_number_and_reports_its_usage(proxy: P
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(start_proxy, task_id: str) -> None:
-    server = start_proxy({"MAX_REQUEST_BYTES": "100000", "TTS_API_KEYS": TTS_KEY})
+    server = start_proxy({"MAX_REQUEST_BYTES": "100000", "TTS_API_KEYS": TTS_KEY}, args=())
     big = _body("x" * 200_000)
     response = _post(server, big, task_id)
     assert response.status_code == 413

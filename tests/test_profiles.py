@@ -59,11 +59,16 @@ profiles:
 """
 
 
-@pytest.fixture
-def profiled(start_proxy, upstream: Upstream, tmp_path: Path) -> Proxy:
-    config = tmp_path / "profiles.yaml"
+def _start_profiled(start_proxy, upstream: Upstream, folder: Path) -> Proxy:
+    config = folder / "profiles.yaml"
     config.write_text(_profiles_yaml(upstream))
     return start_proxy({"CONFIG_FILE": str(config), "COMPANION_KEY": COMPANION_KEY, "BUILTIN_TOOLS": "true"})
+
+
+@pytest.fixture(scope="module")
+def profiled(start_proxy_for_module, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Proxy:
+    """One server for the tests that only read its profiles (the SIGHUP test starts its own)."""
+    return _start_profiled(start_proxy_for_module, upstream, tmp_path_factory.mktemp("profiled"))
 
 
 def _ask(server: Proxy, key: str, model: str, text: str, *, system: str = "REQUEST PROMPT", task_id: str | None = None,
@@ -154,8 +159,9 @@ def test_models_lists_the_profiles_models_and_rounds_record_who_answered(profile
 
 
 def test_sighup_reloads_for_new_rounds_without_dropping_streams_in_flight(
-    profiled: Proxy, upstream: Upstream, tmp_path: Path
+    start_proxy, upstream: Upstream, tmp_path: Path
 ) -> None:
+    profiled = _start_profiled(start_proxy, upstream, tmp_path)
     config = tmp_path / "profiles.yaml"
     tag = marker()
     streamed: list[str] = []

@@ -294,17 +294,16 @@ def test_clashing_tool_names_stop_the_server_at_start(start_proxy) -> None:
     with pytest.raises(AssertionError) as failed:
         start_proxy(
             {"PYTHONPATH": str(ROOT), "BUILTIN_TOOLS": "true", "TOOLS_MODULES": "tests.tool_fixtures_clash"},
-            args=("--only", "llm"),
         )
     assert "Two tools are named 'current_time'" in str(failed.value)
 
 
 def test_tools_enabled_narrows_the_tools_sent(start_proxy, upstream: Upstream, task_id: str) -> None:
-    server = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": "current_time"}, args=("--only", "llm"))
+    server = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": "current_time"})
     tag = marker()
     server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": tag}], extra_headers=headers(task_id))
     assert [t["function"]["name"] for t in upstream.requests(tag)[0]["tools"]] == ["current_time"]
-    none = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": ""}, args=("--only", "llm"))
+    none = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": ""})
     tag = marker()
     none.client().chat.completions.create(model="m", messages=[{"role": "user", "content": tag}], extra_headers=headers(task_id))
     assert "tools" not in upstream.requests(tag)[0]
@@ -321,7 +320,7 @@ def test_installed_packages_add_tools_through_the_entry_point_group(start_proxy,
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shop-tools\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[trtc_backend.tools]\nshop = shop_tools\n")
-    server = start_proxy({"PYTHONPATH": str(site)}, args=("--only", "llm"))
+    server = start_proxy({"PYTHONPATH": str(site)})
     server.client().chat.completions.create(
         model="m", messages=[{"role": "user", "content": '[[tool:shop_hours:{"day": "Monday"}]]'}], extra_headers=headers(task_id)
     )
@@ -335,7 +334,7 @@ def test_no_tools_are_offered_by_default(proxy: Proxy, upstream: Upstream, task_
 
 
 def test_an_upstream_that_takes_no_tools_is_named_as_the_cause(start_proxy, task_id: str) -> None:
-    server = start_proxy({"BUILTIN_TOOLS": "true"}, args=("--only", "llm"))
+    server = start_proxy({"BUILTIN_TOOLS": "true"})
     with pytest.raises(openai.InternalServerError) as caught:
         server.client().chat.completions.create(
             model="m", messages=[{"role": "user", "content": "[[no_tools:1]] hi"}], extra_headers=headers(task_id)
