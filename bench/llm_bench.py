@@ -344,12 +344,12 @@ def main() -> None:
                         help="the proxy's profile: none (the implicit one), or one from a file with the output filters off or on")
     parser.add_argument("--retention-backlog", type=int, default=20_000,
                         help="expired tasks (10 rounds each) purged while the last level runs again; 0: skip")
-    parser.add_argument("--quick", action="store_true", help="short run: levels 1 and 50, 6 s each")
+    parser.add_argument("--quick", action="store_true", help="short run: levels 1 and 50, 4 s each")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
     if args.quick:
-        args.levels, args.saturation, args.duration = [1, 50], [], 6.0
-        args.retention_backlog = min(args.retention_backlog, 5000)
+        args.levels, args.saturation, args.duration = [1, 50], [], 4.0
+        args.retention_backlog = min(args.retention_backlog, 2000)
 
     all_rows: list[Row] = []
     all_saturation: list[list[str]] = []

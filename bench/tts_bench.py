@@ -12,7 +12,7 @@ response cache off so every request is synthesized. Piper's server answers a who
 voice's 22050 Hz once the text is done. Writes its table into docs/benchmarks.md.
 
     .venv/bin/python bench/tts_bench.py          # make bench-tts
-    .venv/bin/python bench/tts_bench.py --quick  # one round per cell
+    .venv/bin/python bench/tts_bench.py --quick  # one round per cell, concurrency 1 and 4
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.format_concurrency, args.gap_concurrency = [1], [1, 4]
+        args.concurrency, args.format_concurrency, args.gap_concurrency = [1, 4], [1], [1, 4]
 
     rows = []
     format_rows: list[list[str]] = []
