@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import and_, case, func, literal, or_, select
 from sqlalchemy.engine import Connection
 
-from llm_proxy.models import ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Message, Round, Task
-from llm_proxy.store import message_from_row
+from llm_proxy.models import ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Round, Task
+from llm_proxy.store import messages_of_rounds
 from orchestrator.models import CallbackEvent
 from orchestrator.protocol import METRIC
 
@@ -110,13 +110,7 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
     if task is None:
         return None
     rounds = conn.execute(select(Round.__table__).where(Round.task_id == task_id).order_by(Round.seq)).mappings().all()
-    messages: dict[str, list[dict[str, Any]]] = {r["id"]: [] for r in rounds}
-    for round_id, role, content, name, tool_call_id, tool_calls in conn.execute(
-        select(Message.round_id, Message.role, Message.content, Message.name, Message.tool_call_id, Message.tool_calls)
-        .where(Message.round_id.in_(list(messages)))
-        .order_by(Message.round_id, Message.position)
-    ):
-        messages[round_id].append(message_from_row(role, content, name, tool_call_id, tool_calls))
+    messages = messages_of_rounds(conn, [r["id"] for r in rounds])
     events = conn.execute(
         select(CallbackEvent.__table__).where(CallbackEvent.task_id == task_id).order_by(CallbackEvent.id)
     ).mappings().all()

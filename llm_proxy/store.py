@@ -686,6 +686,18 @@ def release_round(conn: Connection, claim: Claim, failure: Failure | None = None
         )
 
 
+def messages_of_rounds(conn: Connection, round_ids: list[str]) -> dict[str, list[Msg]]:
+    """Each round's messages in order, by round id (every id is a key, also with no messages)."""
+    by_id: dict[str, list[Msg]] = {round_id: [] for round_id in round_ids}
+    for round_id, role, content, name, tool_call_id, tool_calls in conn.execute(
+        select(Message.round_id, Message.role, Message.content, Message.name, Message.tool_call_id, Message.tool_calls)
+        .where(Message.round_id.in_(round_ids))
+        .order_by(Message.round_id, Message.position)
+    ):
+        by_id[round_id].append(message_from_row(role, content, name, tool_call_id, tool_calls))
+    return by_id
+
+
 def round_messages(conn: Connection, task_id: str) -> list[dict[str, Any]]:
     """Every finished round of a task, oldest first, with its messages (for tests and tools)."""
     rounds = conn.execute(
@@ -693,13 +705,7 @@ def round_messages(conn: Connection, task_id: str) -> list[dict[str, Any]]:
         .where(Round.task_id == task_id, Round.status.in_(FINISHED_STATUSES))
         .order_by(Round.seq)
     ).all()
-    by_id: dict[str, list[Msg]] = {row.id: [] for row in rounds}
-    for round_id, role, content, name, tool_call_id, tool_calls in conn.execute(
-        select(Message.round_id, Message.role, Message.content, Message.name, Message.tool_call_id, Message.tool_calls)
-        .where(Message.round_id.in_(list(by_id)))
-        .order_by(Message.round_id, Message.position)
-    ):
-        by_id[round_id].append(message_from_row(role, content, name, tool_call_id, tool_calls))
+    by_id = messages_of_rounds(conn, [row.id for row in rounds])
     return [
         {
             "id": row.id,
