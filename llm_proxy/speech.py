@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import AsyncGenerator, Protocol
 
-from llm_proxy.speakable import SpeakableFilter
+from tts_server.speakable import SpeakableFilter
 from llm_proxy.upstream import Delta
 
 _OPEN, _CLOSE = "<think>", "</think>"

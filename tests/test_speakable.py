@@ -1,4 +1,4 @@
-"""Text fit for a speaker as it streams (`llm_proxy/speakable.py`): English and Chinese samples,
+"""Text fit for a speaker as it streams (`tts_server/speakable.py`): English and Chinese samples,
 each cut at every possible chunk boundary, and through real HTTP with a profile's
 `output.speakable`."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_proxy.speakable import SpeakableFilter
+from tts_server.speakable import SpeakableFilter
 from tests.support import headers, marker
 
 SAMPLES = [

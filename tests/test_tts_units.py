@@ -30,6 +30,7 @@ from tts_server.text import language, normalize, pieces
         ("snake_case stays", "snake_case stays"),
         ("<b>bold</b> tag", "bold tag"),
         ("你好，**世界**！😀", "你好，世界！"),
+        ("2^3 is issue #5", "2 3 is issue 5"),
     ],
 )
 def test_normalize_leaves_only_what_should_be_said(text: str, said: str) -> None:

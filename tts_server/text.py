@@ -8,28 +8,8 @@ from __future__ import annotations
 
 import re
 
-_FENCE = re.compile(r"^\s*(```|~~~).*$", re.MULTILINE)
-_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
-_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
-_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
-_HTML_TAG = re.compile(r"</?[A-Za-z][^>]*>")
-_HEADING = re.compile(r"^\s{0,3}#{1,6}\s*", re.MULTILINE)
-_QUOTE = re.compile(r"^\s{0,3}>\s?", re.MULTILINE)
-_LIST_MARKER = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)])\s+", re.MULTILINE)
-_RULE = re.compile(r"^\s*(?:[-*_]\s*){3,}$", re.MULTILINE)
-_TABLE_RULE = re.compile(r"^\s*\|?(?:\s*:?-{2,}:?\s*\|)+\s*:?-*:?\s*$", re.MULTILINE)
-_EMPHASIS = re.compile(r"(\*{1,3}|_{2,3}|~~)(?=\S)(.+?)(?<=\S)\1")
-_LONE_MARKS = re.compile(r"[*`#|~^]+|(?<!\w)_+|_+(?!\w)")
-# Emoji and their joiners; also what the chat proxy's `speakable` filter removes.
-EMOJI = re.compile(
-    "["
-    "\U0001f000-\U0001faff"  # pictographs, emoticons, transport, symbols and pictographs ext.
-    "\U00002600-\U000027bf"  # misc symbols, dingbats
-    "\U00002b00-\U00002bff"  # arrows and stars used as emoji
-    "\U0001f1e6-\U0001f1ff"  # flags
-    "\ufe0e\ufe0f\u200d\u20e3"  # variation selectors, joiner, keycap
-    "]+"
-)
+from tts_server.speakable import SpeakableFilter
+
 _SPACES = re.compile(r"[ \t\r\f\v]+")
 # Control characters (NUL and the like) that no engine should be handed; tabs and newlines stay.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -76,23 +56,10 @@ FIRST_PIECE_CJK_CHARS = 10
 
 
 def normalize(text: str) -> str:
-    """What should be read aloud: no markdown syntax, emoji, URLs, HTML tags or control characters."""
-    text = _CONTROL.sub(" ", text)
-    text = _FENCE.sub("", text)
-    text = _IMAGE.sub(r"\1", text)
-    text = _LINK.sub(r"\1", text)
-    text = _URL.sub("", text)
-    text = _HTML_TAG.sub("", text)
-    text = _TABLE_RULE.sub("", text)
-    text = _RULE.sub("", text)
-    text = _HEADING.sub("", text)
-    text = _QUOTE.sub("", text)
-    text = _LIST_MARKER.sub("", text)
-    for _ in range(2):  # nested emphasis, e.g. ***bold italic*** inside **bold**
-        text = _EMPHASIS.sub(r"\2", text)
-    text = EMOJI.sub("", text)
-    text = _LONE_MARKS.sub(" ", text)
-    text = text.replace("|", " ")
+    """What should be read aloud: no markdown syntax, emoji, URLs, HTML tags or control characters
+    (the chat proxy's speakable filter over the whole text, so both read markdown alike)."""
+    speakable = SpeakableFilter()
+    text = speakable.feed(_CONTROL.sub(" ", text)) + speakable.flush()
     lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return "\n".join(line for line in lines if line)
 

@@ -1,10 +1,11 @@
-"""Text fit for a speaker, as it streams: a profile's `output.speakable`.
+"""Text fit for a speaker, as it streams: what the TTS server reads of any text it is given
+(`text.normalize`), and what the chat proxy streams for a profile with `output.speakable`.
 
 Models write markdown for screens; read aloud, its marks are noise ("asterisk asterisk"). This
-filter takes out, as the text streams: emphasis and code marks, headings, quote and list
-markers, code fence lines, table rules and pipes, horizontal rules, HTML tags, emoji and bare
-URLs; a link or an image becomes its text. Chinese and English alike (it works on marks, not
-words).
+filter takes out, as the text streams: emphasis, code and other stray marks (`*`, backticks, `~`, `^`, `#`),
+headings, quote and list markers, code fence lines, table rules and pipes, horizontal rules, HTML
+tags, emoji and bare URLs; a link or an image becomes its text. Chinese and English alike (it
+works on marks, not words).
 
 Streaming-safe: the text of a line is let out as soon as nothing in it may still be the start
 of a mark. Only what may be held back is: the start of a line until its marker is known (a few
@@ -17,15 +18,25 @@ from __future__ import annotations
 
 import re
 
-from tts_server.text import EMOJI
-
+# Emoji and their joiners.
+EMOJI = re.compile(
+    "["
+    "\U0001f000-\U0001faff"  # pictographs, emoticons, transport, symbols and pictographs ext.
+    "\U00002600-\U000027bf"  # misc symbols, dingbats
+    "\U00002b00-\U00002bff"  # arrows and stars used as emoji
+    "\U0001f1e6-\U0001f1ff"  # flags
+    "\ufe0e\ufe0f\u200d\u20e3"  # variation selectors, joiner, keycap
+    "]+"
+)
 _IMAGE = re.compile(r"!\[([^\]\n]*)\]\([^)\n]*\)")
 _LINK = re.compile(r"\[([^\]\n]+)\]\([^)\n]*\)")
 # A URL ends at a space, a bracket or CJK punctuation, and not on a sentence's full stop or comma.
 _URL_CHARS = r"[^\s<>()\[\]{}，。！？、；：“”‘’（）【】]"
 _URL = re.compile(rf"(?:https?://|www\.){_URL_CHARS}*(?<![.,;:!?'\"])", re.IGNORECASE)
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>\n]*)?/?>")
-_MARKS = re.compile(r"[*`~]+")
+_MARKS = re.compile(r"[*`~#]+")  # a line's leading `#` is a heading, taken before
+# Marks that stand between two words or numbers ("a | b", "2^3"): a space, not nothing.
+_SPACED_MARKS = re.compile(r"[|^]")
 _UNDERSCORE = re.compile(r"(?<![^\W_])_+|_+(?![^\W_])")  # not between two letters or digits
 
 # A line's start: what it must be held for, and what it is once known.
@@ -61,7 +72,7 @@ def _content(text: str, before: str = "") -> str:
         kept.append(joined[last : match.start()])
         last = match.end()
     kept.append(joined[last:])
-    return "".join(kept).replace("|", " ")
+    return _SPACED_MARKS.sub(" ", "".join(kept))
 
 
 def _masked(text: str) -> str:
