@@ -140,11 +140,22 @@ TTS_ESPEAK_KEY = "tts-key-espeak"
 
 
 @pytest.fixture(scope="session")
-def tts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+def steady_voices(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A VOICES_DIR whose voices.yaml turns piper's random timing off (`noise_w_scale: 0`) for the
+    bundled voice: tests that compare two syntheses' durations then compare like with like (with
+    it on, one sentence's length varies by about ±10%, which made such a test fail by chance)."""
+    folder = tmp_path_factory.mktemp("steady-voices")
+    (folder / "voices.yaml").write_text("voices:\n  en_US-joe-medium: {noise_w_scale: 0.0}\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tts(tmp_path_factory: pytest.TempPathFactory, steady_voices: str) -> Iterator[Proxy]:
     """The TTS server on its own (`serve --only tts`), as operators scale it."""
     server = Proxy(
         tmp_path_factory.mktemp("tts"),
-        {"TTS_API_KEYS": f"{TTS_KEY},{TTS_ESPEAK_KEY}", "TTS_KEY_VOICES": f"{TTS_ESPEAK_KEY}:espeak-cmn"},
+        {"TTS_API_KEYS": f"{TTS_KEY},{TTS_ESPEAK_KEY}", "TTS_KEY_VOICES": f"{TTS_ESPEAK_KEY}:espeak-cmn",
+         "VOICES_DIR": steady_voices},
     )
     server.start("--only", "tts")
     yield server
@@ -152,12 +163,13 @@ def tts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
 
 
 @pytest.fixture
-def start_tts(tmp_path: Path) -> Iterator[callable]:
-    """Start extra TTS servers with their own settings; all are stopped after the test."""
+def start_tts(tmp_path: Path, steady_voices: str) -> Iterator[callable]:
+    """Start extra TTS servers with their own settings (the steady voices unless `VOICES_DIR` is
+    given); all are stopped after the test."""
     started: list[Proxy] = []
 
     def start(env: dict[str, str]) -> Proxy:
-        server = Proxy(tmp_path / f"tts{len(started)}", {"TTS_API_KEYS": TTS_KEY, **env})
+        server = Proxy(tmp_path / f"tts{len(started)}", {"TTS_API_KEYS": TTS_KEY, "VOICES_DIR": steady_voices, **env})
         started.append(server)
         server.start("--only", "tts")
         return server

@@ -137,6 +137,13 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     browser.execute_script("document.querySelector('#tts-audio').removeAttribute('src'); document.querySelector('#tts-audio').load();")
     browser.find_element(By.ID, "tts-speak").click()
     assert _played_seconds(browser, "the Opus sample's audio") > 1.0
+    # MP3 plays as it arrives (Media Source); its duration is known once the stream has ended.
+    Select(browser.find_element(By.ID, "tts-format")).select_by_value("mp3")
+    browser.execute_script("document.querySelector('#tts-audio').removeAttribute('src'); document.querySelector('#tts-audio').load();")
+    browser.find_element(By.ID, "tts-speak").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "all-audio").text.isdigit(), "the MP3 stream's end")
+    assert browser.execute_script("return document.querySelector('#tts-audio').dataset.streamed") == "true"
+    assert _played_seconds(browser, "the MP3 sample's audio") > 1.0
 
     browser.get(f"{console.url}/console/#task/{task_id}")
     _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rounds .round")) == 2, "the conversation again")

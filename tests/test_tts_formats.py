@@ -72,8 +72,9 @@ def test_each_format_decodes_to_the_speech_it_carries(
         assert decoded_rate == 48000 and _opus_input_rate(response.content) == rate
     seconds = len(samples) / channels / decoded_rate
     expected = _pcm_seconds(tts, rate, channels)
-    # The same words (piper's noise varies durations a little), plus the encoder's padding.
-    assert abs(seconds - expected) < 0.1 * expected + 0.1, (seconds, expected)
+    # The same words (the test servers' piper has no random timing), plus the encoder's delay and
+    # padding, which bare frames do not let a decoder trim: about 0.2 s at 8 kHz (72 ms MP3 frames).
+    assert abs(seconds - expected) < 0.02 * expected + 0.25, (seconds, expected)
     assert np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 300  # speech, not silence
 
 

@@ -179,14 +179,15 @@ def _seconds(server: Proxy, text: str) -> float:
 
 
 def test_a_normalised_number_is_what_the_voice_says(tts: Proxy, start_tts) -> None:
-    """The price and the phone number last as long as their words spelled out (piper's noise
-    varies durations a little), and clearly not as long as without normalisation."""
+    """The price and the phone number last as long as their words spelled out (within 10%: the
+    spelled-out phone number, twelve words, is cut into two pieces for an early first audio, which
+    adds a piece's edges of silence), and clearly not as long as without normalisation."""
     for written, spelled in [
         ("It costs $12.50.", "It costs twelve dollars and fifty cents."),
         ("Call 13812345678.", "Call one three eight one two three four five six seven eight."),
     ]:
         normalised, reference = _seconds(tts, written), _seconds(tts, spelled)
-        assert abs(normalised - reference) < 0.15 * reference, (written, normalised, reference)
+        assert abs(normalised - reference) < 0.1 * reference, (written, normalised, reference)
     plain = start_tts({"TTS_NORMALIZE": "false"})
     # Unnormalised, the phone number is read as thirteen billion eight hundred ...: a different length.
     as_written, spelled_out = _seconds(plain, "Call 13812345678."), _seconds(tts, "Call 13812345678.")

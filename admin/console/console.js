@@ -263,9 +263,10 @@ async function loadVoices() {
     el("option", { value: v.name, ...(v.name === voices.default ? { selected: "" } : {}) }, `${v.name} (${v.language})`)));
 }
 
-// Plays PCM and WAV as they arrive (Web Audio), so what the page plays starts where the
-// orchestrator's would; the whole answer then goes into the <audio> element to replay. MP3 and
-// Ogg Opus go to the <audio> element whole (the first-audio time is still the first byte's).
+// Plays PCM and WAV as they arrive (Web Audio), and MP3 too where the browser's Media Source
+// takes it, so what the page plays starts where the orchestrator's would; the whole answer then
+// stays in the <audio> element to replay. Ogg Opus (Media Source takes no Ogg) plays once whole;
+// its first-audio time is still the first byte's.
 async function speak() {
   $("#tts-error").textContent = "";
   $("#first-audio").textContent = $("#all-audio").textContent = "-";
@@ -287,17 +288,7 @@ async function speak() {
   }
   const reader = response.body.getReader();
   if (format === "mp3" || format === "ogg_opus") {
-    const parts = [];
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      if (!parts.length) $("#first-audio").textContent = Math.round(performance.now() - started);
-      parts.push(value);
-    }
-    $("#all-audio").textContent = Math.round(performance.now() - started);
-    const audio = $("#tts-audio");
-    audio.src = URL.createObjectURL(new Blob(parts, { type: response.headers.get("content-type") }));
-    audio.play().catch(() => { /* autoplay refused: the player is there to press */ });
+    await playEncoded(reader, response.headers.get("content-type"), started);
     return;
   }
   let pending = new Uint8Array(0);
@@ -325,6 +316,40 @@ async function speak() {
   $("#all-audio").textContent = Math.round(performance.now() - started);
   const audio = $("#tts-audio");
   audio.src = URL.createObjectURL(new Blob([wavHeader(pcm.reduce((n, c) => n + c.length, 0), rate), ...pcm], { type: "audio/wav" }));
+}
+
+async function playEncoded(reader, type, started) {
+  const audio = $("#tts-audio");
+  const streamed = Boolean(window.MediaSource && MediaSource.isTypeSupported(type) && type === "audio/mpeg");
+  audio.dataset.streamed = String(streamed);
+  let source = null;
+  let buffer = null;
+  if (streamed) {
+    source = new MediaSource();
+    audio.src = URL.createObjectURL(source);
+    await new Promise((resolve) => source.addEventListener("sourceopen", resolve, { once: true }));
+    buffer = source.addSourceBuffer(type);
+    buffer.mode = "sequence";
+  }
+  const parts = [];
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (!parts.length) $("#first-audio").textContent = Math.round(performance.now() - started);
+    parts.push(value);
+    if (buffer) {
+      buffer.appendBuffer(value);
+      await new Promise((resolve) => buffer.addEventListener("updateend", resolve, { once: true }));
+      if (parts.length === 1) audio.play().catch(() => { /* autoplay refused: the player is there to press */ });
+    }
+  }
+  $("#all-audio").textContent = Math.round(performance.now() - started);
+  if (source) {
+    source.endOfStream();
+    return;
+  }
+  audio.src = URL.createObjectURL(new Blob(parts, { type }));
+  audio.play().catch(() => { /* autoplay refused: the player is there to press */ });
 }
 
 function concat(a, b) {
