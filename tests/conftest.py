@@ -81,8 +81,18 @@ def proxy(migrated_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPa
 
 
 @contextmanager
-def _proxies(upstream: Upstream, folder: Path) -> Iterator[callable]:
+def _stopped_at_the_end() -> Iterator[list[Proxy]]:
+    """A list to put started servers in; all are stopped when the block ends, also on failure."""
     started: list[Proxy] = []
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _proxy_starter(upstream: Upstream, folder: Path, started: list[Proxy]) -> callable:
+    """`start_proxy`'s function: a migrated proxy in `folder` talking to the fake upstream."""
 
     def start(
         env: dict[str, str], *, workdir: Path | None = None, migrate: bool = True, args: tuple[str, ...] = ("--only", "llm")
@@ -96,26 +106,22 @@ def _proxies(upstream: Upstream, folder: Path) -> Iterator[callable]:
         server.start(*args)
         return server
 
-    try:
-        yield start
-    finally:
-        for server in started:
-            server.stop()
+    return start
 
 
 @pytest.fixture
 def start_proxy(upstream: Upstream, tmp_path: Path) -> Iterator[callable]:
     """Start extra chat proxies (`serve --only llm`: the TTS server's start is not paid where it
     is not used; `args=()` serves both) with their own settings; all are stopped after the test."""
-    with _proxies(upstream, tmp_path) as start:
-        yield start
+    with _stopped_at_the_end() as started:
+        yield _proxy_starter(upstream, tmp_path, started)
 
 
 @pytest.fixture(scope="module")
 def start_proxy_for_module(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[callable]:
     """`start_proxy` for servers that a module's tests share; stopped after the module."""
-    with _proxies(upstream, tmp_path_factory.mktemp("module")) as start:
-        yield start
+    with _stopped_at_the_end() as started:
+        yield _proxy_starter(upstream, tmp_path_factory.mktemp("module"), started)
 
 
 @pytest.fixture
@@ -166,14 +172,12 @@ def tts(tmp_path_factory: pytest.TempPathFactory, steady_voices: str) -> Iterato
 def start_tts(tmp_path: Path, steady_voices: str) -> Iterator[callable]:
     """Start extra TTS servers with their own settings (the steady voices unless `VOICES_DIR` is
     given); all are stopped after the test."""
-    started: list[Proxy] = []
+    with _stopped_at_the_end() as started:
 
-    def start(env: dict[str, str]) -> Proxy:
-        server = Proxy(tmp_path / f"tts{len(started)}", {"TTS_API_KEYS": TTS_KEY, "VOICES_DIR": steady_voices, **env})
-        started.append(server)
-        server.start("--only", "tts")
-        return server
+        def start(env: dict[str, str]) -> Proxy:
+            server = Proxy(tmp_path / f"tts{len(started)}", {"TTS_API_KEYS": TTS_KEY, "VOICES_DIR": steady_voices, **env})
+            started.append(server)
+            server.start("--only", "tts")
+            return server
 
-    yield start
-    for server in started:
-        server.stop()
+        yield start

@@ -70,6 +70,17 @@ def _played_seconds(driver: Any, what: str) -> float:
     return float(_wait(driver, lambda d: d.execute_script(script), what, timeout=30))
 
 
+def _speak_as(driver: Any, fmt: str) -> None:
+    """The playground's sample again in another format, its player emptied first (so the next
+    duration read is the new clip's)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, "tts-format")).select_by_value(fmt)
+    driver.execute_script("const a = document.querySelector('#tts-audio'); a.removeAttribute('src'); a.load();")
+    driver.find_element(By.ID, "tts-speak").click()
+
+
 def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -131,16 +142,10 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     assert browser.find_element(By.ID, "first-audio").text.isdigit()
     assert browser.find_element(By.ID, "tts-error").text == ""
     # Ogg Opus plays in the same player (Chromium decodes it natively).
-    from selenium.webdriver.support.ui import Select
-
-    Select(browser.find_element(By.ID, "tts-format")).select_by_value("ogg_opus")
-    browser.execute_script("document.querySelector('#tts-audio').removeAttribute('src'); document.querySelector('#tts-audio').load();")
-    browser.find_element(By.ID, "tts-speak").click()
+    _speak_as(browser, "ogg_opus")
     assert _played_seconds(browser, "the Opus sample's audio") > 1.0
     # MP3 plays as it arrives (Media Source); its duration is known once the stream has ended.
-    Select(browser.find_element(By.ID, "tts-format")).select_by_value("mp3")
-    browser.execute_script("document.querySelector('#tts-audio').removeAttribute('src'); document.querySelector('#tts-audio').load();")
-    browser.find_element(By.ID, "tts-speak").click()
+    _speak_as(browser, "mp3")
     _wait(browser, lambda d: d.find_element(By.ID, "all-audio").text.isdigit(), "the MP3 stream's end")
     assert browser.execute_script("return document.querySelector('#tts-audio').dataset.streamed") == "true"
     assert _played_seconds(browser, "the MP3 sample's audio") > 1.0

@@ -2,10 +2,10 @@
 (`text.normalize`), and what the chat proxy streams for a profile with `output.speakable`.
 
 Models write markdown for screens; read aloud, its marks are noise ("asterisk asterisk"). This
-filter takes out, as the text streams: emphasis, code and other stray marks (`*`, backticks, `~`, `^`, `#`),
-headings, quote and list markers, code fence lines, table rules and pipes, horizontal rules, HTML
-tags, emoji and bare URLs; a link or an image becomes its text. Chinese and English alike (it
-works on marks, not words).
+filter takes out, as the text streams: emphasis, code and other stray marks (`*`, backticks,
+`~`, `^`, `#`), headings, quote and list markers, code fence lines, table rules and pipes,
+horizontal rules, HTML tags, emoji and bare URLs; a link or an image becomes its text. Chinese
+and English alike (it works on marks, not words).
 
 Streaming-safe: the text of a line is let out as soon as nothing in it may still be the start
 of a mark. Only what may be held back is: the start of a line until its marker is known (a few
