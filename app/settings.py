@@ -70,10 +70,11 @@ class Settings(BaseSettings):
     # Per-key default voices: "key1:voice,key2:voice".
     tts_key_voices: str = ""
     tts_max_text_chars: int = Field(default=2000, ge=1)
-    # Syntheses at once, onnxruntime threads each (defaults for 2 cores: one synthesis on both
-    # cores, which gives the first audio soonest), and how long a request may wait for a worker.
-    tts_workers: int = Field(default=1, ge=1)
-    tts_onnx_threads: int = Field(default=2, ge=1)
+    # Syntheses at once, onnxruntime threads each, and how long a request may wait for a worker.
+    # On 2 cores two single-threaded syntheses give 1.1-1.3x the throughput of one on both cores
+    # (README, "The TTS server"), and a long text holds only one of the two workers.
+    tts_workers: int = Field(default=2, ge=1)
+    tts_onnx_threads: int = Field(default=1, ge=1)
     tts_queue_timeout_s: float = Field(default=2.0, gt=0)
     # The first audio every stream should get within: a new stream's first piece goes ahead of
     # other streams' next pieces only while it could otherwise miss this (see `pool`).

@@ -7,6 +7,7 @@ import io
 import subprocess
 import threading
 import wave
+from pathlib import Path
 
 import httpx
 import imageio_ffmpeg
@@ -115,6 +116,9 @@ def test_the_spelling_sample_rate_with_a_space_is_accepted(tts: Proxy) -> None:
         ({"Text": "hi", "Channel": 3}, 400, "INVALID_CHANNEL"),
         ({"Text": "x" * 2001}, 413, "TEXT_TOO_LONG"),
         ({"Text": "hi", "Voice": "nobody"}, 400, "UNKNOWN_VOICE"),
+        ({"Text": "hi", "Channel": "3"}, 400, "INVALID_CHANNEL"),
+        ({"Text": "ᏣᎳᎩ ᎦᏬᏂᎯᏍᏗ"}, 400, "UNSUPPORTED_LANGUAGE"),
+        ({"Text": "ሰላም ለዓለም"}, 400, "UNSUPPORTED_LANGUAGE"),
     ],
 )
 def test_bad_input_gets_the_protocols_error_shape(tts: Proxy, body: dict, status: int, code: str) -> None:
@@ -125,6 +129,44 @@ def test_bad_input_gets_the_protocols_error_shape(tts: Proxy, body: dict, status
     assert set(error) == {"code", "message"} and error["code"] == code and error["message"]
     if code == "INVALID_FORMAT":
         assert all(name in error["message"] for name in ("pcm", "wav", "mp3", "ogg_opus"))
+
+
+def test_channel_and_rate_may_be_strings(tts: Proxy) -> None:
+    response = _post(tts, {"Text": "Hi.", "Format": "pcm", "SampleRate": "8000", "Channel": "2"})
+    assert response.status_code == 200 and len(_samples(response, 2)) > 1000
+
+
+def test_the_worst_texts_stay_within_memory_and_leave_room_for_others(start_tts) -> None:
+    """Texts that used to become one piece (no punctuation, a long number, one long word), two at
+    once beside a short request: the server's peak memory grows by a few hundred MB at most (it
+    grew by 1 to 21 GB), and the short request is answered while they are still being spoken
+    (it used to get 503 SERVER_BUSY)."""
+    server = start_tts({"TTS_CACHE_MB": "0"})
+    assert _post(server, {"Text": SENTENCE}).status_code == 200
+    warm = _peak_rss_mb(server)
+    finished: list[str] = []
+
+    def speak(name: str, text: str) -> None:
+        response = _post(server, {"Text": text, "Format": "pcm", "SampleRate": 8000})
+        assert response.status_code == 200 and len(response.content) > 16000 * 30
+        finished.append(name)
+
+    threads = [threading.Thread(target=speak, args=args) for args in (("nine", "nine " * 400), ("word", "w" * 2000))]
+    for thread in threads:
+        thread.start()
+    with httpx.stream("POST", server.url + PATH, json={"Text": "A short answer.", "Format": "pcm"},
+                      headers={"Authorization": f"Bearer {TTS_KEY}"}, timeout=60) as short:
+        assert short.status_code == 200 and next(short.iter_raw())
+        assert not finished, "the short request waited for the long ones"
+    for thread in threads:
+        thread.join(120)
+    assert sorted(finished) == ["nine", "word"]
+    assert _peak_rss_mb(server) - warm < 600
+
+
+def _peak_rss_mb(server: Proxy) -> float:
+    status = Path(f"/proc/{server.pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
 
 
 def test_malformed_json_is_a_400(tts: Proxy) -> None:

@@ -12,7 +12,11 @@ import pytest
 
 from tts_server.audio import PcmEncoder, wav_header
 from tts_server.pool import SynthesisPool
-from tts_server.text import language, normalize, pieces
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tts_server.text import MAX_PIECE_WEIGHT, language, normalize, pieces, readable, weight
+from tts_server.voices import _runs_of_words
 
 
 @pytest.mark.parametrize(
@@ -117,3 +121,53 @@ def test_the_job_due_soonest_runs_first_and_unstarted_jobs_can_be_withdrawn() ->
         return ran
 
     assert asyncio.run(scenario()) == ["running dry", "new stream", "comfortable"]
+
+
+WORST_TEXTS = {
+    "a price of 1990 digits": "$" + "9" * 1990,
+    "a sentence without a mark": "word " * 400,
+    "one long word": "a" * 2000,
+    "spelled-out digits": "nine " * 400,
+    "thousands separators": "9,999" * 400,
+    "CJK without a mark": "你好" * 1000,
+}
+
+
+@pytest.mark.parametrize("text", WORST_TEXTS.values(), ids=WORST_TEXTS.keys())
+def test_no_piece_of_the_worst_texts_is_over_the_bound(text: str) -> None:
+    cut = pieces(text[:2000])
+    assert cut and all(weight(piece) <= MAX_PIECE_WEIGHT for piece in cut)
+
+
+def test_long_runs_of_digits_are_read_in_groups_and_numbers_stay_whole() -> None:
+    assert " ".join(pieces("Call 1234567890123456789 now.")) == "Call 1234 5678 9012 3456 789 now."
+    assert pieces("It is $1,234,567.89 today.") == ["It is $1,234,567.89 today."]
+
+
+def test_a_long_sentence_is_cut_at_a_clause_mark_then_at_a_space() -> None:
+    sentence = "First " + "part " * 12 + "ends here, and then " + "more words " * 20 + "follow."
+    first, *rest = pieces("Hello. " + sentence)
+    assert first == "Hello." and all(weight(piece) <= MAX_PIECE_WEIGHT for piece in rest)
+    assert rest[0].endswith("ends here,") and " ".join(rest) == sentence
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab 9,.:$你。\n!"), max_size=2000))
+def test_every_piece_is_bounded_and_nothing_is_lost(text: str) -> None:
+    cut = pieces(text)
+    assert all(weight(piece) <= MAX_PIECE_WEIGHT for piece in cut)
+    # Every letter survives, in order (digits may be regrouped, marks at cuts may go).
+    letters = [c for c in text if c in "ab你"]
+    assert [c for c in "".join(cut) if c in "ab你"] == letters
+
+
+def test_text_in_a_script_no_voice_reads_is_not_readable() -> None:
+    assert not readable("ᏣᎳᎩ ᎦᏬᏂᎯᏍᏗ") and readable("ᏣᎳᎩ 5") and readable("Hello") and readable("你好")
+
+
+def test_a_piper_call_is_given_runs_of_whole_words() -> None:
+    phonemes = list("ab cd ef gh") * 3
+    runs = _runs_of_words(phonemes, 8)
+    assert sum(runs, []) == phonemes and all(len(run) <= 8 for run in runs)
+    assert all(run[-1] == " " for run in runs[:-1])
+    assert _runs_of_words(list("x" * 20), 8) == [list("x" * 8), list("x" * 8), list("x" * 4)]

@@ -45,6 +45,14 @@ class TtsRequest(BaseModel):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("channel", mode="before")
+    @classmethod
+    def _channel_as_number(cls, value: Any) -> Any:
+        """"1" and "2" as the numbers, as `SampleRate` takes "16000" (pydantic's lax integers)."""
+        if isinstance(value, str) and value.strip() in ("1", "2"):
+            return int(value)
+        return value
+
     @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.format]

@@ -81,6 +81,9 @@ class _Renderer:
     def render(self, piece: Piece, *, last: bool) -> bytes:
         started = time.perf_counter()
         samples = piece.voice.synthesize(spoken_text(piece, self._verbalizer))
+        if not len(samples):
+            # The voice made nothing of it (a sign it cannot read): a pause, never a piece of no audio.
+            samples = np.zeros(round(SILENCE_S * piece.voice.info.sample_rate), dtype=np.float32)
         self._cost.learn(piece.text, time.perf_counter() - started)
         pause = piece.voice.settings.sentence_pause_s
         if pause and not last:
@@ -142,12 +145,13 @@ class TtsService:
         planned = []
         for piece in text_rules.pieces(request.text):
             family = text_rules.language(piece)
-            speaker = self.voices.for_language(voice, family)
+            speaker = self.voices.for_language(voice, family) if text_rules.readable(piece) else None
             if speaker is None:
+                what = f"language {family!r}" if family else "the script of"
                 raise TtsError(
                     400, "UNSUPPORTED_LANGUAGE",
-                    f"No installed voice speaks {family!r} (the text {piece[:30]!r}); add a piper voice for it "
-                    "to VOICES_DIR, or turn on TTS_ESPEAK_FALLBACK.",
+                    f"No installed voice speaks {what} the text {piece[:30]!r}; add a piper voice for it to "
+                    "VOICES_DIR, or turn on TTS_ESPEAK_FALLBACK.",
                 )
             planned.append(Piece(piece, speaker, lang_for(family, speaker.info.language)))
         return planned
@@ -192,7 +196,7 @@ class TtsService:
         except Exception as exc:
             TTS_STREAMS.labels("failed").inc()
             log.exception("synthesis failed", exc_info=exc)
-            raise TtsError(500, "ENGINE_FAILURE", f"Speech synthesis failed: {type(exc).__name__}: {exc}") from exc
+            raise TtsError(500, "ENGINE_FAILURE", "Speech synthesis failed; the server log has the details.") from exc
 
     async def _stream(self, renderer: _Renderer, pieces: list[Piece], first: bytes, key: Hashable) -> AsyncIterator[bytes]:
         sent: list[bytes] = [first]

@@ -48,11 +48,26 @@ _SCRIPTS = [
     (re.compile(r"[\u0530-\u058f]"), "hy"),
 ]
 _WORD = re.compile(r"[^\W_]", re.UNICODE)
+_LATIN = re.compile(r"[0-9A-Za-z\u00c0-\u024f\u1e00-\u1eff]")
 
 # The first piece is kept short so the first audio comes quickly: about this many words
 # (Western) or characters (CJK) before it is cut at a clause mark, or failing that at a space.
 FIRST_PIECE_WORDS = 5
 FIRST_PIECE_CJK_CHARS = 10
+
+# The most any piece may weigh (`weight`: about the characters the voice is given once numbers
+# are written out). piper's memory grows with the audio of one call (about 18 MB a second) and
+# its time faster than linearly (800 characters: 2.8 s and 600 MB), so every piece is cut to
+# this: about 5 s of speech, under 0.3 s of one core. (The engine bounds what the grammars make
+# of a piece again, by phonemes: `voices.MAX_PHONEMES`.)
+MAX_PIECE_WEIGHT = 100
+# A digit is read as a word ("nine "), a CJK character as a syllable of several phonemes.
+_DIGIT_WEIGHT = 6
+_CJK_WEIGHT = 3
+# Runs of more digits than this are not a number anyone says: they are read in groups of four.
+_LONGEST_NUMBER = 15
+_NUMBER = re.compile(r"\d(?:[\d,.]*\d)?")
+_CJK_ANY = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 
 
 def normalize(text: str) -> str:
@@ -65,14 +80,73 @@ def normalize(text: str) -> str:
 
 
 def pieces(text: str) -> list[str]:
-    """Normalized text cut into sentences, the first one shortened to a clause: each piece is
-    synthesized and streamed on its own, so the first audio never waits for the whole text."""
-    sentences = [s.strip() for s in _sentences(normalize(text))]
+    """Normalized text cut into sentences, the first one shortened to a clause, and every piece
+    cut to `MAX_PIECE_WEIGHT`: each piece is synthesized and streamed on its own, so the first
+    audio never waits for the whole text, and no piece can make the engine eat the machine."""
+    sentences = [s.strip() for s in _sentences(_group_long_numbers(normalize(text)))]
     sentences = [s for s in sentences if s and _WORD.search(s)]
     if not sentences:
         return []
     head, rest = _split_first(sentences[0])
-    return [head, *([rest] if rest else []), *sentences[1:]]
+    out: list[str] = []
+    for sentence in [head, *([rest] if rest else []), *sentences[1:]]:
+        out += [piece for piece in split_by_weight(sentence, MAX_PIECE_WEIGHT) if _WORD.search(piece)]
+    return out
+
+
+def weight(text: str) -> int:
+    """About how many characters the voice will be given for `text`: digits count as the word
+    each becomes, CJK characters as the phonemes of their syllable."""
+    digits = sum(char.isdigit() for char in text)
+    cjk = len(_CJK_ANY.findall(text))
+    return len(text) + digits * (_DIGIT_WEIGHT - 1) + cjk * (_CJK_WEIGHT - 1)
+
+
+def split_by_weight(text: str, limit: int) -> list[str]:
+    """`text` in parts of at most `limit` weight: cut at the last clause mark that fits, else at
+    the last space, else (one overlong word, or CJK without marks) where the limit falls, moved
+    past a number or Latin word it would split if that is short."""
+    out: list[str] = []
+    rest = text.strip()
+    while weight(rest) > limit:
+        end = _index_at_weight(rest, limit)
+        window = rest[:end]
+        marks = [m.end() for m in _CLAUSE_END.finditer(window) if m.end() > end // 3]
+        space = window.rfind(" ")
+        if marks:
+            cut = marks[-1]
+        elif space > end // 3:
+            cut = space + 1
+        else:
+            cut = next((run.end() for run in _RUN.finditer(rest) if run.start() < end < run.end() <= end + 12), end)
+        out.append(rest[:cut].strip())
+        rest = rest[cut:].strip()
+    if rest:
+        out.append(rest)
+    return [part for part in out if part]
+
+
+def _index_at_weight(text: str, limit: int) -> int:
+    """The longest prefix of `text` of at most `limit` weight (at least one character)."""
+    total = 0
+    for index, char in enumerate(text):
+        total += _DIGIT_WEIGHT if char.isdigit() else _CJK_WEIGHT if _CJK_ANY.match(char) else 1
+        if total > limit:
+            return max(index, 1)
+    return len(text)
+
+
+def _group_long_numbers(text: str) -> str:
+    """A run of more than `_LONGEST_NUMBER` digits (separators aside) as groups of four digits,
+    which the normaliser reads digit by digit, a pause between groups."""
+
+    def grouped(match: re.Match[str]) -> str:
+        digits = re.sub(r"\D", "", match.group())
+        if len(digits) <= _LONGEST_NUMBER:
+            return match.group()
+        return " ".join(digits[i : i + 4] for i in range(0, len(digits), 4))
+
+    return _NUMBER.sub(grouped, text)
 
 
 def _sentences(text: str) -> list[str]:
@@ -108,6 +182,13 @@ def _split_first(sentence: str) -> tuple[str, str]:
 
 def _length(text: str, cjk: bool) -> int:
     return len(text) if cjk else len(text.split())
+
+
+def readable(text: str) -> bool:
+    """Whether some voice can read `text`: it has Latin letters or digits (any voice), or a script
+    `language` routes to a voice of its own. Text in any other script (Cherokee, Ethiopic, ...)
+    would come out of a Latin voice as no audio at all."""
+    return bool(_LATIN.search(text)) or language(text) is not None
 
 
 def language(text: str) -> str | None:

@@ -166,7 +166,11 @@ class Verbalizer:
         """`text` as it should be spoken in `lang`."""
         if not _NEEDS_WORK.search(text):
             return text
-        glued = _glue_en(text) if lang == "en" else _glue_zh(text)
+        try:
+            glued = _glue_en(text) if lang == "en" else _glue_zh(text)
+        except Exception as exc:  # num2words refuses some numbers: speak the text as written
+            log.warning("text normalisation failed (%s: %s); speaking the text as written", type(exc).__name__, exc)
+            return text
         if not _SIGNS.search(glued):
             return glued
         lock, normalize = self._grammar(lang)

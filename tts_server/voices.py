@@ -34,6 +34,9 @@ log = logging.getLogger("trtc.tts")
 
 BUNDLED_VOICE = "en_US-joe-medium"
 SETTINGS_FILE = "voices.yaml"
+# The most phonemes one call of a piper model is given: its memory grows with the audio it makes
+# (about 18 MB a second, up to 0.05 s a phoneme), so one call stays near 100 MB.
+MAX_PHONEMES = 120
 
 
 class VoiceSettings(BaseModel):
@@ -123,8 +126,32 @@ class PiperVoiceEngine:
         )
 
     def synthesize(self, text: str) -> np.ndarray:
-        parts = [chunk.audio_float_array for chunk in self._voice.synthesize(text, syn_config=self._config)]
+        """piper's `synthesize`, one model call per run of at most `MAX_PHONEMES` (cut between
+        words), so memory stays bounded whatever a piece became after normalisation."""
+        parts = []
+        for sentence in self._voice.phonemize(text):
+            for phonemes in _runs_of_words(sentence, MAX_PHONEMES):
+                audio = self._voice.phoneme_ids_to_audio(self._voice.phonemes_to_ids(phonemes), self._config)
+                assert isinstance(audio, np.ndarray)  # no alignments asked for
+                # As piper's own `synthesize` finishes each sentence: peak-normalised, its volume, clipped.
+                peak = float(np.max(np.abs(audio))) if len(audio) else 0.0
+                if self._config.normalize_audio:
+                    audio = audio / peak if peak >= 1e-8 else np.zeros_like(audio)
+                parts.append(np.clip(audio * self._config.volume, -1.0, 1.0).astype(np.float32))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def _runs_of_words(phonemes: list[str], limit: int) -> list[list[str]]:
+    """`phonemes` in runs of at most `limit`, each ending after a word (a space) where one fits."""
+    runs = []
+    while len(phonemes) > limit:
+        spaces = [i for i, phoneme in enumerate(phonemes[:limit]) if phoneme == " "]
+        cut = spaces[-1] + 1 if spaces and spaces[-1] >= limit // 3 else limit
+        runs.append(phonemes[:cut])
+        phonemes = phonemes[cut:]
+    if phonemes:
+        runs.append(phonemes)
+    return runs
 
 
 class _EspeakLibrary:
