@@ -17,7 +17,9 @@ through the proxy:
 - `[[tool:NAME:ARGS]]` (repeatable): call these tools (ARGS as JSON; streamed in fragments the
   way real models do), with `[[say:TEXT]]` streamed first; once results follow the user message
   it answers "Results: ..." with them, unless `[[tool_loop:1]]` makes it call again (and again);
-  `tool_choice: none` always gets text
+  `tool_choice: none` gets text, unless `[[ignore_tool_choice:1]]` (as some local servers do)
+- `[[content_type:TYPE]]`: answer 200 with an HTML page of this type; `[[null_choices:1]]`:
+  stream chunks with `"choices": null` (two ways of a 200 that is no answer)
 
 Every request is recorded (`GET /_requests`), and so is every stream its client abandoned
 (`GET /_abandoned`), which is how tests see that the proxy stopped paying for tokens. `/_echo`
@@ -65,7 +67,9 @@ def _tool_calls(body: dict[str, Any], directives: dict[str, str]) -> list[dict[s
     """The calls this turn makes: none once tool results came back (unless `tool_loop`), or
     when tools are off (`tool_choice: none`)."""
     content, after = _last_user(body)
-    if body.get("tool_choice") == "none" or (any(m.get("role") == "tool" for m in after) and "tool_loop" not in directives):
+    if body.get("tool_choice") == "none" and "ignore_tool_choice" not in directives:
+        return []
+    if any(m.get("role") == "tool" for m in after) and "tool_loop" not in directives:
         return []
     step = sum(1 for m in after if m.get("role") == "assistant")
     calls = []
@@ -118,6 +122,8 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
             requests.append({"headers": dict(request.headers), "body": body, "ts": time.time()})
         if "status" in directives:
             return _error(int(directives["status"]), f"fake upstream failure {directives['status']}")
+        if "content_type" in directives:
+            return Response("<html><body>Sign in</body></html>", media_type=directives["content_type"])
         if "no_tools" in directives and body.get("tools"):
             # What several local model servers answer a request with `tools`.
             return _error(400, f"model {body.get('model')!r} does not support tools")
@@ -195,6 +201,8 @@ async def _stream(
     head = json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model})[:-1]
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        if "null_choices" in directives:
+            return f'data: {head}, "choices": null}}\n\n'
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
         return f'data: {head}, "choices": [{json.dumps(choice)}]}}\n\n'
 

@@ -13,6 +13,7 @@ turn, and what a reopened round already had), the tool calls and results, then t
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
 import anyio
 from langchain_core.messages import BaseMessage
 
-from app.metrics import LLM_ROUNDS
+from app.errors import ApiError
+from app.metrics import LLM_ROUNDS, LLM_UPSTREAM_ERRORS
 from llm_proxy.context import Msg, as_langchain
 from llm_proxy.protocol import usage_dict
 from llm_proxy.speech import spoken
@@ -31,6 +33,8 @@ from llm_proxy.upstream import Delta, Upstream
 
 if TYPE_CHECKING:
     from llm_proxy.serving import ChatService
+
+log = logging.getLogger("trtc.llm")
 
 
 def elapsed_ms(started: float) -> int:
@@ -109,8 +113,11 @@ class LiveRound:
         self.client_calls: list[dict[str, Any]] = []
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """The client's text deltas, through every step of the tool loop."""
+        """The client's text deltas, through every step of the tool loop: at most
+        `TOOL_MAX_STEPS` tool exchanges, whatever the upstream does (some model servers ignore
+        `tool_choice: none` and call tools for ever)."""
         steps = 0
+        said_any = False
         while True:
             accumulator = CallAccumulator()
             text: list[str] = []
@@ -119,9 +126,13 @@ class LiveRound:
                     accumulator.add(delta.calls)
                 if delta.text:
                     text.append(delta.text)
+                    said_any = True
                     yield delta
             calls = accumulator.calls()
             if not calls:
+                return
+            if steps >= self._service.settings.tool_max_steps:
+                self._end_tool_loop(said_any)
                 return
             said = "".join(text)
             self._consumed += len(said)
@@ -137,6 +148,22 @@ class LiveRound:
             last = steps >= self._service.settings.tool_max_steps
             self._stream = self._call.stream(
                 [*self._context, *as_langchain(self._produced)], tool_choice="none" if last else None
+            )
+
+    def _end_tool_loop(self, said_any: bool) -> None:
+        """The upstream called tools again after `tool_choice: none`: its calls are dropped and
+        the round ends with what it said, or, if it said nothing, with an error."""
+        LLM_UPSTREAM_ERRORS.labels("tool_loop_exceeded").inc()
+        log.warning("upstream called tools after %d tool steps and tool_choice none; the calls are dropped",
+                    self._service.settings.tool_max_steps)
+        self.finish_reason = "stop"
+        if not said_any:
+            raise ApiError(
+                502,
+                f"Upstream kept calling tools after {self._service.settings.tool_max_steps} tool steps (TOOL_MAX_STEPS) "
+                "and said nothing.",
+                "upstream_error",
+                "tool_loop_exceeded",
             )
 
     async def _step_deltas(self) -> AsyncIterator[Delta]:

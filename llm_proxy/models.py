@@ -55,7 +55,12 @@ class Task(Base):
     )
 
     id: Mapped[str] = mapped_column(String(ID_MAX_CHARS), primary_key=True)
+    # Who owns the task: the agent profile and the X-Sdk-App-Id of the request that created it.
+    # A request of another profile or app for the same id is refused (`store.TaskOwnedElsewhere`).
+    # Null only for a task stored before owners were kept; its next round adopts it.
+    profile: Mapped[str | None] = mapped_column(String(64))
     sdk_app_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
+    # The end user, as first given: a later request naming another never moves the task.
     user_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
     room_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
     room_id_type: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))

@@ -47,7 +47,7 @@ from llm_proxy.models import ID_MAX_CHARS
 from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
 from llm_proxy.recovery import Lease, PendingRound
-from llm_proxy.store import Claim, Failure, HistoryCopy, RoundTiming, TaskInfo
+from llm_proxy.store import Claim, Failure, HistoryCopy, RequestIdReused, RoundTiming, TaskInfo, TaskOwnedElsewhere
 from llm_proxy.upstream import Delta
 
 log = logging.getLogger("trtc.llm")
@@ -55,7 +55,8 @@ log = logging.getLogger("trtc.llm")
 _POLL_S = 0.02
 # Failures before the first token after which a profile's next upstream is tried.
 _FALL_BACK_ON = frozenset(
-    {"upstream_unreachable", "upstream_timeout", "upstream_failed", "upstream_rate_limited", "first_token_timeout"}
+    {"upstream_unreachable", "upstream_timeout", "upstream_failed", "upstream_rate_limited", "upstream_invalid",
+     "first_token_timeout"}
 )
 # What a write fails with when the database is down or the connection is gone.
 _DATABASE_DOWN = (SQLAlchemyError, OSError)
@@ -143,7 +144,7 @@ class ChatService:
 
         turn = split_turn(request.messages)
         system = agent.system(turn.system, prompt_context)
-        claim = await self._claim(task, turn, call)
+        claim = await self._claim(replace(task, profile=agent.name), turn, call)
         if claim.replay is not None:
             LLM_ROUNDS.labels("replayed").inc()
             return _replay(claim, claim.replay, call)
@@ -219,8 +220,6 @@ class ChatService:
             stream = call.stream(context)
             try:
                 first = await _first_delta(stream, None if last else call.first_token_timeout_s)
-            except StopAsyncIteration:
-                first = Delta("", "stop")
             except (ApiError, TimeoutError) as error:
                 await _close_quietly(stream)
                 code = error.code if isinstance(error, ApiError) else "first_token_timeout"
@@ -274,6 +273,26 @@ class ChatService:
         return pending.id in self._running or pending.task_id in self._claiming
 
     async def _claim_in_db(self, task: TaskInfo, turn: Turn, call: UpstreamCall, *, take_over_pending: bool) -> Claim:
+        try:
+            return await self._claim_or_refuse(task, turn, call, take_over_pending=take_over_pending)
+        except TaskOwnedElsewhere:
+            raise ApiError(
+                409,
+                f"Task {task.task_id!r} belongs to another agent profile or X-Sdk-App-Id; a task id is one "
+                "conversation of one tenant. Nothing was stored.",
+                "invalid_request_error",
+                "task_owned_elsewhere",
+            ) from None
+        except RequestIdReused:
+            raise ApiError(
+                409,
+                f"X-Request-Id {task.request_id!r} already answered other words in this task; a retry must send the "
+                "same messages, a new turn needs a new request id. Nothing was stored.",
+                "invalid_request_error",
+                "request_id_reused",
+            ) from None
+
+    async def _claim_or_refuse(self, task: TaskInfo, turn: Turn, call: UpstreamCall, *, take_over_pending: bool) -> Claim:
         max_rounds = self.settings.history_max_rounds
         known = self.history.known(task.task_id)
         owner = self.lease.id
@@ -508,9 +527,16 @@ async def sse_events(reply: LiveRound | Replay) -> AsyncGenerator[bytes, None]:
 
 
 async def _first_delta(stream: AsyncGenerator[Delta, None], timeout: float | None) -> Delta:
-    if timeout is None:
-        return await anext(stream)
-    return await asyncio.wait_for(anext(stream), timeout)
+    """The upstream's first text or tool call. A 200 that brings neither (no choices, empty
+    text) is no answer: an upstream failure, which a fallback may make up for."""
+
+    async def first() -> Delta:
+        async for delta in stream:
+            if delta.text or delta.calls:
+                return delta
+        raise ApiError(502, "Upstream answered with no text and no tool call.", "upstream_error", "upstream_invalid")
+
+    return await (first() if timeout is None else asyncio.wait_for(first(), timeout))
 
 
 async def _close_quietly(stream: AsyncGenerator[Delta, None]) -> None:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from functools import cache
 from typing import Any, Sequence
 
-from sqlalchemy import JSON, bindparam, column, delete, func, insert, literal, select, true, update
+from sqlalchemy import JSON, and_, bindparam, column, delete, func, insert, literal, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -41,7 +41,8 @@ from llm_proxy.models import (
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """The orchestrator's identification of one request (its `X-*` headers)."""
+    """The orchestrator's identification of one request (its `X-*` headers), and the profile
+    that answers it: with the app id, the task's owner."""
 
     task_id: str
     request_id: str | None = None
@@ -49,6 +50,16 @@ class TaskInfo:
     user_id: str | None = None
     room_id: str | None = None
     room_id_type: str | None = None
+    profile: str | None = None
+
+
+class TaskOwnedElsewhere(Exception):
+    """The task id belongs to another profile or app: its history is not this request's to see
+    or change."""
+
+
+class RequestIdReused(Exception):
+    """The request id already names a round of the task with other words: it is not a retry."""
 
 
 @dataclass(frozen=True)
@@ -157,10 +168,11 @@ def claim_round(
         return claim
     statements = _statements(conn.dialect.name)
     now = _now()
-    seq, version, edits = conn.execute(
+    bumped = conn.execute(
         statements.next_seq,
         {
             "id": task.task_id,
+            "profile": task.profile,
             "sdk_app_id": task.sdk_app_id,
             "user_id": task.user_id,
             "room_id": task.room_id,
@@ -171,7 +183,10 @@ def claim_round(
             "created_at": now,
             "updated_at": now,
         },
-    ).one()
+    ).first()
+    if bumped is None:
+        raise TaskOwnedElsewhere(task.task_id)
+    seq, version, edits = bumped
     round_id = uuid.uuid4().hex
     rows = message_rows(round_id, head)
     inserted = conn.execute(
@@ -197,7 +212,7 @@ def claim_round(
     # sequence number: the one just taken is given back (the task row stays locked until commit,
     # so nobody took a later one).
     conn.execute(_UNBUMP_SEQ, {"task_id": task.task_id})
-    claim = _claim_retry(conn, task, owner, take_over_pending)
+    claim = _claim_retry(conn, task, owner, take_over_pending, head)
     if claim.is_new_work:
         _read_window(conn, claim, max_rounds)
     return claim
@@ -226,6 +241,7 @@ def claim_new_round(
         _claim_new_statement(),
         {
             "task_id": task.task_id,
+            "profile": task.profile,
             "sdk_app_id": task.sdk_app_id,
             "user_id": task.user_id,
             "room_id": task.room_id,
@@ -276,9 +292,9 @@ def _statements(dialect_name: str) -> _Statements:
     request cost about as much as running them."""
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     upsert = dialect.insert(Task)
-    next_seq = upsert.on_conflict_do_update(index_elements=[Task.id], set_=_task_bump(upsert.excluded)).returning(
-        Task.last_seq, Task.version, Task.edits
-    )
+    next_seq = upsert.on_conflict_do_update(
+        index_elements=[Task.id], set_=_task_bump(upsert.excluded), where=_same_owner(upsert.excluded)
+    ).returning(Task.last_seq, Task.version, Task.edits)
     insert_round = (
         dialect.insert(Round)
         .on_conflict_do_nothing(index_elements=[Round.task_id, Round.request_id])
@@ -295,6 +311,7 @@ def _claim_new_statement() -> Any:
         postgresql.insert(Task)
         .values(
             id=bindparam("task_id", type_=Task.id.type),
+            profile=bindparam("profile", type_=Task.profile.type),
             sdk_app_id=bindparam("sdk_app_id", type_=Task.sdk_app_id.type),
             user_id=bindparam("user_id", type_=Task.user_id.type),
             room_id=bindparam("room_id", type_=Task.room_id.type),
@@ -313,8 +330,9 @@ def _claim_new_statement() -> Any:
         .where(Round.task_id == bindparam("task_id"), Round.request_id == bindparam("request_id"))
         .exists()
     )
+    # A task of another owner is not touched either: `claim_round` then says why.
     task = upsert.on_conflict_do_update(
-        index_elements=[Task.id], set_=_task_bump(upsert.excluded), where=~retry
+        index_elements=[Task.id], set_=_task_bump(upsert.excluded), where=and_(~retry, _same_owner(upsert.excluded))
     ).returning(Task.last_seq, Task.version, Task.edits).cte("task")
     new_round = (
         postgresql.insert(Round)
@@ -359,39 +377,71 @@ def _claim_new_statement() -> Any:
 
 
 def _task_bump(excluded: Any) -> dict[str, Any]:
-    """The claim's update of an existing task row: the next sequence number, and the TRTC
-    headers where the request has them."""
+    """The claim's update of an existing task row (of the same owner): the next sequence number;
+    the app and user as first given (a later X-User-Id never moves the task to another user),
+    the room where the request names one."""
     return {
         "last_seq": Task.last_seq + 1,
         "updated_at": excluded.updated_at,
-        "sdk_app_id": func.coalesce(excluded.sdk_app_id, Task.sdk_app_id),
-        "user_id": func.coalesce(excluded.user_id, Task.user_id),
+        "profile": excluded.profile,
+        "sdk_app_id": func.coalesce(Task.sdk_app_id, excluded.sdk_app_id),
+        "user_id": func.coalesce(Task.user_id, excluded.user_id),
         "room_id": func.coalesce(excluded.room_id, Task.room_id),
         "room_id_type": func.coalesce(excluded.room_id_type, Task.room_id_type),
     }
 
 
-def _claim_retry(conn: Connection, task: TaskInfo, owner: str | None, take_over_pending: bool) -> Claim:
+def _same_owner(excluded: Any) -> Any:
+    """The request (`excluded`: its would-be row) may use the stored task: same profile and app.
+    A task stored before owners were kept is adopted, unless it names another app."""
+    return or_(
+        and_(Task.profile == excluded.profile, Task.sdk_app_id.is_not_distinct_from(excluded.sdk_app_id)),
+        and_(Task.profile.is_(None), or_(Task.sdk_app_id.is_(None), Task.sdk_app_id == excluded.sdk_app_id)),
+    )
+
+
+def _check_owner(conn: Connection, task: TaskInfo) -> None:
+    """`_same_owner` for a statement that takes an existing task without the upsert."""
+    row = conn.execute(select(Task.profile, Task.sdk_app_id).where(Task.id == task.task_id)).first()
+    if row is None or row.profile is None and row.sdk_app_id in (None, task.sdk_app_id):
+        return
+    if (row.profile, row.sdk_app_id) != (task.profile, task.sdk_app_id):
+        raise TaskOwnedElsewhere(task.task_id)
+
+
+def _claim_retry(
+    conn: Connection, task: TaskInfo, owner: str | None, take_over_pending: bool, head: Sequence[Msg]
+) -> Claim:
     row = conn.execute(
         select(Round.id, Round.seq, Round.status, Round.usage, Task.version, Task.edits)
         .join(Task, Task.id == Round.task_id)
         .where(Round.task_id == task.task_id, Round.request_id == task.request_id)
     ).one()
+    stored = _round_messages(conn, row.id)
+    if not _same_turn(stored, head):
+        raise RequestIdReused(task.request_id or "")
     claim = Claim(task.task_id, row.id, row.seq, row.version, row.edits)
     if row.status == ROUND_COMPLETED:
-        claim.replay = replayed_reply(_round_messages(conn, row.id))
+        claim.replay = replayed_reply(stored)
         claim.replay_usage = row.usage
     elif row.status == ROUND_PENDING and not take_over_pending:
         claim.in_flight = True
     else:
         claim.version, claim.edits = _reopen(conn, task.task_id, row.id, owner)
         claim.reopened_status = ROUND_INTERRUPTED
-        claim.stored = _round_messages(conn, row.id)
+        claim.stored = stored
     return claim
+
+
+def _same_turn(stored: Sequence[Msg], head: Sequence[Msg]) -> bool:
+    """A retry brings the words its round was stored with (as stored: without NUL characters)."""
+    given = message_rows("", head)
+    return [(m["role"], m.get("content")) for m in stored[: len(given)]] == [(r["role"], r["content"]) for r in given]
 
 
 def _reopen_last(conn: Connection, task: TaskInfo, owner: str | None) -> Claim | None:
     """The task's last round, reopened for the client's tool results, if it is a completed one."""
+    _check_owner(conn, task)
     bumped = conn.execute(_BUMP_EDITS, {"task_id": task.task_id}).first()
     if bumped is None:
         return None

@@ -72,6 +72,14 @@ class RawChatCompletions:
             error = await _status_error(response, tools=len(payload.get("tools") or []))
             response.release()
             raise error
+        if response.content_type != "text/event-stream":
+            # A login page, a proxy's error page, a body of another API: not a chat completion stream.
+            log.warning("upstream answered 200 with Content-Type %r", response.content_type)
+            response.close()
+            raise ApiError(
+                502, f"Upstream answered with {response.content_type!r}, not a chat completion stream.",
+                "upstream_error", "upstream_invalid",
+            )
         return _ChunkStream(response)
 
 

@@ -25,6 +25,8 @@ PRIMARIES = {
     "silent": "m[[first_delay:30]]",
     "fails-mid-text": "m[[fail_after:2]]",
     "refused": "m[[status:400]]",
+    "html": "m[[content_type:text/html]]",
+    "no-choices": "m[[null_choices:1]]",
 }
 
 
@@ -73,7 +75,8 @@ def _fallbacks(server: Proxy, case: str, reason: str) -> float:
 
 @pytest.mark.parametrize(
     ("case", "reason"),
-    [("5xx", "upstream_failed"), ("429", "upstream_rate_limited"), ("error-before-text", "upstream_failed")],
+    [("5xx", "upstream_failed"), ("429", "upstream_rate_limited"), ("error-before-text", "upstream_failed"),
+     ("html", "upstream_invalid"), ("no-choices", "upstream_invalid")],
 )
 def test_a_failing_upstream_hands_the_round_to_the_next(server: Proxy, upstream: Upstream, case: str, reason: str) -> None:
     tag = marker()

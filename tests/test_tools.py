@@ -147,6 +147,49 @@ def test_the_step_limit_ends_with_a_text_answer(tool_proxy: Proxy, tc: openai.Op
     assert [m["role"] for m in round_] == ["user", *["assistant", "tool"] * 3, "assistant"]
 
 
+def test_an_upstream_that_ignores_tool_choice_none_is_cut_off_at_the_step_limit(
+    tool_proxy: Proxy, tc: openai.OpenAI, upstream: Upstream, task_id: str
+) -> None:
+    """Some model servers call tools whatever `tool_choice` says: the round still makes at most
+    TOOL_MAX_STEPS tool exchanges and TOOL_MAX_STEPS + 1 upstream calls, ends with what was said,
+    and is stored once."""
+    tag = marker()
+    stream = tc.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f'[[ignore_tool_choice:1]] [[tool_loop:1]] [[say:Checking.]] '
+                                                            f'[[tool:echo:{{"text": "{tag}"}}]]'}],
+        extra_headers=headers(task_id), stream=True,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Checking." * 4 and chunks[-1].choices[0].finish_reason == "stop"
+    assert len(upstream.requests(tag)) == 4
+    (round_,) = _stored(tool_proxy, task_id)
+    assert [m["role"] for m in round_] == ["user", *["assistant", "tool"] * 3, "assistant"]
+    assert round_[-1]["content"] == "Checking." and "tool_calls" not in round_[-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_loop_that_says_nothing_ends_in_a_clear_error(
+    tool_proxy: Proxy, tc: openai.OpenAI, upstream: Upstream, task_id: str, stream: bool
+) -> None:
+    tag = marker()
+    content = f'[[ignore_tool_choice:1]] [[tool_loop:1]] [[tool:echo:{{"text": "{tag}"}}]]'
+    with pytest.raises(openai.APIError) as raised:
+        reply = tc.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": content}], extra_headers=headers(task_id), stream=stream,
+        )
+        if stream:
+            list(reply)
+    assert "TOOL_MAX_STEPS" in str(raised.value)
+    assert len(upstream.requests(tag)) == 4
+    stored = _stored(tool_proxy, task_id)
+    if stream:  # the stream had begun: stored once, interrupted, with the three exchanges
+        (round_,) = stored
+        assert [m["role"] for m in round_] == ["user", *["assistant", "tool"] * 3, "assistant"]
+    else:  # failed whole: nothing stored, the retry starts clean
+        assert stored == []
+
+
 def test_http_tools_call_a_real_http_server(tool_proxy: Proxy, tc: openai.OpenAI, task_id: str) -> None:
     _ask(tc, task_id, '[[tool:lookup_order:{"order_id": "A-17"}]] [[tool:create_ticket:{"summary": "late parcel"}]]')
     (round_,) = _stored(tool_proxy, task_id)
