@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from admin.queries import TaskFilter, decode_cursor, list_tasks, stats, task_detail
 from app.auth import is_authorized
 from app.errors import ApiError, bad_request, not_found, unauthorized
+from llm_proxy.models import ID_MAX_CHARS
 
 log = logging.getLogger("trtc.admin")
 router = APIRouter()
@@ -31,14 +32,40 @@ def _authorize(request: Request) -> None:
         raise unauthorized("Missing or invalid admin key (Authorization: Bearer <a key from ADMIN_API_KEYS>).")
 
 
+# The times the API takes: anything a stored row can have, with room for a day either side.
+_EARLIEST = datetime(1970, 1, 2, tzinfo=timezone.utc)
+_LATEST = datetime(9999, 12, 30, tzinfo=timezone.utc)
+
+
 def _moment(request: Request, name: str) -> datetime | None:
+    """An ISO 8601 time; without an offset it is taken as UTC (what every stored time is in)."""
     value = request.query_params.get(name)
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise bad_request(f"`{name}` must be an ISO 8601 time (e.g. 2026-11-27T08:00:00Z), not {value!r}.", "invalid_time") from None
+        moment = datetime.fromisoformat(value)
+        moment = (moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment).astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise bad_request(
+            f"`{name}` must be an ISO 8601 time (e.g. 2026-11-27T08:00:00Z; without an offset, UTC), not {value[:64]!r}.",
+            "invalid_time",
+        ) from None
+    if not _EARLIEST <= moment <= _LATEST:
+        raise bad_request(f"`{name}` must lie between 1970 and 9999, not {value[:64]!r}.", "invalid_time")
+    return moment
+
+
+def _identifier(value: str | None, name: str) -> str | None:
+    """A filter on a stored identifier: no stored one is longer or holds NUL (which PostgreSQL
+    refuses in a query), so such a value is refused here."""
+    if value is not None and (len(value) > ID_MAX_CHARS or "\x00" in value):
+        raise bad_request(f"`{name}` is at most {ID_MAX_CHARS} characters, without NUL.", "invalid_identifier")
+    return value
+
+
+def _stored(value: str) -> bool:
+    """Whether an identifier in a path could be a stored one (else: nothing to find)."""
+    return len(value) <= ID_MAX_CHARS and "\x00" not in value
 
 
 @router.get("/admin/v1/tasks")
@@ -56,7 +83,8 @@ async def tasks(request: Request) -> Any:
     except ValueError:
         raise bad_request("`cursor` is not one this API handed out.", "invalid_cursor") from None
     where = TaskFilter(
-        user_id=params.get("user_id"), room_id=params.get("room_id"), sdk_app_id=params.get("sdk_app_id"),
+        user_id=_identifier(params.get("user_id"), "user_id"), room_id=_identifier(params.get("room_id"), "room_id"),
+        sdk_app_id=_identifier(params.get("sdk_app_id"), "sdk_app_id"),
         since=_moment(request, "since"), until=_moment(request, "until"),
     )
     page, next_cursor = await request.app.state.db.run(list_tasks, where, limit, cursor)
@@ -66,7 +94,7 @@ async def tasks(request: Request) -> Any:
 @router.get("/admin/v1/tasks/{task_id:path}")
 async def task(request: Request, task_id: str) -> Any:
     _authorize(request)
-    detail = await request.app.state.db.run(task_detail, task_id)
+    detail = await request.app.state.db.run(task_detail, task_id) if _stored(task_id) else None
     if detail is None:
         raise _no_task(task_id)
     return JSONResponse(detail)
@@ -75,7 +103,7 @@ async def task(request: Request, task_id: str) -> Any:
 @router.delete("/admin/v1/tasks/{task_id:path}")
 async def delete_task(request: Request, task_id: str) -> Any:
     _authorize(request)
-    if not await request.app.state.lifecycle.delete_tasks([task_id]):
+    if not _stored(task_id) or not await request.app.state.lifecycle.delete_tasks([task_id]):
         raise _no_task(task_id)
     log.info("admin: deleted task", extra={"task_id": task_id})
     return JSONResponse({"deleted": {"tasks": [task_id]}})
@@ -86,7 +114,7 @@ async def delete_user(request: Request, sdk_app_id: str, user_id: str) -> Any:
     """Every task of the user (and what belongs to them). A user with nothing stored is not an
     error: the request's aim, nothing stored for them, holds."""
     _authorize(request)
-    gone = await request.app.state.lifecycle.delete_user(sdk_app_id, user_id)
+    gone = await request.app.state.lifecycle.delete_user(sdk_app_id, user_id) if _stored(sdk_app_id) and _stored(user_id) else []
     log.info("admin: deleted %d task(s) of a user", len(gone), extra={"sdk_app_id": sdk_app_id, "user_id": user_id})
     return JSONResponse({"deleted": {"tasks": gone}})
 
@@ -105,4 +133,4 @@ _STATS_MAX_RANGE = timedelta(days=31)
 
 
 def _no_task(task_id: str) -> ApiError:
-    return ApiError(404, f"No task {task_id!r}.", "invalid_request_error", "task_not_found")
+    return ApiError(404, f"No task {task_id[:300]!r}.", "invalid_request_error", "task_not_found")

@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import and_, case, func, literal, or_, select
 from sqlalchemy.engine import Connection
 
-from llm_proxy.models import ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Round, Task
+from app.limits import parse_json
+from llm_proxy.models import ID_MAX_CHARS, ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Round, Task
 from llm_proxy.store import messages_of_rounds
 from orchestrator.models import CallbackEvent
 from orchestrator.protocol import METRIC
@@ -39,10 +40,13 @@ def encode_cursor(updated_at: datetime, task_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The cursor's position; a ValueError if it is not one this API made."""
     try:
-        stamp, task_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(stamp), str(task_id)
-    except (ValueError, TypeError) as exc:
+        stamp, task_id = parse_json(base64.urlsafe_b64decode(cursor.encode()))
+        moment = _utc(datetime.fromisoformat(stamp))
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ValueError("not a cursor from this API") from exc
+    if not isinstance(task_id, str) or len(task_id) > ID_MAX_CHARS or "\x00" in task_id:
+        raise ValueError("not a cursor from this API")
+    return moment, task_id
 
 
 def _utc(moment: datetime) -> datetime:

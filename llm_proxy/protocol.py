@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import ApiError, bad_request
+from app.limits import InvalidJson, parse_json
 from llm_proxy.models import ID_MAX_CHARS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -117,9 +118,9 @@ class ChatCompletionRequest(BaseModel):
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise bad_request(f"Request body is not valid JSON: {exc}", "invalid_json") from exc
+        data = parse_json(raw)
+    except InvalidJson as exc:
+        raise bad_request(f"Request body is {exc}", "invalid_json") from exc
     if not isinstance(data, dict):
         raise bad_request("Request body must be a JSON object.", "invalid_json")
     try:

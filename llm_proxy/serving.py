@@ -71,10 +71,11 @@ def task_info(headers: Mapping[str, str]) -> TaskInfo | None:
     info = TaskInfo(
         task_id=task_id,
         request_id=request_id(headers),
-        sdk_app_id=headers.get("x-sdk-app-id"),
-        user_id=headers.get("x-user-id"),
-        room_id=headers.get("x-room-id"),
-        room_id_type=headers.get("x-room-id-type"),
+        # An empty header is no value (the task's owner check treats both alike).
+        sdk_app_id=headers.get("x-sdk-app-id") or None,
+        user_id=headers.get("x-user-id") or None,
+        room_id=headers.get("x-room-id") or None,
+        room_id_type=headers.get("x-room-id-type") or None,
     )
     values = (info.task_id, info.request_id, info.sdk_app_id, info.user_id, info.room_id, info.room_id_type)
     for header, value in zip(_ID_HEADERS, values):

@@ -392,20 +392,21 @@ def _task_bump(excluded: Any) -> dict[str, Any]:
 
 
 def _same_owner(excluded: Any) -> Any:
-    """The request (`excluded`: its would-be row) may use the stored task: same profile and app.
-    A task stored before owners were kept is adopted, unless it names another app."""
-    return or_(
-        and_(Task.profile == excluded.profile, Task.sdk_app_id.is_not_distinct_from(excluded.sdk_app_id)),
-        and_(Task.profile.is_(None), or_(Task.sdk_app_id.is_(None), Task.sdk_app_id == excluded.sdk_app_id)),
+    """The request (`excluded`: its would-be row) may use the stored task: the same profile (a
+    task stored before owners were kept is adopted), and no other X-Sdk-App-Id (a request without
+    one is the profile's own: its key is the boundary, as any holder of it may send any header)."""
+    return and_(
+        or_(Task.profile.is_(None), Task.profile == excluded.profile),
+        or_(Task.sdk_app_id.is_(None), excluded.sdk_app_id.is_(None), Task.sdk_app_id == excluded.sdk_app_id),
     )
 
 
 def _check_owner(conn: Connection, task: TaskInfo) -> None:
     """`_same_owner` for a statement that takes an existing task without the upsert."""
     row = conn.execute(select(Task.profile, Task.sdk_app_id).where(Task.id == task.task_id)).first()
-    if row is None or row.profile is None and row.sdk_app_id in (None, task.sdk_app_id):
+    if row is None:
         return
-    if (row.profile, row.sdk_app_id) != (task.profile, task.sdk_app_id):
+    if row.profile not in (None, task.profile) or None not in (row.sdk_app_id, task.sdk_app_id) and row.sdk_app_id != task.sdk_app_id:
         raise TaskOwnedElsewhere(task.task_id)
 
 
@@ -579,7 +580,7 @@ def finish_round(
         "new_status": ROUND_INTERRUPTED if interrupted else ROUND_COMPLETED,
         "new_interrupted": interrupted,
         "new_tokens": tokens,
-        "new_model": _no_nul(model),
+        "new_model": without_nul(model),
         "new_finish_reason": finish_reason,
         "new_usage": usage,
         "new_finished_at": _now(),
@@ -616,23 +617,24 @@ def message_rows(round_id: str, messages: Sequence[Msg]) -> list[dict[str, Any]]
             "round_id": round_id,
             "position": position,
             "role": message["role"],
-            "content": _no_nul(message.get("content")),
-            "name": _no_nul(message.get("name")),
-            "tool_call_id": _no_nul(message.get("tool_call_id")),
-            "tool_calls": _no_nul(message.get("tool_calls")),
+            "content": without_nul(message.get("content")),
+            "name": without_nul(message.get("name")),
+            "tool_call_id": without_nul(message.get("tool_call_id")),
+            "tool_calls": without_nul(message.get("tool_calls")),
             "tokens": message_tokens(message),
         }
         for position, message in enumerate(messages)
     ]
 
 
-def _no_nul(value: Any) -> Any:
+def without_nul(value: Any) -> Any:
+    """`value` (a string, or JSON made of them) without NUL characters."""
     if isinstance(value, str):
         return value.replace("\x00", "") if "\x00" in value else value
     if isinstance(value, list):
-        return [_no_nul(item) for item in value]
+        return [without_nul(item) for item in value]
     if isinstance(value, dict):
-        return {_no_nul(key): _no_nul(item) for key, item in value.items()}
+        return {without_nul(key): without_nul(item) for key, item in value.items()}
     return value
 
 
@@ -729,7 +731,7 @@ def release_round(conn: Connection, claim: Claim, failure: Failure | None = None
                     Task.id,
                     literal(failure.request_id, FailedRequest.request_id.type),
                     literal(failure.code[:64], FailedRequest.code.type),
-                    literal(_no_nul(failure.message), FailedRequest.message.type),
+                    literal(without_nul(failure.message), FailedRequest.message.type),
                     literal(_now(), FailedRequest.occurred_at.type),
                 ).where(Task.id == claim.task_id),
             )

@@ -204,9 +204,13 @@ class CallbackService:
             _observe(event.info.payload)
         elif event.event_type == ERROR_METRIC:
             payload = event.info.payload
-            tag = payload.get("Tag") or {}
-            ORCHESTRATOR_ERRORS.labels(str(payload.get("Metric", "")), str(tag.get("Code", ""))).inc()
+            ORCHESTRATOR_ERRORS.labels(_label(payload.get("Metric", "")), _label(event.tag.get("Code", ""))).inc()
         return recorded
+
+
+def _label(value: Any) -> str:
+    """A metric label from the orchestrator, cut short: labels are kept for the process's life."""
+    return str(value)[:64]
 
 
 def _observe(payload: dict[str, Any]) -> None:

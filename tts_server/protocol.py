@@ -4,13 +4,13 @@ protocol has none, so TTS errors are built here)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
+from app.limits import InvalidJson, parse_json
 from tts_server.codecs import CONTENT_TYPES, encoded_rate
 
 log = logging.getLogger("trtc.tts")
@@ -67,9 +67,9 @@ class TtsRequest(BaseModel):
 def parse_request(raw: bytes) -> TtsRequest:
     """The body as a `TtsRequest`, or a 400 naming what is wrong."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TtsError(400, "INVALID_JSON", f"The body is not valid JSON: {exc}") from exc
+        body = parse_json(raw)
+    except InvalidJson as exc:
+        raise TtsError(400, "INVALID_JSON", f"The body is {exc}") from exc
     if not isinstance(body, dict):
         raise TtsError(400, "INVALID_BODY", "The body must be a JSON object.")
     if "SampleRate" not in body and "Sample Rate" in body:
