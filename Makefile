@@ -10,11 +10,15 @@ PORT ?= 8000
 
 install: $(STAMP)
 
+# Under a lock: `make fake-upstream &` and `make run` on a fresh clone both install, one after
+# the other (the second finds everything in place), instead of two pips in one .venv at once.
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
-	touch $(STAMP)
+	flock .install.lock sh -c '\
+		set -e; \
+		test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+		$(BIN)/python -m pip install --quiet --upgrade "pip>=24"; \
+		$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"; \
+		touch $(STAMP)'
 
 # Debian's chromium and chromedriver, for the console's browser test (tests/test_console.py).
 # A machine where they cannot be installed still runs every other test; that one then fails
@@ -48,9 +52,10 @@ bench-tts: install
 bench-soak: install
 	$(BIN)/python bench/soak.py $(BENCH_ARGS)
 
-# A fake OpenAI upstream on port 9000, to try the stack without a model.
+# A fake OpenAI upstream, to try the stack without a model: on port 9000, or PORT when given.
+UPSTREAM_PORT := $(if $(filter command line environment,$(origin PORT)),$(PORT),9000)
 fake-upstream: install
-	$(BIN)/trtc-backend fake-upstream --port 9000
+	$(BIN)/trtc-backend fake-upstream --host $(HOST) --port $(UPSTREAM_PORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -12,7 +12,7 @@ import uvicorn
 
 from app.auth import resolve_api_keys
 from app.db import database_url
-from app.settings import get_settings
+from app.settings import Settings, SettingsError, get_settings, load_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="TRTC AI-conversation backend.")
 db_cli = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
@@ -39,9 +39,9 @@ def serve(
         # The workers build their settings from the environment.
         os.environ["SERVICES"] = only
         get_settings.cache_clear()
-    settings = get_settings()
-    if settings.config_file is not None:
-        _check_config(settings.config_file)
+    settings = _settings()
+    if settings.serves_llm:
+        _check_config(settings, settings.config_file)
     # Resolve (maybe generate) the key before workers start, so they all read the same one.
     resolve_api_keys(settings.api_key_list, settings.data_dir)
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -130,19 +130,40 @@ def validate(
 
 @config_cli.command("check")
 def config_check(file: Path = typer.Argument(..., help="The profiles file (YAML, or TOML by extension).")) -> None:
-    """Load and validate a profiles file as the server would; exit 1 with the reason if it is wrong."""
-    profiles = _check_config(file)
+    """Check a profiles file exactly as `serve` does (with this environment's tools); exit 1 with
+    the reason if it is wrong."""
+    profiles = _check_config(_settings(), file)
     typer.echo(f"{file}: ok, {len(profiles)} profile(s): " + ", ".join(profiles))
 
 
-def _check_config(file: Path) -> list[str]:
-    from llm_proxy.profiles import ConfigError, load_file
-
+def _settings() -> Settings:
+    """The settings, or one line naming the variable that is wrong and exit 1 (no traceback)."""
     try:
-        return [profile.name for profile in load_file(file).profiles]
-    except ConfigError as exc:
+        return load_settings()
+    except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
+
+
+def _check_config(settings: Settings, file: Path | None) -> list[str]:
+    """What the chat proxy checks when it starts: the profiles (`file`, or the implicit one) and
+    the tools each names, from every tool source the settings give."""
+    import httpx
+
+    from llm_proxy.agents import profile_tools
+    from llm_proxy.profiles import ConfigError, Profile, implicit_profile, load_file
+    from llm_proxy.tools.loader import load_tools
+    from llm_proxy.tools.registry import ToolConfigError
+
+    try:
+        profiles: list[Profile] = load_file(file).profiles if file is not None else [implicit_profile(settings)]
+        tools, default_tools = load_tools(settings, httpx.AsyncClient())
+        for profile in profiles:
+            profile_tools(profile, tools, default_tools)
+    except (ConfigError, ToolConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    return [profile.name for profile in profiles]
 
 
 @tts_cli.command("normalize")
@@ -173,7 +194,7 @@ def voices_list(
     from tts_server.catalog import CatalogError, fetch_catalog
     from tts_server.voices import VoiceSettingsError, load_voices
 
-    settings = get_settings()
+    settings = _settings()
     if remote:
         try:
             with httpx.Client(timeout=30, follow_redirects=True) as client:
@@ -204,13 +225,16 @@ def voices_download(names: list[str] = typer.Argument(..., help="Voice names as 
 
     from tts_server.catalog import CatalogError, download, fetch_catalog
 
-    settings = get_settings()
+    settings = _settings()
     try:
         with httpx.Client(timeout=60, follow_redirects=True) as client:
             catalog = fetch_catalog(settings.voices_base_url, client)
             missing = [name for name in names if name not in catalog]
             if missing:
-                raise CatalogError(f"not in the catalogue: {', '.join(missing)} (see `trtc-backend voices list --remote`)")
+                raise CatalogError(
+                    f"not in the catalogue (or not a voice it could safely install): {', '.join(missing)} "
+                    "(see `trtc-backend voices list --remote`)"
+                )
             for name in names:
                 path = download(catalog[name], settings.voices_base_url, settings.voices_dir, client, typer.echo)
                 typer.echo(f"installed {name} -> {path}")
@@ -225,7 +249,7 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     """Apply migrations up to `revision` (default: the newest)."""
     from migrations import upgrade
 
-    url = get_settings().resolved_database_url
+    url = _settings().resolved_database_url
     upgrade(url, revision)
     typer.echo(f"database at revision {revision}: {database_url(url).render_as_string(hide_password=True)}")
 
@@ -237,7 +261,7 @@ def db_revision(message: str = typer.Option(..., "-m", "--message", help="What t
 
     from migrations import alembic_config
 
-    command.revision(alembic_config(get_settings().resolved_database_url), message=message, autogenerate=True)
+    command.revision(alembic_config(_settings().resolved_database_url), message=message, autogenerate=True)
 
 
 def main() -> None:

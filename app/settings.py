@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -99,6 +100,22 @@ class Settings(BaseSettings):
     def _upper(cls, value: str) -> str:
         return value.upper()
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        scheme = value.partition(":")[0].lower()
+        if value and scheme.partition("+")[0] not in _DATABASE_BACKENDS:
+            raise ValueError(f"must be sqlite:///FILE or postgresql+asyncpg://USER@HOST/DB, not a {scheme!r} URL")
+        return value
+
+    @field_validator("callback_sign_key")
+    @classmethod
+    def _console_key(cls, value: str) -> str:
+        """What the TRTC console takes: 1 to 32 letters and digits (or unset)."""
+        if value and not re.fullmatch(r"[A-Za-z0-9]{1,32}", value):
+            raise ValueError("must be 1 to 32 letters and digits, as the TRTC console allows")
+        return value
+
     @property
     def resolved_database_url(self) -> str:
         """The configured URL, or a SQLite file under the data dir."""
@@ -138,6 +155,25 @@ class Settings(BaseSettings):
     def tts_key_voice_map(self) -> dict[str, str]:
         pairs = (item.rpartition(":") for item in _split(self.tts_key_voices))
         return {key.strip(): voice.strip() for key, _, voice in pairs if key.strip()}
+
+
+# Any driver spelling of these (`app.db.database_url` maps each to the one installed).
+_DATABASE_BACKENDS = ("sqlite", "postgres", "postgresql")
+
+
+class SettingsError(Exception):
+    """A setting that does not hold, said in one line naming the variable."""
+
+
+def load_settings() -> Settings:
+    """`get_settings()`, with a bad value as a `SettingsError` naming its variable and why."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]).upper() if error["loc"] else "a setting"
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        raise SettingsError(f"{name}: {reason} (got {str(error.get('input'))[:80]!r})") from None
 
 
 def _split(value: str) -> list[str]:

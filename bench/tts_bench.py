@@ -5,7 +5,8 @@ concurrency 1, 4 and 16. Also the real-time factor (synthesis time / audio durat
 Then the formats: the paragraph as WAV, MP3 and Ogg Opus from our server, beside piper's WAV.
 Then gaps under load: streams of the paragraph at concurrency 1, 4, 16 and 32, each played out
 in real time on a simulated clock from its first byte; a discontinuity is audio running out
-before the next bytes arrive (what the orchestrator counts as `tts_discontinuity`).
+before the next bytes arrive (what the orchestrator counts as `tts_discontinuity`). Then the worst
+texts: peak memory and a short request's first audio beside each (`--quick`: the first only).
 
 Our server is asked for what the orchestrator asks by default (WAV, 16000 Hz, mono), with its
 response cache off so every request is synthesized. Piper's server answers a whole WAV at the
@@ -182,6 +183,38 @@ async def run_playback(url: str, body: dict, bytes_per_second: float, header: in
     return out
 
 
+# Texts that once became one piece each (no punctuation, a long number, one long word) and grew
+# the server by 1 to 21 GB; all of TTS_MAX_TEXT_CHARS.
+WORST_TEXTS = {
+    "2000 letters of words, no mark": "word " * 400,
+    "one 2000-letter word": "w" * 2000,
+    '"nine " x 400': "nine " * 400,
+    "a price of 1999 digits": "$" + "9" * 1999,
+}
+SHORT = "Sure, I can help with that."
+
+
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+
+
+async def run_worst(url: str, text: str) -> tuple[float, float, float, float]:
+    """A worst text streamed whole, and half a second into it a short request: the long one's
+    total time and audio seconds, the short one's first audio beside it, and alone (after)."""
+    short = {"Text": SHORT, "Format": "pcm", "SampleRate": 16000}
+    async with httpx.AsyncClient(timeout=300) as client:
+        long = asyncio.create_task(_fetch(client, url, {"Text": text, "Format": "pcm", "SampleRate": 16000}))
+        await asyncio.sleep(0.5)
+        beside = await _fetch(client, url, short)
+        fetched = await long
+        alone = await _fetch(client, url, short)
+    assert fetched is not None and beside is not None and alone is not None, "a worst-text request failed"
+    started, arrivals = fetched
+    audio = sum(len(chunk) for _at, chunk in arrivals) / 32000
+    return (arrivals[-1][0] - started, audio, beside[1][0][0] - beside[0], alone[1][0][0] - alone[0])
+
+
 def _ms(values: list[float], q: float | None = None) -> str:
     if not values:
         return "-"
@@ -206,6 +239,7 @@ def main() -> None:
     rows = []
     format_rows: list[list[str]] = []
     gap_rows: list[list[str]] = []
+    worst_rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="trtc-tts-bench-") as tmp:
         workdir = Path(tmp)
         ours = Proxy(workdir / "ours", {"TTS_API_KEYS": KEY, "TTS_CACHE_MB": "0", "LOG_LEVEL": "WARNING"})
@@ -264,6 +298,20 @@ def main() -> None:
         finally:
             ours.stop()
             piper.stop()
+        # A fresh server, so its peak memory starts from its warm idle.
+        fresh = Proxy(workdir / "worst", {"TTS_API_KEYS": KEY, "TTS_CACHE_MB": "0", "LOG_LEVEL": "WARNING"})
+        fresh.start("--only", "tts")
+        try:
+            asyncio.run(run_cell(fresh.url + "/api/v1/tts/stream", {"Text": SHORT}, 1, 2))
+            idle = _peak_rss_mb(fresh.pid)
+            worst = dict(list(WORST_TEXTS.items())[:1]) if args.quick else WORST_TEXTS
+            for label, text in worst.items():
+                total, audio, beside, alone = asyncio.run(run_worst(fresh.url + "/api/v1/tts/stream", text))
+                worst_rows.append([label, str(len(text)), f"{total:.1f}", f"{audio:.0f}",
+                                   f"{_peak_rss_mb(fresh.pid) - idle:.0f}", f"{beside * 1000:.0f}", f"{alone * 1000:.0f}"])
+                print(" | ".join(worst_rows[-1]), flush=True)
+        finally:
+            fresh.stop()
 
     header = ["text", "concurrency", "requests each", "first byte median (ours)", "first byte p99 (ours)",
               "first byte median (piper)", "first byte p99 (piper)", "first byte: piper / ours",
@@ -298,6 +346,15 @@ def main() -> None:
                "first audio p99 (ours)", "first audio p99 (piper)", "streams with a gap (ours)",
                "streams with a gap (piper)", "discontinuities (ours)", "discontinuities (piper)",
                "gap ms (ours)", "gap ms (piper)", "errors"], gap_rows),
+        "",
+        "Worst texts: texts of TTS_MAX_TEXT_CHARS that used to become a single piece (piper's memory grows with a "
+        "piece's length: these grew the server by 1 to 21 GB), each streamed whole as PCM by a fresh server with "
+        "default settings; half a second in, a short request (\"" + SHORT + "\") is sent beside it, and again alone "
+        "after it. Peak RSS is the process's high-water mark (VmHWM) over its warm idle, so far in the run. Piper's "
+        "own server is left out here: the same texts would take it gigabytes.",
+        "",
+        table(["text", "characters", "total s", "audio s", "peak RSS over warm idle (MB)",
+               "short request's first audio beside it (ms)", "... alone (ms)"], worst_rows),
     ])
     print(section)
     if not args.no_write:

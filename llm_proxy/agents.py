@@ -105,15 +105,21 @@ class UpstreamClients:
             await client.aclose()
 
 
+def profile_tools(profile: Profile, tools: ToolRegistry, default_tools: ToolRegistry) -> ToolRegistry:
+    """The tools a profile offers; a name the registry lacks is a `ToolConfigError` naming the
+    profile (what stops a start or a reload, and what `config check` reports)."""
+    try:
+        return default_tools if profile.tools is None else tools.narrowed(profile.tools)
+    except ToolConfigError as exc:
+        raise ToolConfigError(f"profile {profile.name!r}, field tools: {exc}") from None
+
+
 def build_agents(profiles: Profiles, tools: ToolRegistry, default_tools: ToolRegistry, clients: UpstreamClients) -> Agents:
     """Bind each profile; a profile naming a tool the registry lacks stops the (re)load."""
     agents = {}
     for profile in profiles.all:
         config = profile.upstream or clients.environment()
-        try:
-            selected = default_tools if profile.tools is None else tools.narrowed(profile.tools)
-        except ToolConfigError as exc:
-            raise ToolConfigError(f"profile {profile.name!r}, field tools: {exc}") from None
+        selected = profile_tools(profile, tools, default_tools)
         fallbacks = tuple((fallback, clients.get(fallback)) for fallback in profile.fallbacks)
         agents[profile.name] = Agent(profile, clients.get(config), config, selected, fallbacks)
     return Agents(profiles, agents)

@@ -221,7 +221,7 @@ def test_a_body_that_is_not_an_event_is_a_clear_error(proxy: Proxy) -> None:
     response = _post(proxy, b"{not json")
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
     response = _post(proxy, json.dumps({"EventInfo": {}}).encode())
-    assert response.status_code == 422 and "EventType" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "EventType" in response.json()["error"]["message"]
 
 
 

@@ -105,16 +105,17 @@ def test_retry_of_an_interrupted_round_answers_it_again_in_place(
     tag = marker()
     ask(client, task_id, f"{tag} before", stream=False)
     # The first attempt is cut off after a few words (the orchestrator's timeout fired).
+    # The retry brings the same words; the fake upstream's behaviour is steered by the model name.
     stream = client.chat.completions.create(
-        model="m", stream=True, extra_headers=headers(task_id, f"req-{tag}"),
-        messages=[SYSTEM, {"role": "user", "content": f"{tag} [[words:400]] [[delay:0.01]]"}],
+        model="m[[words:400]] [[delay:0.01]]", stream=True, extra_headers=headers(task_id, f"req-{tag}"),
+        messages=[SYSTEM, {"role": "user", "content": f"{tag} again"}],
     )
     first_text(stream)
     stream.close()
     wait_until(lambda: len(proxy.rounds(task_id)) == 2 and proxy.rounds(task_id)[1]["interrupted"], what="interrupted round")
     retry = client.chat.completions.create(
-        model="m", extra_headers=headers(task_id, f"req-{tag}"),
-        messages=[SYSTEM, {"role": "user", "content": f"{tag} [[words:5]]"}],
+        model="m[[words:5]]", extra_headers=headers(task_id, f"req-{tag}"),
+        messages=[SYSTEM, {"role": "user", "content": f"{tag} again"}],
     )
     assert retry.choices[0].message.content == "w0 w1 w2 w3 w4"
     rounds = proxy.rounds(task_id)
@@ -122,7 +123,7 @@ def test_retry_of_an_interrupted_round_answers_it_again_in_place(
     assert rounds[1]["status"] == "completed" and not rounds[1]["interrupted"]
     assert rounds[1]["messages"][-1] == {"role": "assistant", "content": "w0 w1 w2 w3 w4"}
     # The retry's context is the round before it, not the interrupted attempt.
-    assert upstream.requests(f"{tag} [[words:5]]")[0]["messages"][1:3] == [
+    assert upstream.requests(f"{tag} again")[-1]["messages"][1:3] == [
         {"role": "user", "content": f"{tag} before"},
         {"role": "assistant", "content": f"You said: {tag} before"},
     ]

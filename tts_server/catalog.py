@@ -16,6 +16,7 @@ on disk.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +51,19 @@ class RemoteVoice:
         return self.model.size + self.config.size
 
 
+# What a catalogue may name: a voice is a file name in VOICES_DIR, so no path separator and no
+# leading dot ("..", hidden files); a file is a path under the base URL, without ".." segments.
+_VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+_FILE_PATH = re.compile(r"[A-Za-z0-9_.+-]+(?:/[A-Za-z0-9_.+-]+)*")
+_MD5 = re.compile(r"[0-9a-f]{32}")
+# piper's largest voices are about 120 MB: a catalogue claiming more is not describing a voice.
+MAX_VOICE_FILE_BYTES = 1 << 30
+
+
 def fetch_catalog(base_url: str, client: httpx.Client) -> dict[str, RemoteVoice]:
+    """The catalogue's voices; entries that are not a voice this server could load safely (a name
+    that is not a plain file name, a file path leaving the base URL, sizes or sums that are not
+    numbers) are left out."""
     url = f"{base_url.rstrip('/')}/voices.json"
     try:
         response = client.get(url)
@@ -58,21 +71,30 @@ def fetch_catalog(base_url: str, client: httpx.Client) -> dict[str, RemoteVoice]
         entries = response.json()
     except (httpx.HTTPError, ValueError) as exc:
         raise CatalogError(f"could not read the voice catalogue at {url}: {exc}") from exc
+    if not isinstance(entries, dict):
+        raise CatalogError(f"the voice catalogue at {url} is not a JSON object of voices")
     voices = {}
     for name, entry in entries.items():
         try:
             voices[name] = _voice(name, entry)
-        except (KeyError, TypeError, StopIteration):
-            continue  # an entry without both files is not a voice this server can load
+        except (KeyError, TypeError, ValueError, AttributeError, StopIteration):
+            continue
     return voices
 
 
 def _voice(name: str, entry: dict[str, Any]) -> RemoteVoice:
+    if not _VOICE_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"unsafe voice name {name!r}")
     files = entry["files"]
 
     def find(suffix: str) -> RemoteFile:
-        path = next(p for p in files if p.endswith(suffix))
-        return RemoteFile(path, int(files[path]["size_bytes"]), str(files[path]["md5_digest"]))
+        path = next(p for p in files if isinstance(p, str) and p.endswith(suffix))
+        size, md5 = int(files[path]["size_bytes"]), str(files[path]["md5_digest"]).lower()
+        if not _FILE_PATH.fullmatch(path) or ".." in path.split("/"):
+            raise ValueError(f"unsafe file path {path!r}")
+        if not 0 < size <= MAX_VOICE_FILE_BYTES or not _MD5.fullmatch(md5):
+            raise ValueError(f"implausible size or MD5 for {path!r}")
+        return RemoteFile(path, size, md5)
 
     language = entry.get("language", {})
     return RemoteVoice(
@@ -92,6 +114,10 @@ def download(
     voices_dir.mkdir(parents=True, exist_ok=True)
     model = voices_dir / f"{voice.name}.onnx"
     config = voices_dir / f"{voice.name}.onnx.json"
+    for target in (model, config):
+        # Names are checked when the catalogue is read; this holds whatever a caller passes.
+        if target.resolve().parent != voices_dir.resolve():
+            raise CatalogError(f"voice name {voice.name!r} would be written outside {voices_dir}; nothing installed")
     parts = []
     try:
         for remote, target in ((voice.config, config), (voice.model, model)):
@@ -116,12 +142,15 @@ def _fetch(url: str, remote: RemoteFile, part: Path, client: httpx.Client) -> No
         with client.stream("GET", url) as response, part.open("wb") as out:
             response.raise_for_status()
             for chunk in response.iter_bytes(_CHUNK):
+                size += len(chunk)
+                if size > remote.size:
+                    break  # more than the catalogue says: refused below, without reading the rest
                 out.write(chunk)
                 digest.update(chunk)
-                size += len(chunk)
     except httpx.HTTPError as exc:
         raise CatalogError(f"could not download {url}: {exc}") from exc
     if size != remote.size:
-        raise CatalogError(f"{url}: got {size:,} bytes, the catalogue says {remote.size:,}; nothing installed")
+        got = f"more than {remote.size:,}" if size > remote.size else f"{size:,}"
+        raise CatalogError(f"{url}: got {got} bytes, the catalogue says {remote.size:,}; nothing installed")
     if digest.hexdigest() != remote.md5:
         raise CatalogError(f"{url}: MD5 {digest.hexdigest()} does not match the catalogue's {remote.md5}; nothing installed")
