@@ -20,6 +20,11 @@ from llm_proxy.models import ID_MAX_CHARS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
+# The most messages one request may carry: the orchestrator sends at most 50 rounds of history
+# (about 100 messages, more with tool calls). Without a bound, a 2 MiB body of empty messages would
+# be 75,000 rows of one round.
+MAX_MESSAGES = 1000
+
 # Fields the proxy itself interprets; everything else is passed through.
 _OWN_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n", "tools"})
 
@@ -93,7 +98,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(default=None, max_length=ID_MAX_CHARS)
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None

@@ -406,7 +406,9 @@ def _check_owner(conn: Connection, task: TaskInfo) -> None:
     row = conn.execute(select(Task.profile, Task.sdk_app_id).where(Task.id == task.task_id)).first()
     if row is None:
         return
-    if row.profile not in (None, task.profile) or None not in (row.sdk_app_id, task.sdk_app_id) and row.sdk_app_id != task.sdk_app_id:
+    other_profile = row.profile is not None and row.profile != task.profile
+    other_app = row.sdk_app_id is not None and task.sdk_app_id is not None and row.sdk_app_id != task.sdk_app_id
+    if other_profile or other_app:
         raise TaskOwnedElsewhere(task.task_id)
 
 

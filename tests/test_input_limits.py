@@ -65,6 +65,13 @@ def test_longer_identifiers_are_refused_naming_the_header(proxy: Proxy, task_id:
         assert proxy.task_row(task_id) is None
 
 
+def test_more_than_a_thousand_messages_are_refused_before_anything_is_stored(proxy: Proxy, task_id: str) -> None:
+    many = {"model": "m", "messages": [{"role": "user", "content": ""}] * 1000 + [{"role": "user", "content": "hi"}]}
+    response = _post(proxy, many, task_id)
+    assert response.status_code == 422 and "messages" in response.json()["error"]["message"]
+    assert proxy.task_row(task_id) is None
+
+
 def test_a_long_model_name_is_kept_and_a_longer_one_refused(proxy: Proxy, task_id: str) -> None:
     assert _post(proxy, {**_body(marker()), "model": "m" * 200}, task_id).status_code == 200
     response = _post(proxy, {**_body(marker()), "model": "m" * 257}, task_id)
