@@ -12,6 +12,7 @@ import uvicorn
 
 from app.auth import resolve_api_keys
 from app.db import database_url
+from app.http_protocol import LingeringHttpToolsProtocol
 from app.settings import Settings, SettingsError, get_settings, load_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="TRTC AI-conversation backend.")
@@ -53,7 +54,7 @@ def serve(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=LingeringHttpToolsProtocol,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,

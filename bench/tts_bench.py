@@ -6,7 +6,8 @@ Then the formats: the paragraph as WAV, MP3 and Ogg Opus from our server, beside
 Then gaps under load: streams of the paragraph at concurrency 1, 4, 16 and 32, each played out
 in real time on a simulated clock from its first byte; a discontinuity is audio running out
 before the next bytes arrive (what the orchestrator counts as `tts_discontinuity`). Then the worst
-texts: peak memory and a short request's first audio beside each (`--quick`: the first only).
+texts: peak memory and a short request's first audio beside each (`--quick`: the first only). And
+the engine layouts (workers x onnxruntime threads) measured in-process side by side.
 
 Our server is asked for what the orchestrator asks by default (WAV, 16000 Hz, mono), with its
 response cache off so every request is synthesized. Piper's server answers a whole WAV at the
@@ -215,6 +216,44 @@ async def run_worst(url: str, text: str) -> tuple[float, float, float, float]:
     return (arrivals[-1][0] - started, audio, beside[1][0][0] - beside[0], alone[1][0][0] - alone[0])
 
 
+# Engine layouts: (workers, onnxruntime threads each) on one shared session, as the server runs them.
+LAYOUTS = [(1, 2), (2, 1), (2, 2)]
+LAYOUT_SENTENCE = "I found three good restaurants near your hotel that are open tonight."
+FIRST_CLAUSE = "I found three good restaurants,"
+
+
+def run_layouts(sentences: int, repeats: int) -> list[list[str]]:
+    """Synthesis throughput (seconds of speech per second, `sentences` at once through the
+    layout's workers) and a first clause's synthesis time alone, per layout, in this process on
+    the bundled voice: what the server's pool and sessions do, without HTTP."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tts_server.voices import load_voices
+
+    rows = []
+    results: dict[tuple[int, int], tuple[list[float], list[float]]] = {layout: ([], []) for layout in LAYOUTS}
+    voices = {threads: load_voices(Path("/nonexistent"), default="", onnx_threads=threads, espeak_fallback=False).all[0]
+              for threads in {threads for _workers, threads in LAYOUTS}}
+    for voice in voices.values():
+        voice.synthesize("Warming up.")
+    for _ in range(repeats):  # the layouts alternate, so drift in the machine hits each alike
+        for workers, threads in LAYOUTS:
+            voice = voices[threads]
+            started = time.perf_counter()
+            with ThreadPoolExecutor(workers) as pool:
+                audio = sum(len(samples) for samples in pool.map(voice.synthesize, [LAYOUT_SENTENCE] * sentences))
+            speed, first = results[(workers, threads)]
+            speed.append(audio / voice.info.sample_rate / (time.perf_counter() - started))
+            clause_started = time.perf_counter()
+            voice.synthesize(FIRST_CLAUSE)
+            first.append(time.perf_counter() - clause_started)
+    base = statistics.median(results[LAYOUTS[0]][0])
+    for (workers, threads), (speed, first) in results.items():
+        rows.append([str(workers), str(threads), f"{statistics.median(speed):.1f}", f"{statistics.median(speed) / base:.2f}x",
+                     _ms(first)])
+    return rows
+
+
 def _ms(values: list[float], q: float | None = None) -> str:
     if not values:
         return "-"
@@ -298,6 +337,9 @@ def main() -> None:
         finally:
             ours.stop()
             piper.stop()
+        layout_rows = run_layouts(8 if args.quick else 24, 1 if args.quick else 3)
+        for row in layout_rows:
+            print(" | ".join(row), flush=True)
         # A fresh server, so its peak memory starts from its warm idle.
         fresh = Proxy(workdir / "worst", {"TTS_API_KEYS": KEY, "TTS_CACHE_MB": "0", "LOG_LEVEL": "WARNING"})
         fresh.start("--only", "tts")
@@ -346,6 +388,15 @@ def main() -> None:
                "first audio p99 (ours)", "first audio p99 (piper)", "streams with a gap (ours)",
                "streams with a gap (piper)", "discontinuities (ours)", "discontinuities (piper)",
                "gap ms (ours)", "gap ms (piper)", "errors"], gap_rows),
+        "",
+        "Engine layout: how the synthesis workers and onnxruntime threads are best set on this machine, measured "
+        "in-process on the bundled voice without HTTP (`run_layouts`): the 12-word sentence synthesized "
+        f"{'8' if args.quick else '24'} times through each layout's workers (one shared session, as the server runs "
+        "it), and the first clause of a reply synthesized alone (what the first audio waits for); the layouts "
+        "alternate, medians of their runs. The server's default is two workers sharing a two-threaded session.",
+        "",
+        table(["TTS_WORKERS", "TTS_ONNX_THREADS", "seconds of speech per second", "throughput vs 1 x 2",
+               "first clause alone (ms)"], layout_rows),
         "",
         "Worst texts: texts of TTS_MAX_TEXT_CHARS that used to become a single piece (piper's memory grows with a "
         "piece's length: these grew the server by 1 to 21 GB), each streamed whole as PCM by a fresh server with "

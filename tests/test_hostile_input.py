@@ -5,6 +5,7 @@ callback fields no column holds. `test_fuzz.py` hunts for more of the same at ra
 from __future__ import annotations
 
 import json
+import socket
 import time
 from urllib.parse import quote
 
@@ -99,3 +100,18 @@ def test_admin_identifiers_no_task_can_have(proxy: Proxy) -> None:
         assert _admin(proxy, "/admin/v1/tasks", user_id=ident).status_code == 400
     cursor = "W1siMjAyNi0xMi0wMSIsICJ0XHUwMDAweCJdXQ=="  # a made-up cursor
     assert _admin(proxy, "/admin/v1/tasks", cursor=cursor).status_code == 400
+
+
+def test_a_request_uvicorn_cannot_parse_gets_its_400_not_a_reset(proxy: Proxy) -> None:
+    """A control character in a header, then a megabyte more of request: the 400 arrives whole
+    (a lingering close, `app/http_protocol.py`), where closing at once made the kernel reset the
+    connection under the unread bytes."""
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Task-Id: a\x1cb\r\n"
+               + b"X-Pad: " + b"x" * 1_000_000 + b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
