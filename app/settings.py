@@ -72,10 +72,10 @@ class Settings(BaseSettings):
     tts_key_voices: str = ""
     tts_max_text_chars: int = Field(default=2000, ge=1)
     # Syntheses at once, onnxruntime threads each (one session per voice, which the workers
-    # share), and how long a request may wait for a worker. Two workers: a long text holds only
-    # one of them; two threads: a synthesis alone still uses both cores (first audio ~30 ms
-    # sooner than one thread). README, "The TTS server", has the measurements.
-    tts_workers: int = Field(default=2, ge=1)
+    # share), and how long a request may wait for a worker. On 2 cores one synthesis on both
+    # cores gives the first audio soonest, idle and under load; two single-threaded ones give
+    # 15% more throughput (docs/benchmarks.md, "Engine layout").
+    tts_workers: int = Field(default=1, ge=1)
     tts_onnx_threads: int = Field(default=2, ge=1)
     tts_queue_timeout_s: float = Field(default=2.0, gt=0)
     # The first audio every stream should get within: a new stream's first piece goes ahead of
