@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install browser run test test-postgres bench-llm bench-tts bench-soak fake-upstream clean
+.PHONY: install browser run test test-fast test-postgres bench-llm bench-tts bench-soak fake-upstream clean
 
 install: $(STAMP)
 
@@ -37,7 +37,11 @@ run: install
 
 test: install browser
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=10 $(PYTEST_ARGS)
+
+# The inner loop: SQLite only, without the browser test and the benchmarks' smoke runs.
+test-fast: install
+	env -u TEST_POSTGRES_URL $(BIN)/python -m pytest -q --ignore=tests/test_console.py --ignore=tests/test_benchmarks.py $(PYTEST_ARGS)
 
 test-postgres: install browser
 	TEST_POSTGRES_URL=$${TEST_POSTGRES_URL:-postgresql+asyncpg://postgres@127.0.0.1:5432/test} $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -11,8 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from admin.queries import TaskFilter, decode_cursor, list_tasks, stats, task_detail
-from app.auth import is_authorized
-from app.errors import ApiError, bad_request, not_found, unauthorized
+from core.auth import is_authorized
+from core.errors import ApiError, bad_request, not_found, unauthorized
 from llm_proxy.models import ID_MAX_CHARS
 
 log = logging.getLogger("trtc.admin")

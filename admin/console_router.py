@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from admin.api_router import require_enabled
-from app.errors import not_found
+from core.errors import not_found
 
 router = APIRouter()
 

@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import Connection
 
 from admin.models import Deletion
-from app.db import Database
+from core.db import Database
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.models import Task
 from llm_proxy.recovery import oldest_live_instance

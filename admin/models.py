@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import DateTime, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base
+from core.db import Base
 from llm_proxy.models import ID_MAX_CHARS, BigId
 
 

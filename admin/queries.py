@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, literal, or_, select
 from sqlalchemy.engine import Connection
 
-from app.limits import parse_json
+from core.limits import parse_json
 from llm_proxy.models import ID_MAX_CHARS, ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Round, Task
 from llm_proxy.store import messages_of_rounds
 from orchestrator.models import CallbackEvent

@@ -1,1 +1,2 @@
-"""Composition root: settings, app factory, CLI, database engine, auth and metrics."""
+"""The composition root: the app factory (`main`), the CLI (`cli`), health routes and the HTTP
+protocol the server runs. It imports the services; nothing imports it."""

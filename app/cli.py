@@ -10,10 +10,10 @@ from typing import Optional
 import typer
 import uvicorn
 
-from app.auth import resolve_api_keys
-from app.db import database_url
+from core.auth import resolve_api_keys
+from core.db import database_url
 from app.http_protocol import LingeringHttpToolsProtocol
-from app.settings import Settings, SettingsError, get_settings, load_settings
+from core.settings import Settings, SettingsError, get_settings, load_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="TRTC AI-conversation backend.")
 db_cli = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")

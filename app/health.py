@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from app import metrics
+from core import metrics
 from migrations import head_revision
 
 router = APIRouter()

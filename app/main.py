@@ -16,11 +16,11 @@ from typing import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from app import health
-from app.auth import resolve_api_keys
-from app.db import Database
-from app.errors import install_error_handlers
-from app.logs import RequestContextMiddleware, configure_logging
-from app.settings import Settings, get_settings
+from core.auth import resolve_api_keys
+from core.db import Database
+from core.errors import install_error_handlers
+from core.logs import RequestContextMiddleware, configure_logging
+from core.settings import Settings, get_settings
 
 
 log = logging.getLogger("trtc.app")

@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import bad_request
-from app.settings import Settings
+from core.errors import bad_request
+from core.settings import Settings
 from llm_proxy.context import Msg
 from llm_proxy.profiles import PromptContext, Profile, Profiles, UpstreamConfig, render
 from llm_proxy.tools.registry import ToolConfigError, ToolRegistry

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.auth import bearer_token, is_authorized
-from app.errors import ApiError, unauthorized
-from app.limits import BodyTooLarge, read_body
+from core.auth import bearer_token, is_authorized
+from core.errors import ApiError, unauthorized
+from core.limits import BodyTooLarge, read_body
 from llm_proxy.disconnect import CancelOnDisconnect, ClientDisconnected
 from llm_proxy.event_stream import EventStream
 from llm_proxy.protocol import parse_request

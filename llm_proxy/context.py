@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol, Sequence, TypeVar
 from langchain_core.messages import AIMessage, BaseMessage, convert_to_messages
 from pydantic import Field, SkipValidation
 
-from app.errors import bad_request
+from core.errors import bad_request
 from llm_proxy.protocol import ChatMessage
 
 Msg = dict[str, Any]

@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator, Protocol
 
 import anyio
 from langchain_core.messages import BaseMessage
 
-from app.errors import ApiError
-from app.metrics import LLM_ROUNDS, LLM_UPSTREAM_ERRORS
+from core.errors import ApiError
+from core.metrics import LLM_ROUNDS, LLM_UPSTREAM_ERRORS
 from llm_proxy.context import Msg, as_langchain
 from llm_proxy.protocol import usage_dict
 from llm_proxy.speech import spoken
@@ -30,9 +30,6 @@ from llm_proxy.store import Claim, Failure, RoundTiming
 from llm_proxy.tool_calls import CallAccumulator, answer_missing, call_name, run_calls
 from llm_proxy.tools.registry import ToolRegistry
 from llm_proxy.upstream import Delta, Upstream
-
-if TYPE_CHECKING:
-    from llm_proxy.serving import ChatService
 
 log = logging.getLogger("trtc.llm")
 
@@ -76,10 +73,22 @@ class UpstreamCall:
         return deltas
 
 
+class RoundKeeper(Protocol):
+    """What a live round needs of the service that claimed it (`serving.ChatService`): to store
+    its messages once, or to give the round back."""
+
+    async def store(
+        self, claim: Claim, messages: list[Msg], *, interrupted: bool, finish_reason: str | None,
+        usage: dict[str, int] | None, call: UpstreamCall, timing: RoundTiming,
+    ) -> None: ...
+
+    async def release(self, claim: Claim, failure: Failure | None = None) -> None: ...
+
+
 class LiveRound:
     def __init__(
         self,
-        service: ChatService,
+        keeper: RoundKeeper,
         *,
         claim: Claim | None,
         head: list[Msg],
@@ -89,8 +98,10 @@ class LiveRound:
         first: Delta,
         started: float,
         completion_id: str,
+        max_tool_steps: int,
     ) -> None:
-        self._service = service
+        self._keeper = keeper
+        self._max_tool_steps = max_tool_steps
         self._claim = claim
         self._head = head
         self._context = context
@@ -131,7 +142,7 @@ class LiveRound:
             calls = accumulator.calls()
             if not calls:
                 return
-            if steps >= self._service.settings.tool_max_steps:
+            if steps >= self._max_tool_steps:
                 self._end_tool_loop(said_any)
                 return
             said = "".join(text)
@@ -145,7 +156,7 @@ class LiveRound:
                 self.finish_reason = "tool_calls"
                 return
             steps += 1
-            last = steps >= self._service.settings.tool_max_steps
+            last = steps >= self._max_tool_steps
             self._stream = self._call.stream(
                 [*self._context, *as_langchain(self._produced)], tool_choice="none" if last else None
             )
@@ -155,12 +166,12 @@ class LiveRound:
         the round ends with what it said, or, if it said nothing, with an error."""
         LLM_UPSTREAM_ERRORS.labels("tool_loop_exceeded").inc()
         log.warning("upstream called tools after %d tool steps and tool_choice none; the calls are dropped",
-                    self._service.settings.tool_max_steps)
+                    self._max_tool_steps)
         self.finish_reason = "stop"
         if not said_any:
             raise ApiError(
                 502,
-                f"Upstream kept calling tools after {self._service.settings.tool_max_steps} tool steps (TOOL_MAX_STEPS) "
+                f"Upstream kept calling tools after {self._max_tool_steps} tool steps (TOOL_MAX_STEPS) "
                 "and said nothing.",
                 "upstream_error",
                 "tool_loop_exceeded",
@@ -206,7 +217,7 @@ class LiveRound:
             if self._claim is None:
                 outcome = "stateless"
             else:
-                await self._service.store(
+                await self._keeper.store(
                     self._claim,
                     self.messages(sent_text),
                     interrupted=interrupted,
@@ -226,5 +237,5 @@ class LiveRound:
         with anyio.CancelScope(shield=True):
             await self._stream.aclose()
             if self._claim is not None:
-                await self._service.release(self._claim, failure)
+                await self._keeper.release(self._claim, failure)
             LLM_ROUNDS.labels("failed").inc()

@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy import text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base
+from core.db import Base
 
 ROUND_PENDING = "pending"
 ROUND_COMPLETED = "completed"

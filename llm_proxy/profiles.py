@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.settings import Settings
+from core.settings import Settings
 
 TEMPLATE_VARIABLES = frozenset({"user_id", "room_id", "sdk_app_id", "task_id", "date", "time", "weekday", "timezone"})
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.errors import ApiError, bad_request
-from app.limits import InvalidJson, parse_json
+from core.errors import ApiError, bad_request
+from core.limits import InvalidJson, parse_json
 from llm_proxy.models import ID_MAX_CHARS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]

@@ -30,7 +30,7 @@ from sqlalchemy import and_, bindparam, delete, func, insert, literal, literal_c
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from app.db import Database
+from core.db import Database
 from llm_proxy.models import ROUND_INTERRUPTED, ROUND_PENDING, Instance, Message, Round, Task
 
 log = logging.getLogger("trtc.recovery")

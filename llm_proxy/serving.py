@@ -22,11 +22,11 @@ from langchain_core.messages import BaseMessage
 from sqlalchemy.exc import SQLAlchemyError
 from sse_starlette import ServerSentEvent
 
-from app.db import Database
-from app.errors import ApiError, bad_request
-from app.logs import request_id
-from app.metrics import LLM_ADDED, LLM_FALLBACKS, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
-from app.settings import Settings
+from core.db import Database
+from core.errors import ApiError, bad_request
+from core.logs import request_id
+from core.metrics import LLM_ADDED, LLM_FALLBACKS, LLM_FIRST_TOKEN, LLM_ROUNDS, LLM_UPSTREAM_ERRORS
+from core.settings import Settings
 from llm_proxy import store
 from llm_proxy.context import (
     SYSTEM_ROLES,
@@ -244,6 +244,7 @@ class ChatService:
                 first=first,
                 started=started,
                 completion_id="chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex),
+                max_tool_steps=self.settings.tool_max_steps,
             )
         raise AssertionError("unreachable: the last upstream returns or raises")
 

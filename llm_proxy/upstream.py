@@ -25,7 +25,7 @@ from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
-from app.errors import ApiError
+from core.errors import ApiError
 from llm_proxy.context import StoredHistory, StoredRound, as_langchain, history_messages
 
 # The model name ChatOpenAI is built with; every request names its own model.

@@ -7,8 +7,8 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.errors import ApiError
-from app.limits import BodyTooLarge, read_body
+from core.errors import ApiError
+from core.limits import BodyTooLarge, read_body
 from orchestrator.callbacks import CallbackService
 from orchestrator.protocol import parse_event, signature_ok
 

@@ -23,8 +23,8 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from app.db import Database
-from app.metrics import ORCHESTRATOR_COUNTS, ORCHESTRATOR_ERRORS, ORCHESTRATOR_EVENTS, ORCHESTRATOR_LATENCIES
+from core.db import Database
+from core.metrics import ORCHESTRATOR_COUNTS, ORCHESTRATOR_ERRORS, ORCHESTRATOR_EVENTS, ORCHESTRATOR_LATENCIES
 from llm_proxy.context import Msg, message_tokens
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.models import FINISHED_STATUSES, ROUND_INTERRUPTED, Message, Round

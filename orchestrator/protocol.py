@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.errors import ApiError
-from app.limits import InvalidJson, parse_json
+from core.errors import ApiError
+from core.limits import InvalidJson, parse_json
 from llm_proxy.models import ID_MAX_CHARS
 from llm_proxy.store import without_nul
 

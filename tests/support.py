@@ -19,7 +19,7 @@ import openai
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, make_url
 
-from app.db import Database
+from core.db import Database
 from llm_proxy import store
 from llm_proxy.models import Task
 

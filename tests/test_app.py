@@ -16,7 +16,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, make_url
 
-from app.db import Base
+from core.db import Base
 from llm_proxy import store
 import llm_proxy.models  # noqa: F401  (the tables on Base.metadata)
 import orchestrator.models  # noqa: F401

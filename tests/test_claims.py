@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
-from app.db import Database
+from core.db import Database
 from llm_proxy import store
 from llm_proxy.models import ROUND_PENDING, Round, Task
 from tests.support import on_db

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.errors import ApiError
+from core.errors import ApiError
 from llm_proxy.context import StoredRound, estimate_tokens, history_messages, split_turn, window
 from llm_proxy.protocol import ChatMessage, ChunkWriter
 

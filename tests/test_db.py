@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
-from app.db import Database
+from core.db import Database
 
 
 def _create(conn: Connection) -> None:

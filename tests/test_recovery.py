@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
-from app.db import Database
+from core.db import Database
 from llm_proxy import recovery, store
 from llm_proxy.models import ROUND_PENDING, Instance, Round
 from tests.support import Proxy, Upstream, first_text, headers, marker, on_db, wait_until

@@ -1,1 +1,1 @@
-"""Streaming TTS server for the orchestrator's custom TTS (not built yet)."""
+"""The streaming TTS server for the orchestrator's custom TTS: text in, chunked audio out."""

@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from app.auth import bearer_token, is_authorized
-from app.limits import BodyTooLarge, read_body
+from core.auth import bearer_token, is_authorized
+from core.limits import BodyTooLarge, read_body
 from tts_server.protocol import TtsError, parse_request
 from tts_server.serving import TtsService
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
-from app.limits import InvalidJson, parse_json
+from core.limits import InvalidJson, parse_json
 from tts_server.codecs import CONTENT_TYPES, encoded_rate
 
 log = logging.getLogger("trtc.tts")

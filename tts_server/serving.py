@@ -16,8 +16,8 @@ from typing import AsyncIterator, Hashable
 
 import numpy as np
 
-from app.metrics import TTS_FIRST_AUDIO, TTS_PIECES, TTS_STREAMS
-from app.settings import Settings
+from core.metrics import TTS_FIRST_AUDIO, TTS_PIECES, TTS_STREAMS
+from core.settings import Settings
 from tts_server import text as text_rules
 from tts_server.audio import PcmEncoder, silence
 from tts_server.codecs import open_codec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from app.settings import Settings
+from core.settings import Settings
 from llm_proxy.tools.builtins import builtin_tools
 from llm_proxy.tools.http_tools import load_http_tools
 from llm_proxy.tools.python_tools import load_entry_points, load_modules

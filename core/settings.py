@@ -158,7 +158,7 @@ class Settings(BaseSettings):
         return {key.strip(): voice.strip() for key, _, voice in pairs if key.strip()}
 
 
-# Any driver spelling of these (`app.db.database_url` maps each to the one installed).
+# Any driver spelling of these (`core.db.database_url` maps each to the one installed).
 _DATABASE_BACKENDS = ("sqlite", "postgres", "postgresql")
 
 
