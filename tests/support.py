@@ -24,6 +24,7 @@ from llm_proxy import store
 from llm_proxy.models import Task
 
 API_KEY = "test-key-1"
+STARTUP_TIMEOUT_S = 90
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).with_name("trtc-backend"))
 T = TypeVar("T")
@@ -73,7 +74,12 @@ class ServerProcess:
             except httpx.HTTPError:
                 return False
 
-        wait_until(up, timeout=30, what=f"{self.url}{path}")
+        try:
+            # Sized for a loaded machine: a start takes 4-6 s here, several times that with the
+            # other core busy.
+            wait_until(up, timeout=STARTUP_TIMEOUT_S, what=f"{self.url}{path}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the server's log ends:\n{self.log_path.read_text()[-3000:]}") from None
 
     @property
     def pid(self) -> int:

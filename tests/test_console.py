@@ -165,5 +165,5 @@ def test_console_serves_only_its_files_under_a_strict_policy(console: Proxy) -> 
     page = httpx.get(console.url + "/console", follow_redirects=True)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "script-src 'self'" in page.headers["content-security-policy"]
-    assert httpx.get(console.url + "/console/../app/settings.py").status_code == 404
+    assert httpx.get(console.url + "/console/../core/settings.py").status_code == 404
     assert httpx.get(console.url + "/console/secret.txt").status_code == 404
