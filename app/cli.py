@@ -15,6 +15,9 @@ from core.db import database_url
 from app.http_protocol import LingeringHttpToolsProtocol
 from core.settings import Settings, SettingsError, get_settings, load_settings
 
+# Commands import what they use inside their own body: `trtc-backend --help` and `db upgrade` stay
+# at ~0.5 s, where importing the chat proxy alone takes 1.9 s (langchain-openai) and the
+# validator 0.9 s.
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="TRTC AI-conversation backend.")
 db_cli = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 cli.add_typer(db_cli, name="db")
