@@ -10,10 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from admin.queries import TaskFilter, decode_cursor, list_tasks, stats, task_detail
+from admin.queries import TaskFilter, as_utc, decode_cursor, list_tasks, stats, task_detail
 from core.auth import is_authorized
 from core.errors import ApiError, bad_request, not_found, unauthorized
-from llm_proxy.models import ID_MAX_CHARS
+from llm_proxy.models import ID_MAX_CHARS, storable_id
 
 log = logging.getLogger("trtc.admin")
 router = APIRouter()
@@ -43,8 +43,7 @@ def _moment(request: Request, name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        moment = datetime.fromisoformat(value)
-        moment = (moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment).astimezone(timezone.utc)
+        moment = as_utc(datetime.fromisoformat(value))
     except (ValueError, OverflowError):
         raise bad_request(
             f"`{name}` must be an ISO 8601 time (e.g. 2026-11-27T08:00:00Z; without an offset, UTC), not {value[:64]!r}.",
@@ -58,14 +57,9 @@ def _moment(request: Request, name: str) -> datetime | None:
 def _identifier(value: str | None, name: str) -> str | None:
     """A filter on a stored identifier: no stored one is longer or holds NUL (which PostgreSQL
     refuses in a query), so such a value is refused here."""
-    if value is not None and (len(value) > ID_MAX_CHARS or "\x00" in value):
+    if value is not None and not storable_id(value):
         raise bad_request(f"`{name}` is at most {ID_MAX_CHARS} characters, without NUL.", "invalid_identifier")
     return value
-
-
-def _stored(value: str) -> bool:
-    """Whether an identifier in a path could be a stored one (else: nothing to find)."""
-    return len(value) <= ID_MAX_CHARS and "\x00" not in value
 
 
 @router.get("/admin/v1/tasks")
@@ -94,7 +88,7 @@ async def tasks(request: Request) -> Any:
 @router.get("/admin/v1/tasks/{task_id:path}")
 async def task(request: Request, task_id: str) -> Any:
     _authorize(request)
-    detail = await request.app.state.db.run(task_detail, task_id) if _stored(task_id) else None
+    detail = await request.app.state.db.run(task_detail, task_id) if storable_id(task_id) else None
     if detail is None:
         raise _no_task(task_id)
     return JSONResponse(detail)
@@ -103,7 +97,7 @@ async def task(request: Request, task_id: str) -> Any:
 @router.delete("/admin/v1/tasks/{task_id:path}")
 async def delete_task(request: Request, task_id: str) -> Any:
     _authorize(request)
-    if not _stored(task_id) or not await request.app.state.lifecycle.delete_tasks([task_id]):
+    if not storable_id(task_id) or not await request.app.state.lifecycle.delete_tasks([task_id]):
         raise _no_task(task_id)
     log.info("admin: deleted task", extra={"task_id": task_id})
     return JSONResponse({"deleted": {"tasks": [task_id]}})
@@ -114,7 +108,7 @@ async def delete_user(request: Request, sdk_app_id: str, user_id: str) -> Any:
     """Every task of the user (and what belongs to them). A user with nothing stored is not an
     error: the request's aim, nothing stored for them, holds."""
     _authorize(request)
-    gone = await request.app.state.lifecycle.delete_user(sdk_app_id, user_id) if _stored(sdk_app_id) and _stored(user_id) else []
+    gone = await request.app.state.lifecycle.delete_user(sdk_app_id, user_id) if storable_id(sdk_app_id) and storable_id(user_id) else []
     log.info("admin: deleted %d task(s) of a user", len(gone), extra={"sdk_app_id": sdk_app_id, "user_id": user_id})
     return JSONResponse({"deleted": {"tasks": gone}})
 

@@ -18,7 +18,7 @@ from sqlalchemy import and_, case, func, literal, or_, select
 from sqlalchemy.engine import Connection
 
 from core.limits import parse_json
-from llm_proxy.models import ID_MAX_CHARS, ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Round, Task
+from llm_proxy.models import ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Round, Task, storable_id
 from llm_proxy.store import messages_of_rounds
 from orchestrator.models import CallbackEvent
 from orchestrator.protocol import METRIC
@@ -34,22 +34,22 @@ class TaskFilter:
 
 
 def encode_cursor(updated_at: datetime, task_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([_utc(updated_at).isoformat(), task_id]).encode()).decode()
+    return base64.urlsafe_b64encode(json.dumps([as_utc(updated_at).isoformat(), task_id]).encode()).decode()
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The cursor's position; a ValueError if it is not one this API made."""
     try:
         stamp, task_id = parse_json(base64.urlsafe_b64decode(cursor.encode()))
-        moment = _utc(datetime.fromisoformat(stamp))
+        moment = as_utc(datetime.fromisoformat(stamp))
     except (ValueError, TypeError, OverflowError) as exc:
         raise ValueError("not a cursor from this API") from exc
-    if not isinstance(task_id, str) or len(task_id) > ID_MAX_CHARS or "\x00" in task_id:
+    if not isinstance(task_id, str) or not storable_id(task_id):
         raise ValueError("not a cursor from this API")
     return moment, task_id
 
 
-def _utc(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
@@ -60,12 +60,12 @@ def list_tasks(conn: Connection, where: TaskFilter, limit: int, cursor: tuple[da
         if value is not None:
             query = query.where(column == value)
     if where.since is not None:
-        query = query.where(Task.updated_at >= _utc(where.since))
+        query = query.where(Task.updated_at >= as_utc(where.since))
     if where.until is not None:
-        query = query.where(Task.updated_at < _utc(where.until))
+        query = query.where(Task.updated_at < as_utc(where.until))
     if cursor is not None:
         stamp, task_id = cursor
-        query = query.where(or_(Task.updated_at < _utc(stamp), and_(Task.updated_at == _utc(stamp), Task.id < task_id)))
+        query = query.where(or_(Task.updated_at < as_utc(stamp), and_(Task.updated_at == as_utc(stamp), Task.id < task_id)))
     rows = conn.execute(query.order_by(Task.updated_at.desc(), Task.id.desc()).limit(limit + 1)).mappings().all()
     page = rows[:limit]
     # Counted for this page's tasks only.
@@ -104,8 +104,8 @@ def _task(row: Any) -> dict[str, Any]:
         "user_id": row["user_id"],
         "room_id": row["room_id"],
         "room_id_type": row["room_id_type"],
-        "first_activity": _utc(row["created_at"]).isoformat(),
-        "last_activity": _utc(row["updated_at"]).isoformat(),
+        "first_activity": as_utc(row["created_at"]).isoformat(),
+        "last_activity": as_utc(row["updated_at"]).isoformat(),
     }
 
 
@@ -139,8 +139,8 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
                 "upstream": r["upstream"],
                 "finish_reason": r["finish_reason"],
                 "usage": r["usage"],
-                "started_at": _utc(r["created_at"]).isoformat(),
-                "finished_at": _utc(r["finished_at"]).isoformat() if r["finished_at"] else None,
+                "started_at": as_utc(r["created_at"]).isoformat(),
+                "finished_at": as_utc(r["finished_at"]).isoformat() if r["finished_at"] else None,
                 "first_token_ms": r["first_token_ms"],
                 "total_ms": r["total_ms"],
                 "error": r["error"],
@@ -157,7 +157,7 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
                 "request_id": f["request_id"],
                 "code": f["code"],
                 "message": f["message"],
-                "occurred_at": _utc(f["occurred_at"]).isoformat(),
+                "occurred_at": as_utc(f["occurred_at"]).isoformat(),
             }
             for f in failures
         ],
@@ -181,7 +181,7 @@ def _event(event: Any) -> dict[str, Any]:
         "trtc_round_id": event["trtc_round_id"],
         "event_ms_ts": event["event_ms_ts"],
         "payload": (event["body"].get("EventInfo") or {}).get("Payload"),
-        "received_at": _utc(event["received_at"]).isoformat(),
+        "received_at": as_utc(event["received_at"]).isoformat(),
     }
 
 
@@ -192,7 +192,7 @@ def stats(conn: Connection, since: datetime, until: datetime) -> dict[str, Any]:
     """Rounds, outcomes and the proxy's time to first token and total time per hour (UTC), and
     over the whole range. Percentiles are nearest-rank (`percentile_disc` on PostgreSQL, the
     same rule in Python on SQLite), so both databases give the same numbers."""
-    since, until = _utc(since), _utc(until)
+    since, until = as_utc(since), as_utc(until)
     dialect = conn.dialect.name
     hour = _hour(dialect, Round.created_at)
     in_range = (Round.created_at >= since, Round.created_at < until, Round.status != ROUND_PENDING)
@@ -235,7 +235,7 @@ def _hour(dialect: str, column: Any) -> Any:
 def _hour_key(value: Any) -> str:
     """An hour as ISO 8601 in UTC, from either database's hour expression."""
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    return _utc(moment).isoformat()
+    return as_utc(moment).isoformat()
 
 
 def _counts(row: Any) -> dict[str, Any]:

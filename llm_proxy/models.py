@@ -42,6 +42,12 @@ ROUND_INTERRUPTED = "interrupted"
 FINISHED_STATUSES = (ROUND_COMPLETED, ROUND_INTERRUPTED)
 ID_MAX_CHARS = 256
 
+
+def storable_id(value: str) -> bool:
+    """Whether an identifier fits its column on both databases: at most `ID_MAX_CHARS`, no NUL
+    (PostgreSQL refuses NUL in text, also in a query's parameter)."""
+    return len(value) <= ID_MAX_CHARS and "\x00" not in value
+
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit id.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 

@@ -293,7 +293,7 @@ def _statements(dialect_name: str) -> _Statements:
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     upsert = dialect.insert(Task)
     next_seq = upsert.on_conflict_do_update(
-        index_elements=[Task.id], set_=_task_bump(upsert.excluded), where=_same_owner(upsert.excluded)
+        index_elements=[Task.id], set_=_task_bump(upsert.excluded), where=_same_owner(upsert.excluded.profile, upsert.excluded.sdk_app_id)
     ).returning(Task.last_seq, Task.version, Task.edits)
     insert_round = (
         dialect.insert(Round)
@@ -332,7 +332,7 @@ def _claim_new_statement() -> Any:
     )
     # A task of another owner is not touched either: `claim_round` then says why.
     task = upsert.on_conflict_do_update(
-        index_elements=[Task.id], set_=_task_bump(upsert.excluded), where=and_(~retry, _same_owner(upsert.excluded))
+        index_elements=[Task.id], set_=_task_bump(upsert.excluded), where=and_(~retry, _same_owner(upsert.excluded.profile, upsert.excluded.sdk_app_id))
     ).returning(Task.last_seq, Task.version, Task.edits).cte("task")
     new_round = (
         postgresql.insert(Round)
@@ -391,24 +391,22 @@ def _task_bump(excluded: Any) -> dict[str, Any]:
     }
 
 
-def _same_owner(excluded: Any) -> Any:
-    """The request (`excluded`: its would-be row) may use the stored task: the same profile (a
-    task stored before owners were kept is adopted), and no other X-Sdk-App-Id (a request without
-    one is the profile's own: its key is the boundary, as any holder of it may send any header)."""
+def _same_owner(profile: Any, sdk_app_id: Any) -> Any:
+    """A request of this profile and app (columns of its would-be row, or parameters) may use the
+    stored task: the same profile (a task stored before owners were kept is adopted), and no other
+    X-Sdk-App-Id (a request without one is the profile's own: its key is the boundary, as any
+    holder of it may send any header)."""
     return and_(
-        or_(Task.profile.is_(None), Task.profile == excluded.profile),
-        or_(Task.sdk_app_id.is_(None), excluded.sdk_app_id.is_(None), Task.sdk_app_id == excluded.sdk_app_id),
+        or_(Task.profile.is_(None), Task.profile == profile),
+        or_(Task.sdk_app_id.is_(None), sdk_app_id.is_(None), Task.sdk_app_id == sdk_app_id),
     )
 
 
 def _check_owner(conn: Connection, task: TaskInfo) -> None:
     """`_same_owner` for a statement that takes an existing task without the upsert."""
-    row = conn.execute(select(Task.profile, Task.sdk_app_id).where(Task.id == task.task_id)).first()
-    if row is None:
-        return
-    other_profile = row.profile is not None and row.profile != task.profile
-    other_app = row.sdk_app_id is not None and task.sdk_app_id is not None and row.sdk_app_id != task.sdk_app_id
-    if other_profile or other_app:
+    same = _same_owner(literal(task.profile, Task.profile.type), literal(task.sdk_app_id, Task.sdk_app_id.type))
+    row = conn.execute(select(same).where(Task.id == task.task_id)).first()
+    if row is not None and not row[0]:  # SQLite answers 0 or 1, PostgreSQL false or true
         raise TaskOwnedElsewhere(task.task_id)
 
 

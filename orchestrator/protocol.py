@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.errors import ApiError
 from core.limits import InvalidJson, parse_json
-from llm_proxy.models import ID_MAX_CHARS
+from llm_proxy.models import ID_MAX_CHARS, storable_id
 from llm_proxy.store import without_nul
 
 TASK_STARTED, TASK_STOPPED, TRANSCRIPT, USER_SPEAKS, HEARD, METRIC, ERROR_METRIC, SESSION_READY = (
@@ -33,7 +33,7 @@ def _identifier(value: Any, field: str) -> str | None:
     if value in (None, ""):
         return None
     text = str(value)
-    if len(text) > ID_MAX_CHARS or "\x00" in text:
+    if not storable_id(text):
         raise ValueError(f"{field} must be at most {ID_MAX_CHARS} characters, without NUL")
     return text
 

@@ -114,3 +114,25 @@ def test_a_200_that_is_no_answer_is_a_502_and_stores_nothing(two_profiles: Proxy
         assert two_profiles.rounds(task_id) == []
     metrics = httpx.get(two_profiles.url + "/metrics").text
     assert 'trtc_llm_upstream_errors_total{kind="upstream_invalid"}' in metrics
+
+
+def test_tool_results_from_another_profile_do_not_continue_the_round(two_profiles: Proxy) -> None:
+    """The continuation of a round that called the client's tools checks the owner too."""
+    task_id = f"task-{marker()}"
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+    asked = {"role": "user", "content": '[[tool:get_weather:{"city": "Paris"}]]'}
+    with httpx.Client(base_url=two_profiles.url, timeout=30) as http:
+
+        def send(key: str, messages: list[dict]) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {key}", "X-Task-Id": task_id, "X-Request-Id": marker()}
+            return http.post("/v1/chat/completions", json={"model": "m", "messages": messages, "tools": [weather]},
+                             headers=headers)
+
+        called = send(API_KEY, [asked])
+        [call] = called.json()["choices"][0]["message"]["tool_calls"]
+        answer = [asked, {"role": "assistant", "content": "", "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+        refused = send(OTHER_KEY, answer)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "task_owned_elsewhere"
+        assert send(API_KEY, answer).status_code == 200
+    assert [m["role"] for m in two_profiles.rounds(task_id)[0]["messages"]] == ["user", "assistant", "tool", "assistant"]

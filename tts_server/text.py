@@ -97,9 +97,11 @@ def pieces(text: str) -> list[str]:
 def weight(text: str) -> int:
     """About how many characters the voice will be given for `text`: digits count as the word
     each becomes, CJK characters as the phonemes of their syllable."""
-    digits = sum(char.isdigit() for char in text)
-    cjk = len(_CJK_ANY.findall(text))
-    return len(text) + digits * (_DIGIT_WEIGHT - 1) + cjk * (_CJK_WEIGHT - 1)
+    return sum(_char_weight(char) for char in text)
+
+
+def _char_weight(char: str) -> int:
+    return _DIGIT_WEIGHT if char.isdigit() else _CJK_WEIGHT if _CJK_ANY.match(char) else 1
 
 
 def split_by_weight(text: str, limit: int) -> list[str]:
@@ -108,8 +110,7 @@ def split_by_weight(text: str, limit: int) -> list[str]:
     past a number or Latin word it would split if that is short."""
     out: list[str] = []
     rest = text.strip()
-    while weight(rest) > limit:
-        end = _index_at_weight(rest, limit)
+    while (end := _index_at_weight(rest, limit)) < len(rest):
         window = rest[:end]
         marks = [m.end() for m in _CLAUSE_END.finditer(window) if m.end() > end // 3]
         space = window.rfind(" ")
@@ -127,10 +128,11 @@ def split_by_weight(text: str, limit: int) -> list[str]:
 
 
 def _index_at_weight(text: str, limit: int) -> int:
-    """The longest prefix of `text` of at most `limit` weight (at least one character)."""
+    """The length of the longest prefix of `text` of at most `limit` weight (at least one
+    character): all of it when the whole fits."""
     total = 0
     for index, char in enumerate(text):
-        total += _DIGIT_WEIGHT if char.isdigit() else _CJK_WEIGHT if _CJK_ANY.match(char) else 1
+        total += _char_weight(char)
         if total > limit:
             return max(index, 1)
     return len(text)
