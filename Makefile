@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install browser run test test-fast test-postgres bench-llm bench-tts bench-soak fake-upstream clean
+.PHONY: install browser run test test-loaded test-fast test-postgres bench-llm bench-tts bench-soak fake-upstream clean
 
 install: $(STAMP)
 
@@ -35,16 +35,26 @@ run: install
 	$(BIN)/trtc-backend db upgrade
 	$(BIN)/trtc-backend serve --host $(HOST) --port $(PORT)
 
+# On both cores: each xdist worker starts its own servers and databases and takes whole files
+# (a module's shared server is started once). TEST_WORKERS=0 runs in this process alone.
+TEST_WORKERS ?= 2
+PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install browser
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=10 $(PARALLEL) $(PYTEST_ARGS)
+
+# `make test` with one core kept busy by a spinning process, as on a shared machine: the suite
+# must stay green (slower) then too.
+test-loaded: install
+	$(BIN)/python -c 'while True: pass' & spinner=$$!; trap "kill $$spinner" EXIT; $(MAKE) test
 
 # The inner loop: SQLite only, without the browser test and the benchmarks' smoke runs.
 test-fast: install
-	env -u TEST_POSTGRES_URL $(BIN)/python -m pytest -q --ignore=tests/test_console.py --ignore=tests/test_benchmarks.py $(PYTEST_ARGS)
+	env -u TEST_POSTGRES_URL $(BIN)/python -m pytest -q $(PARALLEL) --ignore=tests/test_console.py --ignore=tests/test_benchmarks.py $(PYTEST_ARGS)
 
 test-postgres: install browser
-	TEST_POSTGRES_URL=$${TEST_POSTGRES_URL:-postgresql+asyncpg://postgres@127.0.0.1:5432/test} $(BIN)/python -m pytest $(PYTEST_ARGS)
+	TEST_POSTGRES_URL=$${TEST_POSTGRES_URL:-postgresql+asyncpg://postgres@127.0.0.1:5432/test} $(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 bench-llm: install
 	$(BIN)/python bench/llm_bench.py $(BENCH_ARGS)

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import signal
+import threading
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import AsyncIterator, Callable
 
@@ -43,9 +44,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await _open_chat(app, settings, api_keys, stack, reloaders)
             if settings.serves_tts:
                 await _open_tts(app, settings, api_keys, stack, reloaders)
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGHUP, lambda: [reload() for reload in reloaders])
-            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            # Signals reach only the main thread: an app served from another thread (embedded in
+            # a program, or the tests' in-process servers) is reloaded by restarting it.
+            if threading.current_thread() is threading.main_thread():
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGHUP, lambda: [reload() for reload in reloaders])
+                stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             # Everything imported and built so far lives as long as the process: keep it out of
             # the cyclic collector's full passes, which otherwise walk it again and again.
             gc.collect()

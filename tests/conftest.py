@@ -8,7 +8,7 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import openai
@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from tests.support import (
     API_KEY,
+    InProcessProxy,
     Proxy,
     Upstream,
     create_postgres_database,
@@ -81,9 +82,9 @@ def proxy(migrated_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPa
 
 
 @contextmanager
-def _stopped_at_the_end() -> Iterator[list[Proxy]]:
+def _stopped_at_the_end() -> Iterator[list[Any]]:
     """A list to put started servers in; all are stopped when the block ends, also on failure."""
-    started: list[Proxy] = []
+    started: list[Any] = []
     try:
         yield started
     finally:
@@ -91,19 +92,31 @@ def _stopped_at_the_end() -> Iterator[list[Proxy]]:
             server.stop()
 
 
-def _proxy_starter(upstream: Upstream, folder: Path, started: list[Proxy]) -> callable:
+def _proxy_starter(upstream: Upstream, folder: Path, started: list[Proxy | InProcessProxy]) -> callable:
     """`start_proxy`'s function: a migrated proxy in `folder` talking to the fake upstream."""
 
     def start(
-        env: dict[str, str], *, workdir: Path | None = None, migrate: bool = True, args: tuple[str, ...] = ("--only", "llm")
-    ) -> Proxy:
-        server = Proxy(workdir or folder / f"proxy{len(started)}", {"UPSTREAM_BASE_URL": upstream.base_url, **env})
+        env: dict[str, str],
+        *,
+        workdir: Path | None = None,
+        migrate: bool = True,
+        args: tuple[str, ...] = ("--only", "llm"),
+        in_process: bool = False,
+    ) -> Proxy | InProcessProxy:
+        workdir = workdir or folder / f"proxy{len(started)}"
+        env = {"UPSTREAM_BASE_URL": upstream.base_url, **env}
+        if in_process:
+            assert args == ("--only", "llm"), "an in-process proxy serves the chat proxy only"
+        server = InProcessProxy(workdir, env) if in_process else Proxy(workdir, env)
         if migrate:
             from migrations import upgrade
 
             upgrade(server.database_url)
         started.append(server)
-        server.start(*args)
+        if isinstance(server, InProcessProxy):
+            server.start()
+        else:
+            server.start(*args)
         return server
 
     return start
@@ -112,7 +125,9 @@ def _proxy_starter(upstream: Upstream, folder: Path, started: list[Proxy]) -> ca
 @pytest.fixture
 def start_proxy(upstream: Upstream, tmp_path: Path) -> Iterator[callable]:
     """Start extra chat proxies (`serve --only llm`: the TTS server's start is not paid where it
-    is not used; `args=()` serves both) with their own settings; all are stopped after the test."""
+    is not used; `args=()` serves both) with their own settings; all are stopped after the test.
+    `in_process=True` serves one from a thread of the test process (`InProcessProxy`), where
+    a test needs no process of its own."""
     with _stopped_at_the_end() as started:
         yield _proxy_starter(upstream, tmp_path, started)
 

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
+from unittest import mock
 
 import asyncpg
 import httpx
 import openai
+import uvicorn
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, make_url
 
 from core.db import Database
+from core.settings import Settings
 from llm_proxy import store
 from llm_proxy.models import Task
 
@@ -30,10 +37,30 @@ CLI = str(Path(sys.executable).with_name("trtc-backend"))
 T = TypeVar("T")
 
 
+def _port_block() -> Iterator[int]:
+    """This test process's own ports: below the kernel's ephemeral range (32768 and up here), so
+    no outgoing connection takes one between the pick and the server's bind, and a block of 4000
+    per xdist worker, so two workers never pick the same one."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    first = 20000 + (worker % 3) * 4000
+    start = random.randrange(4000)
+    for n in itertools.count():
+        yield first + (start + n) % 4000
+
+
+_ports = _port_block()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, that this process has not handed out before."""
+    for port in _ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("unreachable: the port block is endless")
 
 
 def wait_until(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
@@ -130,22 +157,11 @@ class Upstream(ServerProcess):
         return [a for a in httpx.get(self.url + "/_abandoned").json() if marker in a["said"]]
 
 
-class Proxy(ServerProcess):
-    """A `trtc-backend serve` process with its own working directory and settings."""
+class _Served:
+    """What a test asks of a serving proxy, in a process or in this one."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        super().__init__(workdir / "server.log")
-        self.workdir = workdir
-        self.env = {"API_KEYS": API_KEY, "DATA_DIR": str(workdir / "data"), "LOG_LEVEL": "INFO", **env}
-        self.database_url = self.env.get("DATABASE_URL") or f"sqlite:///{workdir / 'data' / 'trtc.db'}"
-
-    def start(self, *extra: str) -> None:
-        self._spawn([CLI, "serve", "--port", str(self.port), *extra], self.env, self.workdir)
-        self._wait_ready("/healthz")
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+    url: str
+    database_url: str
 
     def client(self, api_key: str = API_KEY, **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kwargs)
@@ -162,6 +178,76 @@ class Proxy(ServerProcess):
             return dict(row) if row else None
 
         return run_db(self.database_url, fetch)
+
+
+def _proxy_env(workdir: Path, env: dict[str, str]) -> dict[str, str]:
+    return {"API_KEYS": API_KEY, "DATA_DIR": str(workdir / "data"), "LOG_LEVEL": "INFO", **env}
+
+
+def _database_url(workdir: Path, env: dict[str, str]) -> str:
+    return env.get("DATABASE_URL") or f"sqlite:///{workdir / 'data' / 'trtc.db'}"
+
+
+class Proxy(ServerProcess, _Served):
+    """A `trtc-backend serve` process with its own working directory and settings."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__(workdir / "server.log")
+        self.workdir = workdir
+        self.env = _proxy_env(workdir, env)
+        self.database_url = _database_url(workdir, self.env)
+
+    def start(self, *extra: str) -> None:
+        self._spawn([CLI, "serve", "--port", str(self.port), *extra], self.env, self.workdir)
+        self._wait_ready("/healthz")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class InProcessProxy(_Served):
+    """The chat proxy served by uvicorn on a thread of the test process: a real socket and real
+    HTTP, without the 2 s a process spends importing before it serves. For tests of what settings
+    make of requests; what needs a process of its own (start-up checks, signals, crashes, logs,
+    workers, PYTHONPATH) starts a `Proxy`."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.env = _proxy_env(workdir, {"SERVICES": "llm", **env})
+        self.database_url = _database_url(workdir, self.env)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from app.http_protocol import LingeringHttpToolsProtocol
+        from app.main import create_app
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with mock.patch.dict(os.environ, self.env):
+            settings = Settings()
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, http=LingeringHttpToolsProtocol,
+            log_config=None, access_log=False, lifespan="on",
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name=f"proxy-{self.port}", daemon=True)
+        self._thread.start()
+        server, thread = self._server, self._thread
+        wait_until(lambda: server.started or not thread.is_alive(), timeout=STARTUP_TIMEOUT_S, what=f"{self.url} to serve")
+        if not server.started:
+            raise AssertionError(f"{self.url} did not start: its lifespan failed (the error is in the captured log)")
+        # The app's start freezes every object so far out of the collector's reach (right for a
+        # server process); in the tests' process that would keep earlier tests' objects forever
+        # and hide them from gc.get_referrers (which hypothesis relies on).
+        gc.unfreeze()
+
+    def stop(self) -> None:
+        if self._server and self._thread:
+            self._server.should_exit = True
+            self._thread.join(timeout=15)
 
 
 def run_db(url: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -56,7 +56,7 @@ def test_models_come_from_the_upstream(client: openai.OpenAI) -> None:
 
 
 def test_configured_model_overrides_and_is_listed(start_proxy, upstream) -> None:
-    server = start_proxy({"UPSTREAM_MODEL": "house-model"})
+    server = start_proxy({"UPSTREAM_MODEL": "house-model"}, in_process=True)
     client = server.client()
     assert [m.id for m in client.models.list()] == ["house-model"]
     tag = marker()
@@ -149,7 +149,7 @@ def test_every_request_logs_its_task_and_request_ids(proxy: Proxy, client: opena
     ids=["unreachable", "timeout"],
 )
 def test_upstream_unreachable_or_slow(start_proxy, env: dict[str, str], status: int, code: str) -> None:
-    server = start_proxy({k: v.format(port=free_port()) for k, v in env.items()})
+    server = start_proxy({k: v.format(port=free_port()) for k, v in env.items()}, in_process=True)
     task_id = f"task-{marker()}"
     response = httpx.post(
         server.url + CHAT,
@@ -183,7 +183,9 @@ def test_migrations_and_models_agree(migrated_url: str) -> None:
 
 
 def test_an_unreachable_database_is_reported_not_crashed_on(start_proxy) -> None:
-    server = start_proxy({"DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none"}, migrate=False)
+    server = start_proxy(
+        {"DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none"}, migrate=False, in_process=True
+    )
     response = httpx.get(server.url + "/readyz")
     assert response.status_code == 503 and response.json()["status"] == "unavailable"
     assert httpx.get(server.url + "/healthz").status_code == 200
@@ -196,7 +198,7 @@ def test_an_unreachable_database_is_reported_not_crashed_on(start_proxy) -> None
 
 
 def test_an_unmigrated_database_is_not_ready(start_proxy) -> None:
-    server = start_proxy({}, migrate=False)
+    server = start_proxy({}, migrate=False, in_process=True)
     response = httpx.get(server.url + "/readyz")
     assert response.status_code == 503
     assert "trtc-backend db upgrade" in response.json()["database"]

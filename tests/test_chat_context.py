@@ -270,7 +270,9 @@ def test_history_window_keeps_whole_newest_rounds(
     start_proxy, upstream: Upstream, migrated_url: str, max_rounds: str, max_tokens: str, kept: list[int]
 ) -> None:
     # Each round here is estimated at 18 tokens (user 8, assistant 10).
-    server = start_proxy({"DATABASE_URL": migrated_url, "HISTORY_MAX_ROUNDS": max_rounds, "HISTORY_MAX_TOKENS": max_tokens})
+    server = start_proxy(
+        {"DATABASE_URL": migrated_url, "HISTORY_MAX_ROUNDS": max_rounds, "HISTORY_MAX_TOKENS": max_tokens}, in_process=True
+    )
     client = server.client()
     tag = marker()
     task_id = f"task-{tag}"

@@ -46,7 +46,7 @@ def server(start_proxy_for_module, upstream: Upstream, tmp_path_factory: pytest.
             lines.append("    first_token_timeout_s: 0.5")
     config = tmp_path_factory.mktemp("fallbacks") / "profiles.yaml"
     config.write_text("\n".join(lines) + "\n")
-    return start_proxy_for_module({"CONFIG_FILE": str(config)})
+    return start_proxy_for_module({"CONFIG_FILE": str(config)}, in_process=True)
 
 
 def _ask(server: Proxy, case: str, text: str, task_id: str) -> tuple[str, float]:

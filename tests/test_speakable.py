@@ -57,7 +57,7 @@ def test_text_is_held_back_only_while_a_mark_may_be_open() -> None:
 def test_a_profile_makes_replies_speakable(start_proxy, tmp_path: Path) -> None:
     config = tmp_path / "profiles.yaml"
     config.write_text("profiles:\n  - {name: voice, default: true, output: {speakable: true}}\n")
-    server = start_proxy({"CONFIG_FILE": str(config)})
+    server = start_proxy({"CONFIG_FILE": str(config)}, in_process=True)
     text, expected = SAMPLES[1]
     encoded = base64.urlsafe_b64encode(text.encode()).decode()
     tag = marker()

@@ -78,7 +78,7 @@ def test_reasoning_content_deltas_are_not_spoken(proxy: Proxy) -> None:
 def test_a_profile_can_keep_the_reasoning(start_proxy, tmp_path: Path) -> None:
     config = tmp_path / "profiles.yaml"
     config.write_text("profiles:\n  - {name: raw, default: true, output: {strip_reasoning: false}}\n")
-    server = start_proxy({"CONFIG_FILE": str(config)})
+    server = start_proxy({"CONFIG_FILE": str(config)}, in_process=True)
     texts, _first = _stream(server, f"{marker()} [[reply:ok]] [[think:plan]]")
     assert "".join(texts) == "<think>plan</think>\n\nok"
 

@@ -24,7 +24,9 @@ def two_profiles(migrated_url: str, upstream: Upstream, start_proxy_for_module, 
         "  - {name: home, default: true}\n"
         f"  - {{name: other, keys: ['{OTHER_KEY}']}}\n"
     )
-    return start_proxy_for_module({"DATABASE_URL": migrated_url, "CONFIG_FILE": str(config), "ADMIN_API_KEYS": ADMIN_KEY})
+    return start_proxy_for_module(
+        {"DATABASE_URL": migrated_url, "CONFIG_FILE": str(config), "ADMIN_API_KEYS": ADMIN_KEY}, in_process=True
+    )
 
 
 @pytest.fixture

@@ -342,11 +342,11 @@ def test_clashing_tool_names_stop_the_server_at_start(start_proxy) -> None:
 
 
 def test_tools_enabled_narrows_the_tools_sent(start_proxy, upstream: Upstream, task_id: str) -> None:
-    server = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": "current_time"})
+    server = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": "current_time"}, in_process=True)
     tag = marker()
     server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": tag}], extra_headers=headers(task_id))
     assert [t["function"]["name"] for t in upstream.requests(tag)[0]["tools"]] == ["current_time"]
-    none = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": ""})
+    none = start_proxy({"BUILTIN_TOOLS": "true", "TOOLS_ENABLED": ""}, in_process=True)
     tag = marker()
     none.client().chat.completions.create(model="m", messages=[{"role": "user", "content": tag}], extra_headers=headers(task_id))
     assert "tools" not in upstream.requests(tag)[0]
