@@ -139,6 +139,7 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
                 "upstream": r["upstream"],
                 "finish_reason": r["finish_reason"],
                 "usage": r["usage"],
+                "extra_fields": r["extra_fields"],
                 "started_at": as_utc(r["created_at"]).isoformat(),
                 "finished_at": as_utc(r["finished_at"]).isoformat() if r["finished_at"] else None,
                 "first_token_ms": r["first_token_ms"],

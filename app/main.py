@@ -120,7 +120,15 @@ async def _open_chat(
     await lifecycle.start()
     stack.push_async_callback(lifecycle.stop)
     app.state.lifecycle = lifecycle
-    app.state.callbacks = CallbackService(db, chat.history)
+    callbacks = CallbackService(db, chat.history, settings.callback_hold_s)
+    stack.push_async_callback(callbacks.stop)
+    chat.on_held = callbacks.apply_held
+    app.state.callbacks = callbacks
+    if not settings.callback_sign_key and settings.callback_allow_unsigned:
+        log.warning(
+            "callbacks are accepted unsigned (CALLBACK_ALLOW_UNSIGNED=true, no CALLBACK_SIGN_KEY): "
+            "anyone who reaches /api/v1/trtc/callback can write events; set the key in the TRTC console and here"
+        )
 
     def reload() -> None:
         """SIGHUP: new rounds get the profiles as the file now says; rounds in flight keep

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     upstream_base_url: str = "https://api.openai.com/v1"
     upstream_api_key: str = ""
     upstream_model: str = ""
+    # Send the request's fields that are no OpenAI parameter (MetaInfo's) upstream too; off,
+    # they reach prompt templates and the stored round only (OpenAI's API refuses them).
+    upstream_forward_extra_fields: bool = False
+    # Without CONFIG_FILE: the bot's opening words (the task's `WelcomeMessage`), stored as
+    # round 0 of every new task (a profile's `welcome_message` otherwise).
+    welcome_message: str = Field(default="", max_length=2000)
     upstream_timeout_s: float = Field(default=30.0, gt=0)
     # Agent profiles (YAML, or TOML by extension): prompts, upstreams and tools per bot. Unset:
     # one implicit profile made of the settings here.
@@ -88,8 +94,14 @@ class Settings(BaseSettings):
     tts_normalize: bool = True
 
     # The key the orchestrator signs its server callbacks with (at most 32 letters and digits,
-    # chosen in the TRTC console). Unset: /api/v1/trtc/callback refuses every request.
+    # chosen in the TRTC console). Unset: /api/v1/trtc/callback refuses every request, unless
+    # `callback_allow_unsigned` (the console's key is optional; anyone who can reach the route
+    # can then write events). With a key, a signature is always required.
     callback_sign_key: str = ""
+    callback_allow_unsigned: bool = False
+    # How long a 903/905 that came while its round was still open waits for the round to be
+    # stored; after that it stays stored, unmatched.
+    callback_hold_s: float = Field(default=90.0, gt=0)
 
     # What `serve` runs: "all", "llm" (chat proxy) or "tts" (set by `serve --only`).
     services: Literal["all", "llm", "tts"] = "all"

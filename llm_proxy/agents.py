@@ -38,8 +38,11 @@ class Agent:
         return self.upstream_config.model or requested
 
     @staticmethod
-    def params(config: UpstreamConfig, passthrough: dict[str, Any]) -> dict[str, Any]:
-        """An upstream's parameter defaults under the request's own values."""
+    def params(config: UpstreamConfig, passthrough: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """An upstream's parameter defaults under the request's own values (and its other
+        fields, where the upstream takes them)."""
+        if config.forward_extra_fields:
+            passthrough = {**extra, **passthrough}
         return {**config.params, **passthrough} if config.params else passthrough
 
     def system(self, requested: list[Msg], context: PromptContext) -> list[Msg]:
@@ -91,7 +94,10 @@ class UpstreamClients:
     def environment(self) -> UpstreamConfig:
         settings = self._settings
         return UpstreamConfig(
-            base_url=settings.upstream_base_url, api_key=settings.upstream_api_key, model=settings.upstream_model or None
+            base_url=settings.upstream_base_url,
+            api_key=settings.upstream_api_key,
+            model=settings.upstream_model or None,
+            forward_extra_fields=settings.upstream_forward_extra_fields,
         )
 
     def get(self, config: UpstreamConfig) -> Upstream:

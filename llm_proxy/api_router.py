@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,7 +14,7 @@ from core.limits import BodyTooLarge, read_body
 from llm_proxy.disconnect import CancelOnDisconnect, ClientDisconnected
 from llm_proxy.event_stream import EventStream
 from llm_proxy.protocol import parse_request
-from llm_proxy.serving import ChatService, sse_events, task_info
+from llm_proxy.serving import ChatService, close_unsent, sse_events, task_info
 
 router = APIRouter()
 
@@ -44,7 +45,8 @@ async def chat_completions(request: Request) -> Response:
     try:
         async with CancelOnDisconnect(request.receive):
             if body.stream:
-                return EventStream(sse_events(await service.open(body, task, key)))
+                reply = await service.open(body, task, key)
+                return EventStream(sse_events(reply), on_close=partial(close_unsent, reply))
             return JSONResponse(await service.complete(body, task, key))
     except ClientDisconnected:
         return Response(status_code=499)

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Awaitable, TypeVar
 
 from starlette.types import Receive
+
+
+T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
@@ -59,3 +63,21 @@ class CancelOnDisconnect:
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def run_to_the_end(work: Awaitable[T]) -> T:
+    """Await `work` to its end even if this task is cancelled meanwhile, then raise the
+    cancellation. `CancelOnDisconnect` cancels natively (`Task.cancel`), which an anyio shield
+    does not hold off: a client leaving while its round was being stored left the round pending
+    (until the orphan sweep settled it, its reply lost). The work runs as a task of its own."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = cancelled or not task.done()
+    result = task.result()
+    if cancelled:
+        raise asyncio.CancelledError()
+    return result

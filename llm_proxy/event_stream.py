@@ -14,7 +14,7 @@ round is stored with what the client received. On server shutdown a stream runs 
 
 from __future__ import annotations
 
-from typing import AsyncGenerator
+from typing import AsyncGenerator, Awaitable, Callable
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -24,10 +24,13 @@ from llm_proxy.disconnect import CancelOnDisconnect, ClientDisconnected
 
 
 class EventStream(EventSourceResponse):
-    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+    def __init__(self, events: AsyncGenerator[bytes, None], on_close: Callable[[], Awaitable[None]]) -> None:
+        """`on_close` runs after the events in every case: a generator closed before it started
+        runs none of its own cleanup (the client left before the first write)."""
         # No keep-alive pings: the proxy's streams are never silent for their 15 s.
         super().__init__(events, sep="\n", ping=0)
         self._events = events
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -42,3 +45,4 @@ class EventStream(EventSourceResponse):
             # Cancelled while a chunk was being written, the generator still waits at its yield.
             with anyio.CancelScope(shield=True):
                 await self._events.aclose()
+                await self._on_close()

@@ -20,6 +20,8 @@ through the proxy:
   `tool_choice: none` gets text, unless `[[ignore_tool_choice:1]]` (as some local servers do)
 - `[[content_type:TYPE]]`: answer 200 with an HTML page of this type; `[[null_choices:1]]`:
   stream chunks with `"choices": null` (two ways of a 200 that is no answer)
+- `[[strict:1]]`: refuse a body with a field that is no OpenAI parameter with a 400, as OpenAI's
+  own API does
 
 Every request is recorded (`GET /_requests`), and so is every stream its client abandoned
 (`GET /_abandoned`), which is how tests see that the proxy stopped paying for tokens. `/_echo`
@@ -40,6 +42,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from llm_proxy.protocol import OPENAI_PARAMETERS
 
 _DIRECTIVE = re.compile(r"\[\[(\w+):([^\]]*)\]\]")
 
@@ -106,6 +110,10 @@ def _reply_words(directives: dict[str, str], said: str, body: dict[str, Any], ca
     return [word if i == 0 else " " + word for i, word in enumerate(words)]
 
 
+# What OpenAI's chat completions take (`[[strict:1]]`).
+_OPENAI_FIELDS = OPENAI_PARAMETERS | {"model", "messages", "stream", "stream_options", "n", "tools"}
+
+
 def _error(status: int, message: str) -> JSONResponse:
     kind = "rate_limit_error" if status == 429 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "code": str(status)}}, status_code=status)
@@ -124,6 +132,9 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
             return _error(int(directives["status"]), f"fake upstream failure {directives['status']}")
         if "content_type" in directives:
             return Response("<html><body>Sign in</body></html>", media_type=directives["content_type"])
+        unknown = sorted(set(body) - _OPENAI_FIELDS)
+        if "strict" in directives and unknown:
+            return _error(400, f"Unrecognized request argument supplied: {unknown[0]}")
         if "no_tools" in directives and body.get("tools"):
             # What several local model servers answer a request with `tools`.
             return _error(400, f"model {body.get('model')!r} does not support tools")

@@ -52,9 +52,11 @@ class UpstreamCall:
     registry: ToolRegistry
     upstream: Upstream
     client_tools: frozenset[str] = field(default_factory=frozenset)
-    # Recorded with the stored round: which profile and which upstream answered.
+    # Recorded with the stored round: which profile and which upstream answered, and the
+    # request's fields that are no OpenAI parameter (`ChatCompletionRequest.extra_fields`).
     profile: str | None = None
     upstream_label: str | None = None
+    extra_fields: dict[str, Any] | None = None
     # Take `<think>` blocks out of the text (`speech.spoken`).
     strip_reasoning: bool = True
     # Give up on this upstream (for the profile's next) when no first token came within this.

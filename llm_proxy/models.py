@@ -30,8 +30,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    text,
 )
-from sqlalchemy import text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.db import Base
@@ -111,6 +112,9 @@ class Round(Base):
     status: Mapped[str] = mapped_column(String(16), default=ROUND_PENDING)
     # The process answering a pending round (`Instance.id`).
     owner: Mapped[str | None] = mapped_column(String(32))
+    # A 903/905 came while the round was open and waits for it (`orchestrator.callbacks`): set
+    # on the pending row, so that the statement storing the round returns it, race or not.
+    held: Mapped[bool] = mapped_column(Boolean, server_default=false())
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False)
     model: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS))
     # Which agent profile answered, and which of its upstreams (`base_url#model`).
@@ -124,6 +128,9 @@ class Round(Base):
     # by the finish statement itself; null for rounds settled by recovery).
     first_token_ms: Mapped[int | None] = mapped_column(Integer)
     total_ms: Mapped[int | None] = mapped_column(Integer)
+    # The request's body fields that are no OpenAI parameter (the orchestrator's MetaInfo):
+    # kept here, sent upstream only where the profile says so.
+    extra_fields: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The upstream's error code when it failed mid-reply (the round is stored interrupted).
     error: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

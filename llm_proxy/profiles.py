@@ -7,7 +7,7 @@ loaded (a missing variable is an error naming it), so secrets stay out of the fi
 the environment settings make one implicit default profile, which behaves as the proxy always did.
 
 System prompts are templates with a fixed set of variables (`TEMPLATE_VARIABLES`, and
-`{meta.KEY}` for the request body's extra fields), checked when the file is loaded; rendering
+`{meta.KEY}` for the request body's fields, MetaInfo's flattened or nested), checked when the file is loaded; rendering
 substitutes values and nothing else (no attribute access, no format specs, no code).
 """
 
@@ -47,6 +47,9 @@ class UpstreamConfig(_Strict):
     model: str | None = None
     # Defaults for the request body; the request's own values win.
     params: dict[str, Any] = Field(default_factory=dict)
+    # Also send the request's fields that are no OpenAI parameter (MetaInfo's, say), for a
+    # model server that reads them; OpenAI's own API refuses unknown fields with 400.
+    forward_extra_fields: bool = False
 
     @property
     def label(self) -> str:
@@ -80,6 +83,9 @@ class Profile(_Strict):
     tools: list[str] | None = None
     history: HistoryLimits = Field(default_factory=HistoryLimits)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # The task's `WelcomeMessage` (the orchestrator speaks it itself, without asking the model):
+    # stored as the round 0 of every new task, so the model's context opens with it.
+    welcome_message: str | None = Field(default=None, min_length=1, max_length=2000)
 
     @field_validator("timezone")
     @classmethod
@@ -276,6 +282,7 @@ def implicit_profile(settings: Settings) -> Profile:
         system_prompt=None,
         history=HistoryLimits(max_rounds=settings.history_max_rounds, max_tokens=settings.history_max_tokens),
         output=OutputConfig(strip_reasoning=True, speakable=False),
+        welcome_message=settings.welcome_message or None,
     )
 
 

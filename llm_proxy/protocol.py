@@ -1,7 +1,11 @@
 """The OpenAI chat-completions wire format, as far as the proxy reads and writes it.
 
-Requests keep every field they arrive with (`extra="allow"`): whatever the proxy does not act on
-is forwarded to the upstream unchanged (temperature, the orchestrator's MetaInfo keys, ...).
+Requests keep every field they arrive with (`extra="allow"`). The body's fields are what the
+request carries beside its messages, with the orchestrator's `MetaInfo` read both ways it may
+come (its keys flattened into the body, or a nested `"MetaInfo"` object): OpenAI's own request
+parameters among them (temperature, max_tokens, ...) go to the upstream unchanged; the others
+(`extra_fields`) reach prompt templates as `{meta.KEY}` and are stored with the round, but go
+upstream only where a profile says so (OpenAI's API refuses unknown fields).
 Responses are built as JSON strings around a pre-encoded prefix, since each streamed token pays
 for this.
 """
@@ -25,8 +29,17 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 # be 75,000 rows of one round.
 MAX_MESSAGES = 1000
 
-# Fields the proxy itself interprets; everything else is passed through.
+# Fields the proxy itself interprets.
 _OWN_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n", "tools"})
+# OpenAI's other chat-completions parameters: passed to the upstream as they came.
+OPENAI_PARAMETERS = frozenset({
+    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs", "max_completion_tokens",
+    "max_tokens", "metadata", "modalities", "parallel_tool_calls", "prediction", "presence_penalty",
+    "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop",
+    "store", "temperature", "tool_choice", "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+})
+# Where the orchestrator may put `LLMConfig.MetaInfo` whole instead of merging its keys.
+META_INFO = "MetaInfo"
 
 
 class ChatMessage(BaseModel):
@@ -116,9 +129,23 @@ class ChatCompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def body_fields(self) -> dict[str, Any]:
+        """The body's fields beside the proxy's own, a nested `MetaInfo` object's keys merged in
+        (the body's own value wins a clash, as the orchestrator merging them would have it)."""
+        fields = {k: v for k, v in (self.model_extra or {}).items() if k not in _OWN_FIELDS}
+        nested = fields.get(META_INFO)
+        if isinstance(nested, dict):
+            del fields[META_INFO]
+            fields = {**nested, **fields}
+        return fields
+
     def passthrough(self) -> dict[str, Any]:
-        """Body fields forwarded to the upstream as they came."""
-        return {k: v for k, v in (self.model_extra or {}).items() if k not in _OWN_FIELDS}
+        """OpenAI's parameters among the body's fields, forwarded to the upstream as they came."""
+        return {k: v for k, v in self.body_fields().items() if k in OPENAI_PARAMETERS}
+
+    def extra_fields(self) -> dict[str, Any]:
+        """The body's fields that are no OpenAI parameter (MetaInfo's, say)."""
+        return {k: v for k, v in self.body_fields().items() if k not in OPENAI_PARAMETERS}
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncGenerator, Mapping
+from typing import Any, AsyncGenerator, Awaitable, Callable, Mapping
 
 import anyio
 from langchain_core.messages import BaseMessage
@@ -41,6 +41,7 @@ from llm_proxy.context import (
     window,
 )
 from llm_proxy.agents import Agent, Agents
+from llm_proxy.disconnect import run_to_the_end
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall, elapsed_ms
 from llm_proxy.models import ID_MAX_CHARS
@@ -120,6 +121,9 @@ class ChatService:
         # Tasks with a claim under way in this process, and how many.
         self._claiming: Counter[str] = Counter()
         lease.works_on = self._works_on
+        # What to do when a stored round was awaited by callbacks (`Round.held`): the app wires
+        # in the callback service's `apply_held`.
+        self.on_held: Callable[[str], Awaitable[None]] | None = None
 
     async def open(self, request: ChatCompletionRequest, task: TaskInfo | None, key: str | None = None) -> LiveRound | Replay:
         """`key`: the bearer key, which (with the request's `model`) selects the profile."""
@@ -135,7 +139,7 @@ class ChatService:
             user_id=task.user_id if task else None,
             room_id=task.room_id if task else None,
             sdk_app_id=task.sdk_app_id if task else None,
-            meta=request.model_extra or {},
+            meta=request.body_fields(),
         )
         if task is None:
             messages = [m.to_dict() for m in request.messages]
@@ -145,7 +149,7 @@ class ChatService:
 
         turn = split_turn(request.messages)
         system = agent.system(turn.system, prompt_context)
-        claim = await self._claim(replace(task, profile=agent.name), turn, call)
+        claim = await self._claim(replace(task, profile=agent.name, welcome=agent.profile.welcome_message), turn, call)
         if claim.replay is not None:
             LLM_ROUNDS.labels("replayed").inc()
             return _replay(claim, claim.replay, call)
@@ -176,10 +180,11 @@ class ChatService:
         client_tools = request.tools or []
         client_names = frozenset(tool.get("function", {}).get("name", "") for tool in client_tools)
         server_tools = [t for t in agent.tools.schemas() if t["function"]["name"] not in client_names]
-        passthrough = request.passthrough()
+        passthrough, extra = request.passthrough(), request.extra_fields()
         call = UpstreamCall(
             model=model,
-            params=agent.params(agent.upstream_config, passthrough),
+            params=agent.params(agent.upstream_config, passthrough, extra),
+            extra_fields=extra or None,
             include_usage=request.include_usage or not request.stream,
             tools=[*server_tools, *client_tools] or None,
             registry=agent.tools,
@@ -195,7 +200,7 @@ class ChatService:
             replace(
                 call,
                 model=config.model or request.model or model,
-                params=agent.params(config, passthrough),
+                params=agent.params(config, passthrough, extra),
                 upstream=client,
                 upstream_label=config.label,
             )
@@ -300,8 +305,9 @@ class ChatService:
         owner = self.lease.id
         head = [] if turn.continues else turn.new
         claim = None
-        if self.db.dialect == "postgresql" and not turn.continues and not take_over_pending:
-            # A new round in one statement; for a retry nothing is claimed, and `claim_round` does it.
+        if self.db.dialect == "postgresql" and not turn.continues and not take_over_pending and not store.may_repeat(head):
+            # A new round in one statement; for a retry nothing is claimed, and `claim_round` does
+            # it (and a turn that may repeat earlier ones, which it reads first).
             job = self.db.run_autocommit(
                 store.claim_new_round, task, max_rounds=max_rounds, owner=owner, head=head, known=known
             )
@@ -368,13 +374,32 @@ class ChatService:
         call: UpstreamCall,
         timing: RoundTiming,
     ) -> None:
-        """Store a claimed round with its messages, and let rounds waiting for it go on. If the
-        database cannot be reached, the write is retried in the background (`Lease.retry_later`):
-        the client has its answer either way."""
+        """Store a claimed round with its messages, and let rounds waiting for it go on; to the
+        end, even if the client leaves meanwhile (`run_to_the_end`). If the database cannot be
+        reached, the write is retried in the background (`Lease.retry_later`): the client has its
+        answer either way."""
+        await run_to_the_end(
+            self._store(
+                claim, messages, interrupted=interrupted, finish_reason=finish_reason, usage=usage, call=call,
+                timing=timing,
+            )
+        )
+
+    async def _store(
+        self,
+        claim: Claim,
+        messages: list[Msg],
+        *,
+        interrupted: bool,
+        finish_reason: str | None,
+        usage: dict[str, int] | None,
+        call: UpstreamCall,
+        timing: RoundTiming,
+    ) -> None:
         # A new round's finish is one statement on PostgreSQL (see `finish_round`).
         run = self.db.run if claim.reopened_status is not None else self.db.run_autocommit
 
-        def finish() -> asyncio.Future[tuple[int, StoredRound] | None]:
+        def finish() -> asyncio.Future[store.Finished | None]:
             return run(
                 store.finish_round,
                 claim,
@@ -386,6 +411,7 @@ class ChatService:
                 profile=call.profile,
                 upstream=call.upstream_label,
                 timing=timing,
+                extra_fields=call.extra_fields,
             )
 
         try:
@@ -403,7 +429,11 @@ class ChatService:
             elif claim.reopened_status is not None:
                 self.history.drop(claim.task_id)
             else:
-                self.history.advance(claim.task_id, *finished)
+                self.history.advance(claim.task_id, finished.version, finished.stored)
+            if finished is not None and finished.held and self.on_held is not None:
+                # Before the next round of the task may read it: a 905 that came while this
+                # round streamed cuts it now.
+                await self.on_held(claim.task_id)
         finally:
             self.round_done(claim.round_id)
 
@@ -455,14 +485,16 @@ class ChatService:
             event.set()
 
     async def release(self, claim: Claim, failure: Failure | None = None) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.db.run(store.release_round, claim, failure)
-            except _DATABASE_DOWN as exc:
-                log.error("could not release round %s (%s); retrying in the background", claim.round_id, exc)
-                self.lease.retry_later(claim.round_id, lambda: self.db.run(store.release_round, claim, failure))
-            finally:
-                self.round_done(claim.round_id)
+        await run_to_the_end(self._release(claim, failure))
+
+    async def _release(self, claim: Claim, failure: Failure | None) -> None:
+        try:
+            await self.db.run(store.release_round, claim, failure)
+        except _DATABASE_DOWN as exc:
+            log.error("could not release round %s (%s); retrying in the background", claim.round_id, exc)
+            self.lease.retry_later(claim.round_id, lambda: self.db.run(store.release_round, claim, failure))
+        finally:
+            self.round_done(claim.round_id)
 
     async def complete(self, request: ChatCompletionRequest, task: TaskInfo | None, key: str | None = None) -> dict[str, Any]:
         """A non-streaming answer, built from the upstream's stream."""
@@ -528,6 +560,14 @@ async def sse_events(reply: LiveRound | Replay) -> AsyncGenerator[bytes, None]:
         await reply.close("".join(sent), interrupted=True)
 
 
+async def close_unsent(reply: LiveRound | Replay) -> None:
+    """After a streamed answer, whatever happened: a round whose events never started (the client
+    left between the first token and the first write) is stored as heard by nobody; otherwise
+    `sse_events` stored it already and this does nothing."""
+    if isinstance(reply, LiveRound):
+        await reply.close("", interrupted=True)
+
+
 async def _first_delta(stream: AsyncGenerator[Delta, None], timeout: float | None) -> Delta:
     """The upstream's first text or tool call. A 200 that brings neither (no choices, empty
     text) is no answer: an upstream failure, which a fallback may make up for."""
@@ -580,9 +620,9 @@ def _head(claim: Claim, turn: Turn) -> list[Msg]:
     calls that finished (they are not run again); tool results continue the round that called the
     client's tools."""
     if claim.regenerate:
-        return [*turn.new, *finished_tool_exchanges(claim.stored)]
+        return [*turn.new[claim.repeated :], *finished_tool_exchanges(claim.stored)]
     if not turn.continues:
-        return turn.new
+        return turn.new[claim.repeated :]
     open_ids = {call["id"] for call in unanswered_calls(claim.stored)}
     answered = {m.get("tool_call_id") for m in claim.stored if m["role"] == "tool"}
     given = {m["tool_call_id"] for m in turn.new}

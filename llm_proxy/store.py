@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cache
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from sqlalchemy import JSON, and_, bindparam, column, delete, func, insert, literal, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -51,6 +51,8 @@ class TaskInfo:
     room_id: str | None = None
     room_id_type: str | None = None
     profile: str | None = None
+    # The profile's opening words, which a new task gets as its round 0 (`_open_with_welcome`).
+    welcome: str | None = None
 
 
 class TaskOwnedElsewhere(Exception):
@@ -102,6 +104,9 @@ class Claim:
     # A new round's first messages (the user's turn), stored with the claim so that a crash keeps
     # what the user said; the finish adds the rest.
     head_stored: int = 0
+    # How many leading messages of the request's turn the task already held, as the user turns
+    # of its latest rounds that got no reply (`unrepeated`): they are neither stored nor sent again.
+    repeated: int = 0
     # An existing round taken up again: a retry of an interrupted round (answered again in place)
     # or the client's tool results continuing the round that called its tools. Its messages as
     # stored, and the status it goes back to if the new attempt fails.
@@ -187,6 +192,9 @@ def claim_round(
     if bumped is None:
         raise TaskOwnedElsewhere(task.task_id)
     seq, version, edits = bumped
+    head_given = head
+    repeated = repeated_turns(conn, task.task_id, seq, head)
+    head = head[repeated:]
     round_id = uuid.uuid4().hex
     rows = message_rows(round_id, head)
     inserted = conn.execute(
@@ -206,13 +214,15 @@ def claim_round(
     if inserted.first() is not None:
         if rows:
             conn.execute(_INSERT_MESSAGES, rows)
-        claim = Claim(task.task_id, round_id, seq, version, edits, head_stored=len(rows))
+        if seq == 1 and task.welcome:
+            _open_with_welcome(conn, task, task.welcome, now)
+        claim = Claim(task.task_id, round_id, seq, version, edits, head_stored=len(rows), repeated=repeated)
         return _new_round(conn, claim, known, max_rounds)
     # The same request id was seen before: this is the orchestrator retrying. It takes no new
     # sequence number: the one just taken is given back (the task row stays locked until commit,
     # so nobody took a later one).
     conn.execute(_UNBUMP_SEQ, {"task_id": task.task_id})
-    claim = _claim_retry(conn, task, owner, take_over_pending, head)
+    claim = _claim_retry(conn, task, owner, take_over_pending, [*head_given])
     if claim.is_new_work:
         _read_window(conn, claim, max_rounds)
     return claim
@@ -257,8 +267,38 @@ def claim_new_round(
     ).one()
     if inserted is None:
         return None
+    if seq == 1 and task.welcome:
+        _open_with_welcome(conn, task, task.welcome, now)
     claim = Claim(task.task_id, round_id, seq, version, edits, head_stored=len(rows))
     return _new_round(conn, claim, known, max_rounds)
+
+
+WELCOME = "welcome"
+
+
+def _open_with_welcome(conn: Connection, task: TaskInfo, welcome: str, now: datetime) -> None:
+    """Round 0 of a new task: the bot's opening words (the task's `WelcomeMessage`, which the
+    orchestrator speaks itself), so that the model knows it said them. Its first round may be
+    claimed again (after a failed upstream): the first round 0 stays."""
+    message = {"role": "assistant", "content": welcome}
+    round_id = uuid.uuid4().hex
+    inserted = conn.execute(
+        _statements(conn.dialect.name).insert_welcome,
+        {
+            "id": round_id,
+            "task_id": task.task_id,
+            "seq": 0,
+            "status": ROUND_COMPLETED,
+            "interrupted": False,
+            "tokens": message_tokens(message),
+            "profile": task.profile,
+            "finish_reason": WELCOME,
+            "created_at": now,
+            "finished_at": now,
+        },
+    ).first()
+    if inserted is not None:
+        conn.execute(_INSERT_MESSAGES, message_rows(round_id, [message]))
 
 
 def _new_round(conn: Connection, claim: Claim, known: HistoryCopy | None, max_rounds: int) -> Claim:
@@ -284,6 +324,7 @@ def _read_window(conn: Connection, claim: Claim, max_rounds: int) -> None:
 class _Statements:
     next_seq: Any
     insert_round: Any
+    insert_welcome: Any
 
 
 @cache
@@ -300,7 +341,10 @@ def _statements(dialect_name: str) -> _Statements:
         .on_conflict_do_nothing(index_elements=[Round.task_id, Round.request_id])
         .returning(Round.id)
     )
-    return _Statements(next_seq, insert_round)
+    insert_welcome = (
+        dialect.insert(Round).on_conflict_do_nothing(index_elements=[Round.task_id, Round.seq]).returning(Round.id)
+    )
+    return _Statements(next_seq, insert_round, insert_welcome)
 
 
 @cache
@@ -410,6 +454,35 @@ def _check_owner(conn: Connection, task: TaskInfo) -> None:
         raise TaskOwnedElsewhere(task.task_id)
 
 
+def may_repeat(head: Sequence[Msg]) -> bool:
+    """Whether a turn may repeat earlier user turns (`repeated_turns`): it has more than one."""
+    return sum(1 for message in head if message["role"] == "user") > 1
+
+
+def repeated_turns(conn: Connection, task_id: str, before_seq: int, head: Sequence[Msg]) -> int:
+    """How many leading messages of `head` are the user turns of the task's latest rounds before
+    `before_seq` that got no reply (abandoned before the first word, or still pending). The
+    orchestrator's own record (with `History` > 0) holds those turns after the last thing the
+    bot said, so it sends them again with the new one; the store already has them."""
+    if not may_repeat(head):
+        return 0
+    rounds = conn.execute(
+        select(Round.id).where(Round.task_id == task_id, Round.seq < before_seq).order_by(Round.seq.desc()).limit(len(head) - 1)
+    ).scalars().all()
+    by_round = messages_of_rounds(conn, list(rounds))
+    unanswered: list[tuple[str, Any]] = []
+    for round_id in rounds:  # newest first, up to the last round the bot said something in
+        messages = by_round.get(round_id, [])
+        if any(m["role"] == "assistant" and (m.get("content") or m.get("tool_calls")) for m in messages):
+            break
+        unanswered = [(m["role"], m.get("content")) for m in messages if m["role"] == "user"] + unanswered
+    given = [(row["role"], row["content"]) for row in message_rows("", head)]
+    for count in range(min(len(given) - 1, len(unanswered)), 0, -1):
+        if given[:count] == unanswered[-count:]:
+            return count
+    return 0
+
+
 def _claim_retry(
     conn: Connection, task: TaskInfo, owner: str | None, take_over_pending: bool, head: Sequence[Msg]
 ) -> Claim:
@@ -419,9 +492,10 @@ def _claim_retry(
         .where(Round.task_id == task.task_id, Round.request_id == task.request_id)
     ).one()
     stored = _round_messages(conn, row.id)
-    if not _same_turn(stored, head):
+    repeated = repeated_turns(conn, task.task_id, row.seq, head)
+    if not _same_turn(stored, head[repeated:]):
         raise RequestIdReused(task.request_id or "")
-    claim = Claim(task.task_id, row.id, row.seq, row.version, row.edits)
+    claim = Claim(task.task_id, row.id, row.seq, row.version, row.edits, repeated=repeated)
     if row.status == ROUND_COMPLETED:
         claim.replay = replayed_reply(stored)
         claim.replay_usage = row.usage
@@ -517,7 +591,7 @@ _WINDOW = (
 
 
 def _window(
-    conn: Connection, task_id: str, before_seq: int, max_rounds: int, *, after_seq: int = 0
+    conn: Connection, task_id: str, before_seq: int, max_rounds: int, *, after_seq: int = -1
 ) -> tuple[list[str], list[StoredRound]]:
     """The still-pending rounds among the last `max_rounds` between `after_seq` and `before_seq`,
     and the finished ones, newest first, in one query (rounds joined with their messages). A
@@ -553,6 +627,12 @@ def message_from_row(
     return message
 
 
+class Finished(NamedTuple):
+    version: int  # the task's, after this round
+    stored: StoredRound
+    held: bool  # a 903/905 came while the round was open and waits for it
+
+
 def finish_round(
     conn: Connection,
     claim: Claim,
@@ -565,10 +645,11 @@ def finish_round(
     profile: str | None = None,
     upstream: str | None = None,
     timing: RoundTiming | None = None,
-) -> tuple[int, StoredRound] | None:
+    extra_fields: dict[str, Any] | None = None,
+) -> Finished | None:
     """Store the round's messages (those after its stored head; a reopened round's are all
-    replaced) and mark it finished, with its timing; returns the task's new version and the round
-    as the history window holds it. None: the round was no longer pending, because another
+    replaced) and mark it finished, with its timing; returns the task's new version, the round
+    as the history window holds it, and whether a callback waits for it (`Round.held`). None: the round was no longer pending, because another
     process found this one's lease run out and settled it (the settled round stays as it is), or
     its task was deleted meanwhile (nothing is stored). On PostgreSQL a new
     (not reopened) round is finished in one statement, so the caller may run it outside a
@@ -589,15 +670,17 @@ def finish_round(
         "new_first_token_ms": timing.first_token_ms if timing else None,
         "new_total_ms": timing.total_ms if timing else None,
         "new_error": timing.error if timing else None,
+        "new_extra_fields": without_nul(extra_fields),
     }
     added = rows[claim.head_stored :]
     if conn.dialect.name == "postgresql" and claim.reopened_status is None:
         params = {**finish, "finish_task_id": claim.task_id, "messages": [_without_round(row) for row in added]}
         row = conn.execute(_finish_new_statement(), params).first()
-        version, finished = row if row is not None else (None, None)
+        version, finished, held = row if row is not None else (None, None, False)
     else:
         version = conn.execute(_BUMP_VERSION, {"task_id": claim.task_id}).scalar_one_or_none()
-        finished = None if version is None else conn.execute(_FINISH, finish).first()
+        finished_row = None if version is None else conn.execute(_FINISH, finish).first()
+        finished, held = finished_row if finished_row is not None else (None, False)
         if finished is not None:
             if claim.reopened_status is not None:
                 conn.execute(delete(Message).where(Message.round_id == claim.round_id))
@@ -606,7 +689,7 @@ def finish_round(
     if finished is None or version is None:
         return None
     stored = [message_from_row(r["role"], r["content"], r["name"], r["tool_call_id"], r["tool_calls"]) for r in rows]
-    return version, StoredRound(claim.seq, tokens, stored)
+    return Finished(version, StoredRound(claim.seq, tokens, stored), bool(held))
 
 
 def message_rows(round_id: str, messages: Sequence[Msg]) -> list[dict[str, Any]]:
@@ -673,8 +756,9 @@ _FINISH = (
         first_token_ms=bindparam("new_first_token_ms", type_=Round.first_token_ms.type),
         total_ms=bindparam("new_total_ms", type_=Round.total_ms.type),
         error=bindparam("new_error", type_=Round.error.type),
+        extra_fields=bindparam("new_extra_fields", type_=Round.extra_fields.type),
     )
-    .returning(Round.id)
+    .returning(Round.id, Round.held)
 )
 
 
@@ -712,7 +796,11 @@ def _finish_new_statement() -> Any:
         )
         .cte("messages")
     )
-    return select(version.c.version, select(finished.c.id).scalar_subquery().label("finished")).add_cte(messages)
+    return select(
+        version.c.version,
+        select(finished.c.id).scalar_subquery().label("finished"),
+        select(finished.c.held).scalar_subquery().label("held"),
+    ).add_cte(messages)
 
 
 def release_round(conn: Connection, claim: Claim, failure: Failure | None = None) -> None:

@@ -22,11 +22,15 @@ async def trtc_callback(request: Request) -> Response:
         raw = await read_body(request, settings.max_request_bytes)
     except BodyTooLarge as exc:
         raise ApiError(exc.status, str(exc), "invalid_request_error", "request_too_large") from exc
-    if not settings.callback_sign_key:
-        log.error("callback refused: CALLBACK_SIGN_KEY is not set, so no signature can be checked")
+    if settings.callback_sign_key:
+        if not signature_ok(settings.callback_sign_key, raw, request.headers.get("sign")):
+            raise ApiError(401, "Missing or wrong `Sign` header.", "invalid_request_error", "invalid_signature")
+    elif not settings.callback_allow_unsigned:
+        log.error(
+            "callback refused: CALLBACK_SIGN_KEY is not set, so no signature can be checked "
+            "(CALLBACK_ALLOW_UNSIGNED=true accepts callbacks without one)"
+        )
         raise ApiError(401, "Callbacks are not enabled on this server.", "invalid_request_error", "callbacks_off")
-    if not signature_ok(settings.callback_sign_key, raw, request.headers.get("sign")):
-        raise ApiError(401, "Missing or wrong `Sign` header.", "invalid_request_error", "invalid_signature")
     event, body = parse_event(raw)
     service: CallbackService = request.app.state.callbacks
     recorded = await service.receive(event, body)

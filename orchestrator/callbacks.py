@@ -7,13 +7,19 @@ digest and answered without doing anything again); then, by type:
   that every later context holds only what the user heard;
 - 906 and 908 are tied to the round with their RoundId, and go to `/metrics`.
 
-The SQL runs in one transaction per event (`record`), which takes the task row first, as every
-writer of rounds does; `CallbackService` runs it and updates the metrics and this process's
-history copy.
+A 903 or 905 that matches no stored round while a round of its task is still open (streaming,
+or pending after a crash) is held: the round is marked (`Round.held`), and the process that
+stores it applies the event at once (`apply_held`), cutting the reply as stored. If no such
+round is ever stored, the event's wait ends after `CALLBACK_HOLD_S` and it stays unmatched.
+
+The SQL runs in one transaction per event (`record`), which takes the task row first when it
+may write rounds, as every writer of rounds does; `CallbackService` runs it and updates the
+metrics and this process's history copy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +33,7 @@ from core.db import Database
 from core.metrics import ORCHESTRATOR_COUNTS, ORCHESTRATOR_ERRORS, ORCHESTRATOR_EVENTS, ORCHESTRATOR_LATENCIES
 from llm_proxy.context import Msg, message_tokens
 from llm_proxy.history_cache import HistoryCache
-from llm_proxy.models import FINISHED_STATUSES, ROUND_INTERRUPTED, Message, Round
+from llm_proxy.models import FINISHED_STATUSES, ROUND_INTERRUPTED, ROUND_PENDING, Message, Round, Task
 from llm_proxy.store import bump_edits, message_from_row
 from orchestrator import heard as heard_rules
 from orchestrator.models import CallbackEvent as StoredEvent
@@ -44,6 +50,7 @@ class Recorded:
     new: bool  # False: a resend of an event already stored
     round_id: str | None = None  # our round it concerns, if matched
     cut: bool = False  # a 905 cut the round's stored reply
+    held: bool = False  # it waits for the task's open round to be stored (`apply_held`)
 
 
 @dataclass
@@ -72,20 +79,86 @@ def record(conn: Connection, event: CallbackEvent, body: dict[str, Any], digest:
         return Recorded(new=False)
     if task_id is None:
         return Recorded(new=True)
-    payload = event.info.payload
-    round_id: str | None = None
-    cut = False
+    if _awaits_round(event):
+        _lock_task(conn, task_id)
+    round_id, cut = _match(conn, event, task_id)
+    if round_id is None and _awaits_round(event):
+        if _hold(conn, task_id):
+            conn.execute(update(StoredEvent).where(StoredEvent.id == inserted.id).values(held_since=datetime.now(timezone.utc)))
+            return Recorded(new=True, held=True)
+        # No round is open any more: the one that was may have been stored since the first look.
+        round_id, cut = _match(conn, event, task_id)
+    if round_id is not None:
+        conn.execute(update(StoredEvent).where(StoredEvent.id == inserted.id).values(round_id=round_id))
+    elif _awaits_round(event):
+        _log_unmatched(event, task_id)
+    return Recorded(new=True, round_id=round_id, cut=cut)
+
+
+def _awaits_round(event: CallbackEvent) -> bool:
+    """903 and 905 are matched by text, which the round has only once it is stored."""
+    return event.event_type == HEARD or (event.event_type == TRANSCRIPT and event.round_id is not None)
+
+
+def _match(conn: Connection, event: CallbackEvent, task_id: str) -> tuple[str | None, bool]:
+    """Our round the event concerns, and whether a 905 cut its stored reply."""
+    text = str(event.info.payload.get("Text") or "")
     if event.event_type == HEARD:
-        round_id, cut = _apply_heard(conn, task_id, event.round_id, str(payload.get("Text") or ""))
-    elif event.event_type == TRANSCRIPT and event.round_id:
-        round_id = _match_transcript(conn, task_id, event.round_id, str(payload.get("Text") or ""))
-    elif event.round_id:
+        return _apply_heard(conn, task_id, event.round_id, text)
+    if event.event_type == TRANSCRIPT and event.round_id:
+        return _match_transcript(conn, task_id, event.round_id, text), False
+    if event.round_id:
         round_id = conn.execute(
             select(Round.id).where(Round.task_id == task_id, Round.trtc_round_id == event.round_id).limit(1)
         ).scalar()
-    if round_id is not None:
-        conn.execute(update(StoredEvent).where(StoredEvent.id == inserted.id).values(round_id=round_id))
-    return Recorded(new=True, round_id=round_id, cut=cut)
+        return round_id, False
+    return None, False
+
+
+def _lock_task(conn: Connection, task_id: str) -> None:
+    """The task row first, as every writer of rounds takes it (`finish_round` too): a cut, a
+    hold and a round's finish then never wait for each other in a circle. (SQLite has one
+    writer at a time: there the transaction itself is the lock.)"""
+    conn.execute(select(Task.id).where(Task.id == task_id).with_for_update())
+
+
+def _hold(conn: Connection, task_id: str) -> bool:
+    """Mark the task's open rounds as awaited; False if none is open. The mark is on the pending
+    row itself: a concurrent `finish_round` either stores the round first (this then finds none
+    open) or waits for this write and returns the mark (on PostgreSQL, an UPDATE that waited for
+    a row re-reads it)."""
+    marked = conn.execute(
+        update(Round).where(Round.task_id == task_id, Round.status == ROUND_PENDING).values(held=True).returning(Round.id)
+    ).first()
+    return marked is not None
+
+
+def _log_unmatched(event: CallbackEvent, task_id: str) -> None:
+    log.warning("%d matches no recent round of the task; stored only", event.event_type,
+                extra={"task_id": task_id, "trtc_round_id": event.round_id})
+
+
+def apply_held(conn: Connection, task_id: str, *, final: bool) -> bool:
+    """Match the task's held events now that a round it had open is stored; returns whether one
+    cut a stored reply. An event that still matches nothing waits on while another round of the
+    task is open, unless `final` (its wait is over): then it stays stored, unmatched."""
+    cut_any = False
+    _lock_task(conn, task_id)
+    held = conn.execute(
+        select(StoredEvent.id, StoredEvent.body)
+        .where(StoredEvent.task_id == task_id, StoredEvent.held_since.is_not(None))
+        .order_by(StoredEvent.id)
+    ).all()
+    for event_id, body in held:
+        event = CallbackEvent.model_validate(body)
+        round_id, cut = _match(conn, event, task_id)
+        if round_id is None and not final and _hold(conn, task_id):
+            continue
+        conn.execute(update(StoredEvent).where(StoredEvent.id == event_id).values(held_since=None, round_id=round_id))
+        if round_id is None:
+            _log_unmatched(event, task_id)
+        cut_any = cut_any or cut
+    return cut_any
 
 
 def _insert_statement(dialect: str) -> Any:
@@ -133,7 +206,6 @@ def _apply_heard(conn: Connection, task_id: str, trtc_round_id: str | None, text
             return candidate.id, False
         _cut(conn, task_id, candidate, heard)
         return candidate.id, True
-    log.warning("905 matches no recent round of the task; stored only", extra={"task_id": task_id})
     return None, False
 
 
@@ -189,23 +261,52 @@ def _match_transcript(conn: Connection, task_id: str, trtc_round_id: str, text: 
 
 
 class CallbackService:
-    def __init__(self, db: Database, history: HistoryCache | None) -> None:
+    def __init__(self, db: Database, history: HistoryCache | None, hold_s: float = 90.0) -> None:
         self._db = db
         self._history = history
+        self._hold_s = hold_s
+        self._timers: set[asyncio.Task[None]] = set()
 
     async def receive(self, event: CallbackEvent, body: dict[str, Any]) -> Recorded:
         recorded = await self._db.run(record, event, body, event.digest(body))
         if not recorded.new:
             return recorded
         ORCHESTRATOR_EVENTS.labels(str(event.event_type)).inc()
-        if recorded.cut and self._history is not None and event.info.task_id:
-            self._history.drop(event.info.task_id)
+        task_id = event.info.task_id
+        if recorded.cut and task_id:
+            self._drop_history(task_id)
+        if recorded.held and task_id:
+            # The round's own process applies it when it stores the round; this is for a round
+            # that is never stored (its process died and it was settled, or it was released).
+            timer = asyncio.create_task(self._give_up_waiting(task_id))
+            self._timers.add(timer)
+            timer.add_done_callback(self._timers.discard)
         if event.event_type == METRIC:
             _observe(event.info.payload)
         elif event.event_type == ERROR_METRIC:
             payload = event.info.payload
             ORCHESTRATOR_ERRORS.labels(_label(payload.get("Metric", "")), _label(event.tag.get("Code", ""))).inc()
         return recorded
+
+    async def apply_held(self, task_id: str, *, final: bool = False) -> None:
+        """`apply_held` for a task whose awaited round was just stored (or whose wait is over)."""
+        if await self._db.run(apply_held, task_id, final=final):
+            self._drop_history(task_id)
+
+    async def _give_up_waiting(self, task_id: str) -> None:
+        await asyncio.sleep(self._hold_s)
+        try:
+            await self.apply_held(task_id, final=True)
+        except Exception as exc:  # the database is down: the event stays held, and is kept
+            log.warning("held callbacks of the task could not be settled: %s", exc, extra={"task_id": task_id})
+
+    async def stop(self) -> None:
+        for timer in list(self._timers):
+            timer.cancel()
+
+    def _drop_history(self, task_id: str) -> None:
+        if self._history is not None:
+            self._history.drop(task_id)
 
 
 def _label(value: Any) -> str:

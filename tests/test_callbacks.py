@@ -96,8 +96,45 @@ def test_without_a_key_callbacks_are_refused_and_the_log_says_why(start_proxy, t
     server = start_proxy({})
     response = _post(server, _body(901, task_id, {"Status": 0}))
     assert response.status_code == 401 and response.json()["error"]["code"] == "callbacks_off"
-    assert "CALLBACK_SIGN_KEY is not set" in server.logs()
+    assert "CALLBACK_SIGN_KEY is not set" in server.logs() and "CALLBACK_ALLOW_UNSIGNED=true" in server.logs()
     assert _events(server, task_id) == []
+
+
+def test_unsigned_callbacks_are_taken_only_when_asked_and_never_with_a_key(start_proxy, task_id: str) -> None:
+    unsigned = start_proxy({"CALLBACK_ALLOW_UNSIGNED": "true"})
+    assert "callbacks are accepted unsigned" in unsigned.logs()
+    response = _post(unsigned, _body(901, task_id, {"Status": 0}), key=None)
+    assert response.status_code == 200 and response.json() == {"code": 0}
+    assert [event_type for event_type, _r, _o in _events(unsigned, task_id)] == [901]
+    keyed = start_proxy({"CALLBACK_ALLOW_UNSIGNED": "true", "CALLBACK_SIGN_KEY": CALLBACK_KEY}, in_process=True)
+    response = _post(keyed, _body(901, task_id, {"Status": 0}), key=None)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_signature"
+    assert _events(keyed, task_id) == []
+
+
+# The documentation's own example: key 123654 and an event-204 body, whose `",,"` (a typo: the
+# body is then no JSON) is read as one comma; the signature is the one the documentation gives.
+DOC_KEY = "123654"
+DOC_BODY = (
+    '{\n\t"EventGroupId":\t2,\n\t"EventType":\t204,\n\t"CallbackTs":\t1664209748188,\n'
+    '\t"EventInfo":\t{\n\t\t"RoomId":\t8489,\n\t\t"EventTs":\t1664209748,\n'
+    '\t\t"EventMsTs":\t1664209748180,\n\t\t"UserId":\t"user_85034614",\n\t\t"Reason":\t0\n\t}\n}'
+)
+DOC_SIGN = "kkoFeO3Oh2ZHnjtg8tEAQhtXK16/KI05W3BQff8IvGA="
+
+
+def test_the_documentations_signature_example_is_accepted(start_proxy) -> None:
+    assert sign(DOC_KEY, DOC_BODY.encode()) == DOC_SIGN
+    server = start_proxy({"CALLBACK_SIGN_KEY": DOC_KEY}, in_process=True)
+    response = _post(server, DOC_BODY.encode(), signature=DOC_SIGN)
+    assert response.status_code == 200 and response.json() == {"code": 0}
+
+    def stored(conn: Connection) -> list[Any]:
+        return list(conn.execute(select(CallbackEvent.event_type, CallbackEvent.event_ms_ts).where(CallbackEvent.event_type == 204)))
+
+    assert run_db(server.database_url, stored) == [(204, 1664209748180)]
+    forged = DOC_BODY.replace("8489", "8490").encode()
+    assert _post(server, forged, signature=DOC_SIGN).status_code == 401
 
 
 def test_every_event_type_and_an_unknown_one_are_stored_once(proxy: Proxy, task_id: str) -> None:
@@ -192,6 +229,112 @@ def test_905_matching_nothing_is_stored_and_logged(proxy: Proxy, task_id: str) -
     assert _events(proxy, task_id) == [(905, f"r-{tag}", None)]
     assert proxy.rounds(task_id)[0]["messages"][-1]["content"] == "Something else entirely."
     wait_until(lambda: "905 matches no recent round" in proxy.logs(), timeout=5, what="the log line")
+
+
+# -- 903/905 that come while their round is still open -------------------------------------------
+
+
+def _start_stream(server: Proxy, task_id: str, text: str, words_before: int) -> tuple[Any, str]:
+    """A streamed round, read until `words_before` words came; returns the stream to go on with."""
+    stream = server.client().chat.completions.create(
+        model="m", stream=True, extra_headers=headers(task_id), messages=[SYSTEM, {"role": "user", "content": text}]
+    )
+    said = ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            said += chunk.choices[0].delta.content
+            if len(said.split()) >= words_before:
+                break
+    return stream, said
+
+
+def _read_to_the_end(stream: Any) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def _held(server: Proxy, task_id: str) -> list[int]:
+    def fetch(conn: Connection) -> list[int]:
+        query = select(CallbackEvent.event_type).where(CallbackEvent.task_id == task_id, CallbackEvent.held_since.is_not(None))
+        return list(conn.execute(query).scalars())
+
+    return run_db(server.database_url, fetch)
+
+
+def _stored_round(server: Proxy, task_id: str) -> dict[str, Any]:
+    [stored] = wait_until(lambda: server.rounds(task_id), timeout=10, what="the round stored")
+    return stored
+
+
+@pytest.mark.parametrize("client", ["reads-to-the-end", "leaves"])
+def test_a_905_that_comes_while_its_round_streams_cuts_the_round_once_stored(
+    proxy: Proxy, upstream: Upstream, task_id: str, client: str
+) -> None:
+    tag = marker()
+    asked = f"{tag} [[words:80]] [[delay:0.02]]"
+    stream, said = _start_stream(proxy, task_id, asked, words_before=6)
+    response = _post(proxy, _body(905, task_id, {"UserId": "bot", "RoundId": f"r-{tag}", "Text": "w0 w1 w2 w3"}))
+    assert response.status_code == 200 and response.json() == {"code": 0}
+    assert _held(proxy, task_id) == [905] and _events(proxy, task_id) == [(905, f"r-{tag}", None)]
+    if client == "leaves":
+        stream.close()
+    else:
+        said += _read_to_the_end(stream)
+        assert len(said.split()) == 80  # the stream itself is not cut short: the 905 is about the past
+    # The round is stored, then the held 905 applied (before the task's next round may start).
+    wait_until(lambda: _held(proxy, task_id) == [], timeout=10, what="the held 905 applied")
+    stored = _stored_round(proxy, task_id)
+    assert stored["status"] == "interrupted" and stored["messages"][-1] == {"role": "assistant", "content": "w0 w1 w2 w3"}
+    assert _events(proxy, task_id) == [(905, f"r-{tag}", stored["id"])]
+    _chat(proxy, task_id, f"{tag} next")
+    assert upstream.requests(f"{tag} next")[0]["messages"][1:3] == [
+        {"role": "user", "content": asked}, {"role": "assistant", "content": "w0 w1 w2 w3"},
+    ]
+
+
+def test_a_903_of_the_bots_reply_that_overtakes_its_round_names_it(proxy: Proxy, task_id: str) -> None:
+    tag = marker()
+    stream, _said = _start_stream(proxy, task_id, f"{tag} [[reply:{LONG_REPLY}]] [[delay:0.05]]", words_before=2)
+    _post(proxy, _body(903, task_id, {"UserId": "bot", "RoundId": f"r-{tag}", "Text": LONG_REPLY}))
+    assert _held(proxy, task_id) == [903]
+    assert _read_to_the_end(stream).endswith("nearby.")
+    stored = _stored_round(proxy, task_id)
+    wait_until(lambda: _events(proxy, task_id) == [(903, f"r-{tag}", stored["id"])], timeout=5, what="the 903 tied")
+    assert stored["status"] == "completed"  # a 903 names the round; it cuts nothing
+
+
+def test_a_905_reaching_one_process_cuts_the_round_another_streams(
+    start_proxy, upstream: Upstream, migrated_url: str
+) -> None:
+    env = {"DATABASE_URL": migrated_url, "CALLBACK_SIGN_KEY": CALLBACK_KEY}
+    one, two = start_proxy(env), start_proxy(env)
+    tag = marker()
+    task_id = f"task-{tag}"
+    _chat(one, task_id, f"{tag} first")  # `one` holds the task's history in its copy
+    stream, _said = _start_stream(one, task_id, f"{tag} second [[words:80]] [[delay:0.02]]", words_before=6)
+    _post(two, _body(905, task_id, {"UserId": "bot", "RoundId": f"r-{tag}", "Text": "w0 w1 w2"}))
+    assert _held(two, task_id) == [905]
+    _read_to_the_end(stream)
+    wait_until(lambda: _held(one, task_id) == [], timeout=10, what="the held 905 applied")
+    assert one.rounds(task_id)[1]["messages"][-1] == {"role": "assistant", "content": "w0 w1 w2"}
+    _chat(one, task_id, f"{tag} third")
+    assert upstream.requests(f"{tag} third")[0]["messages"][4] == {"role": "assistant", "content": "w0 w1 w2"}
+
+
+def test_a_held_event_whose_round_is_not_stored_in_time_stays_unmatched(start_proxy, migrated_url: str) -> None:
+    server = start_proxy(
+        {"DATABASE_URL": migrated_url, "CALLBACK_SIGN_KEY": CALLBACK_KEY, "CALLBACK_HOLD_S": "0.3"}, in_process=True
+    )
+    tag = marker()
+    task_id = f"task-{tag}"
+    stream, _said = _start_stream(server, task_id, f"{tag} [[words:150]] [[delay:0.02]]", words_before=3)
+    _post(server, _body(905, task_id, {"UserId": "bot", "RoundId": f"r-{tag}", "Text": "w0 w1"}))
+    # The wait ends while the round still streams: the event is kept, tied to nothing.
+    wait_until(lambda: _held(server, task_id) == [], timeout=10, what="the wait over")
+    assert server.rounds(task_id) == []
+    assert len(_read_to_the_end(stream).split()) > 100
+    stored = _stored_round(server, task_id)
+    assert stored["status"] == "completed" and len(stored["messages"][-1]["content"].split()) == 150
+    assert _events(server, task_id) == [(905, f"r-{tag}", None)]
 
 
 def _metric(server: Proxy, line_start: str) -> float:

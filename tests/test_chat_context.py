@@ -7,8 +7,10 @@ import json
 import httpx
 import openai
 import pytest
+from sqlalchemy import select
 
-from tests.support import Proxy, Upstream, first_text, headers, marker, wait_until
+from llm_proxy.models import Round
+from tests.support import Proxy, Upstream, first_text, headers, marker, run_db, wait_until
 
 SYSTEM = {"role": "system", "content": "You are a helpful voice assistant."}
 
@@ -196,7 +198,7 @@ def test_stateless_without_task_id(proxy: Proxy, client: openai.OpenAI, upstream
     assert upstream.requests(tag)[0]["messages"] == body
 
 
-def test_body_fields_pass_through_and_trtc_headers_are_stored(
+def test_openai_parameters_pass_through_other_fields_are_kept_and_trtc_headers_are_stored(
     proxy: Proxy, client: openai.OpenAI, upstream: Upstream, task_id: str
 ) -> None:
     tag = marker()
@@ -216,7 +218,15 @@ def test_body_fields_pass_through_and_trtc_headers_are_stored(
     body = upstream.requests(tag)[0]
     assert body["model"] == "gpt-x"
     assert body["temperature"] == 0.25 and body["top_p"] == 0.5 and body["max_tokens"] == 77
-    assert body["custom_key"] == "value" and body["nested"] == meta_info["nested"]
+    # The other fields (MetaInfo's) are kept with the round, and go upstream only where asked
+    # (`forward_extra_fields`, tests/test_profiles.py).
+    assert "custom_key" not in body and "nested" not in body
+    [stored] = wait_until(lambda: run_db(proxy.database_url, lambda conn: conn.execute(
+        select(Round.extra_fields).where(Round.task_id == task_id, Round.status != "pending")).scalars().all()),
+        timeout=10, what="the round stored")
+    if stored != meta_info:
+        rows = run_db(proxy.database_url, lambda conn: [dict(r) for r in conn.execute(select(Round.__table__).where(Round.task_id == task_id)).mappings()])
+        raise AssertionError(repr(rows) + proxy.logs()[-3000:])
     row = proxy.task_row(task_id)
     assert row is not None
     assert (row["sdk_app_id"], row["user_id"], row["room_id"], row["room_id_type"]) == ("1400000001", "bot_1", "room-9", "1")
@@ -283,3 +293,41 @@ def test_history_window_keeps_whole_newest_rounds(
     for n in kept:
         expected += [{"role": "user", "content": f"{tag} {n}"}, {"role": "assistant", "content": f"You said: {tag} {n}"}]
     assert sent == expected + [{"role": "user", "content": f"{tag} 5"}]
+
+
+WELCOME = "Hi, I'm Lily. How can I help?"
+
+
+def test_the_welcome_line_opens_every_new_tasks_context_as_round_0(
+    start_proxy, upstream: Upstream, migrated_url: str
+) -> None:
+    from orchestrator.protocol import sign
+    from tests.conftest import ADMIN_KEY, CALLBACK_KEY
+
+    server = start_proxy(
+        {"DATABASE_URL": migrated_url, "WELCOME_MESSAGE": WELCOME, "ADMIN_API_KEYS": ADMIN_KEY,
+         "CALLBACK_SIGN_KEY": CALLBACK_KEY},
+        in_process=True,
+    )
+    client = server.client()
+    tag = marker()
+    task_id = f"task-{tag}"
+    welcome = {"role": "assistant", "content": WELCOME}
+    for n in range(2):
+        client.chat.completions.create(model="m", messages=[SYSTEM, {"role": "user", "content": f"{tag} {n}"}], extra_headers=headers(task_id))
+    assert upstream.requests(f"{tag} 0")[0]["messages"] == [SYSTEM, welcome, {"role": "user", "content": f"{tag} 0"}]
+    assert upstream.requests(f"{tag} 1")[0]["messages"][:3] == [SYSTEM, welcome, {"role": "user", "content": f"{tag} 0"}]
+    rounds = server.rounds(task_id)
+    assert [(r["seq"], r["messages"][0]) for r in rounds][:2] == [(0, welcome), (1, {"role": "user", "content": f"{tag} 0"})]
+    # The orchestrator's 903 of the bot's welcome names round 0.
+    event = {"EventGroupId": 9, "EventType": 903, "CallbackTs": 1, "EventInfo": {
+        "EventMsTs": 1, "TaskId": task_id, "Payload": {"UserId": "bot", "Text": WELCOME, "RoundId": f"r0-{tag}"}}}
+    raw = json.dumps(event).encode()
+    assert httpx.post(server.url + "/api/v1/trtc/callback", content=raw, headers={"Sign": sign(CALLBACK_KEY, raw)}).json() == {"code": 0}
+    detail = httpx.get(server.url + f"/admin/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    zero = detail["rounds"][0]
+    assert (zero["seq"], zero["finish_reason"], zero["trtc_round_id"], zero["messages"]) == (0, "welcome", f"r0-{tag}", [welcome])
+    # Another task opens with it too; a task of a server without one does not.
+    other = f"task-{tag}-b"
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"{tag} b"}], extra_headers=headers(other))
+    assert upstream.requests(f"{tag} b")[0]["messages"][0] == welcome

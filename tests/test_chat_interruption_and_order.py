@@ -77,6 +77,33 @@ def test_client_leaving_before_the_first_token_keeps_the_user_turn(
     ]
 
 
+@pytest.mark.parametrize("history", [0, 1, 5])
+def test_the_orchestrators_history_never_sends_a_user_turn_twice(
+    proxy: Proxy, upstream: Upstream, task_id: str, history: int
+) -> None:
+    """A turn abandoned before the first word stays in the orchestrator's record after the bot's
+    last words; with `History` > 0 it comes again with the next turn, and is sent upstream once."""
+    tag = marker()
+    first, reply = f"{tag} first [[reply:Sure.]]", "Sure."
+    lost = f"{tag} lost [[first_delay:3]]"
+    proxy.client().chat.completions.create(model="m", messages=_user(first), extra_headers=headers(task_id))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            proxy.url + "/v1/chat/completions", timeout=httpx.Timeout(30, read=0.5),
+            json={"model": "m", "messages": _user(lost)}, headers={"Authorization": f"Bearer {API_KEY}", **headers(task_id)},
+        )
+    wait_until(lambda: len(proxy.rounds(task_id)) == 2, timeout=5, what="the abandoned round stored")
+    record = [{"role": "user", "content": first}, {"role": "assistant", "content": reply}, {"role": "user", "content": lost}]
+    sent = [SYSTEM, *record[len(record) - min(history, 3) :], {"role": "user", "content": f"{tag} next"}] if history else _user(f"{tag} next")
+    retry = headers(task_id)
+    for _attempt in range(2):  # and its retry, which replays
+        answer = proxy.client().chat.completions.create(model="m", messages=sent, extra_headers=retry)
+        assert answer.choices[0].message.content
+    [request] = upstream.requests(f"{tag} next")
+    assert request["messages"] == [SYSTEM, *record, {"role": "user", "content": f"{tag} next"}]
+    assert proxy.rounds(task_id)[2]["messages"][0] == {"role": "user", "content": f"{tag} next"}
+
+
 def test_a_round_arriving_while_the_previous_streams_waits_for_it(
     proxy: Proxy, client: openai.OpenAI, upstream: Upstream, task_id: str
 ) -> None:

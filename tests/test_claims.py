@@ -101,7 +101,7 @@ def test_a_new_round_is_finished_in_one_statement_with_every_message_field(migra
 
     async def work(db: Database) -> tuple[Any, ...]:
         claim = await db.run_autocommit(store.claim_new_round, task, max_rounds=50)
-        version, stored = await db.run_autocommit(
+        version, stored, _held = await db.run_autocommit(
             store.finish_round, claim, said, interrupted=False, model="m", finish_reason="stop", usage={"prompt_tokens": 3}
         )
         history = await db.run(store.load_history, task.task_id, claim.seq + 1, max_rounds=50)

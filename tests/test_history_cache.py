@@ -74,9 +74,9 @@ def test_a_claim_reads_only_what_its_copy_lacks(tmp_path) -> None:
 
     def finish(claimed: store.Claim) -> int:
         said = [{"role": "user", "content": f"u{claimed.seq}"}, {"role": "assistant", "content": f"a{claimed.seq}"}]
-        version, _stored = run_db(url, lambda conn: store.finish_round(
+        finished = run_db(url, lambda conn: store.finish_round(
             conn, claimed, said, interrupted=False, model="m", finish_reason="stop", usage=None))
-        return version
+        return finished.version
 
     first = claim()
     version = finish(first)
@@ -108,9 +108,9 @@ def test_a_task_made_again_after_its_deletion_matches_no_old_copy(tmp_path) -> N
     task = store.TaskInfo("t", request_id=None)
     said = [{"role": "user", "content": "secret"}, {"role": "assistant", "content": "noted"}]
     old = run_db(url, lambda conn: store.claim_round(conn, task, max_rounds=50))
-    version, _stored = run_db(url, lambda conn: store.finish_round(
+    finished = run_db(url, lambda conn: store.finish_round(
         conn, old, said, interrupted=False, model="m", finish_reason="stop", usage=None))
-    copy = HistoryCopy(version, 1, old.edits)
+    copy = HistoryCopy(finished.version, 1, old.edits)
     assert run_db(url, lambda conn: delete_tasks(conn, ["t"])) == ["t"]
     again = run_db(url, lambda conn: store.claim_round(conn, task, max_rounds=50))
     run_db(url, lambda conn: store.finish_round(

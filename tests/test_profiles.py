@@ -18,7 +18,7 @@ import openai
 import pytest
 from sqlalchemy import select
 
-from llm_proxy.models import Round
+from llm_proxy.models import Round, Task
 from llm_proxy.profiles import ConfigError, PromptContext, load_file, render, template_fields
 from tests.support import API_KEY, CLI, Proxy, Upstream, headers, marker, run_db, wait_until
 
@@ -262,3 +262,62 @@ def test_config_check_and_a_server_start_report_a_bad_file(tmp_path: Path, start
     served = subprocess.run([CLI, "serve", "--port", "1"], env={**os.environ, "CONFIG_FILE": str(bad)},
                             capture_output=True, text=True, timeout=60)
     assert served.returncode == 1 and "unknown template variable {nickname}" in served.stderr
+
+
+# -- MetaInfo: flattened or nested, in templates, kept with the round, upstream only when asked --
+
+
+def _meta_body(shape: str) -> dict[str, Any]:
+    fields = {"shop": "ACME", "name": "Ann", "temperature": 0.2}
+    return {"MetaInfo": fields} if shape == "nested" else fields
+
+
+def _stored_extra_fields(server: Any, task_id: str) -> list[Any]:
+    return run_db(server.database_url, lambda conn: list(conn.execute(
+        select(Round.extra_fields).join(Task).where(Task.id == task_id)).scalars()))
+
+
+@pytest.mark.parametrize("shape", ["nested", "flattened"])
+def test_meta_info_reaches_templates_and_the_round_but_not_a_strict_upstream(
+    start_proxy, upstream: Upstream, tmp_path: Path, migrated_url: str, shape: str
+) -> None:
+    config = tmp_path / "profiles.yaml"
+    config.write_text(
+        f"profiles:\n  - {{name: shop, default: true, system_prompt: 'Help {{meta.name}} of {{meta.shop}}.',"
+        f" upstream: {{base_url: '{upstream.base_url}'}}}}\n"
+    )
+    server = start_proxy({"DATABASE_URL": migrated_url, "CONFIG_FILE": str(config)}, in_process=True)
+    tag = marker()
+    task_id = f"task-{tag}"
+    # A strict upstream (as OpenAI's API is) refuses any field it does not know: the round passing
+    # is the proof that none was sent.
+    server.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"{tag} [[strict:1]]"}], extra_headers=headers(task_id),
+        extra_body=_meta_body(shape),
+    )
+    [sent] = upstream.requests(tag)
+    assert sent["messages"][0] == {"role": "system", "content": "Help Ann of ACME."}
+    assert sent["temperature"] == 0.2  # an OpenAI parameter in MetaInfo goes upstream, nested or not
+    assert not {"MetaInfo", "shop", "name"} & set(sent)
+    assert _stored_extra_fields(server, task_id) == [{"shop": "ACME", "name": "Ann"}]
+
+
+@pytest.mark.parametrize("where", ["profile", "environment"])
+def test_extra_fields_go_upstream_where_the_upstream_takes_them(
+    start_proxy, upstream: Upstream, tmp_path: Path, where: str
+) -> None:
+    if where == "profile":
+        config = tmp_path / "profiles.yaml"
+        config.write_text(
+            f"profiles:\n  - {{name: raw, default: true, upstream: {{base_url: '{upstream.base_url}', forward_extra_fields: true}}}}\n"
+        )
+        server = start_proxy({"CONFIG_FILE": str(config)}, in_process=True)
+    else:
+        server = start_proxy({"UPSTREAM_FORWARD_EXTRA_FIELDS": "true"}, in_process=True)
+    tag = marker()
+    server.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": tag}], extra_headers=headers(f"task-{tag}"),
+        extra_body=_meta_body("nested"),
+    )
+    [sent] = upstream.requests(tag)
+    assert (sent["shop"], sent["name"], sent["temperature"]) == ("ACME", "Ann", 0.2) and "MetaInfo" not in sent
