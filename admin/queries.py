@@ -106,6 +106,9 @@ def _task(row: Any) -> dict[str, Any]:
         "room_id_type": row["room_id_type"],
         "first_activity": as_utc(row["created_at"]).isoformat(),
         "last_activity": as_utc(row["updated_at"]).isoformat(),
+        # The orchestrator stopped the task (event 902): when, and its LeaveCode.
+        "ended_at": as_utc(row["ended_at"]).isoformat() if row["ended_at"] else None,
+        "leave_code": row["leave_code"],
     }
 
 

@@ -84,6 +84,10 @@ class Task(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The orchestrator said the task stopped (event 902), when and why (its `LeaveCode`); a later
+    # round of the task opens it again.
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    leave_code: Mapped[int | None] = mapped_column(Integer)
 
 
 class Round(Base):

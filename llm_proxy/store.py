@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from functools import cache
 from typing import Any, NamedTuple, Sequence
 
-from sqlalchemy import JSON, and_, bindparam, column, delete, func, insert, literal, or_, select, true, update
+from sqlalchemy import JSON, and_, bindparam, column, delete, func, insert, literal, null, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -432,6 +432,9 @@ def _task_bump(excluded: Any) -> dict[str, Any]:
         "user_id": func.coalesce(Task.user_id, excluded.user_id),
         "room_id": func.coalesce(excluded.room_id, Task.room_id),
         "room_id_type": func.coalesce(excluded.room_id_type, Task.room_id_type),
+        # A round after the orchestrator's 902 opens the task again.
+        "ended_at": null(),
+        "leave_code": null(),
     }
 
 

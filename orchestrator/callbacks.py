@@ -5,7 +5,10 @@ digest and answered without doing anything again); then, by type:
   the orchestrator's RoundId: matched by text among the task's recent rounds;
 - 905 also cuts the stored reply to what was said (`heard`), marking the round interrupted, so
   that every later context holds only what the user heard;
-- 906 and 908 are tied to the round with their RoundId, and go to `/metrics`.
+- 906 and 908 are tied to the round with their RoundId, and go to `/metrics`; a 906
+  `interruption` marks its round interrupted (the stored text stays: only a 905 says what was
+  heard);
+- 902 ends the task (`Task.ended_at`, `leave_code`); this process's history copy of it goes.
 
 A 903 or 905 that matches no stored round while a round of its task is still open (streaming,
 or pending after a crash) is held: the round is marked (`Round.held`), and the process that
@@ -37,12 +40,15 @@ from llm_proxy.models import FINISHED_STATUSES, ROUND_INTERRUPTED, ROUND_PENDING
 from llm_proxy.store import bump_edits, message_from_row
 from orchestrator import heard as heard_rules
 from orchestrator.models import CallbackEvent as StoredEvent
-from orchestrator.protocol import ERROR_METRIC, HEARD, METRIC, TRANSCRIPT, CallbackEvent
+from orchestrator.protocol import ERROR_METRIC, HEARD, METRIC, TASK_STOPPED, TRANSCRIPT, CallbackEvent
 
 log = logging.getLogger("trtc.callbacks")
 
 # How far back a 903/905 text is looked for among a task's rounds.
 _RECENT_ROUNDS = 10
+# The 906 metric that says the user interrupted the bot in a round.
+INTERRUPTION = "interruption"
+_INT32 = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -90,9 +96,28 @@ def record(conn: Connection, event: CallbackEvent, body: dict[str, Any], digest:
         round_id, cut = _match(conn, event, task_id)
     if round_id is not None:
         conn.execute(update(StoredEvent).where(StoredEvent.id == inserted.id).values(round_id=round_id))
+        if event.event_type == METRIC and _is_interruption(body):
+            conn.execute(update(Round).where(Round.id == round_id).values(interrupted=True))
     elif _awaits_round(event):
         _log_unmatched(event, task_id)
+    if event.event_type == TASK_STOPPED:
+        _end_task(conn, event, task_id)
     return Recorded(new=True, round_id=round_id, cut=cut)
+
+
+def _end_task(conn: Connection, event: CallbackEvent, task_id: str) -> None:
+    """902: the task is over, at the event's time, for its `LeaveCode` (an integer, or none)."""
+    code = event.info.payload.get("LeaveCode")
+    ms = event.info.event_ms_ts
+    try:
+        ended = datetime.fromtimestamp(ms / 1000, timezone.utc) if ms is not None else datetime.now(timezone.utc)
+    except (OverflowError, OSError, ValueError):  # a time no datetime holds: when it came, then
+        ended = datetime.now(timezone.utc)
+    conn.execute(
+        update(Task)
+        .where(Task.id == task_id)
+        .values(ended_at=ended, leave_code=code if isinstance(code, int) and -_INT32 <= code <= _INT32 else None)
+    )
 
 
 def _awaits_round(event: CallbackEvent) -> bool:
@@ -241,8 +266,29 @@ _UPDATE_MESSAGE = (
 
 
 def _tag(conn: Connection, candidate: _Candidate, trtc_round_id: str | None) -> None:
-    if trtc_round_id is not None and candidate.trtc_round_id != trtc_round_id:
-        conn.execute(update(Round).where(Round.id == candidate.id).values(trtc_round_id=trtc_round_id))
+    """Our round is the orchestrator's `trtc_round_id`: events that came for that RoundId before
+    (a 906 `interruption` may precede the 903 or 905 that names the round) now apply to it."""
+    if trtc_round_id is None or candidate.trtc_round_id == trtc_round_id:
+        return
+    earlier = conn.execute(
+        select(StoredEvent.body).where(
+            StoredEvent.task_id == select(Round.task_id).where(Round.id == candidate.id).scalar_subquery(),
+            StoredEvent.trtc_round_id == trtc_round_id,
+            StoredEvent.event_type == METRIC,
+            StoredEvent.round_id.is_(None),
+        )
+    ).scalars()
+    interrupted = any(_is_interruption(body) for body in earlier)
+    values: dict[str, Any] = {"trtc_round_id": trtc_round_id}
+    if interrupted:
+        values["interrupted"] = True
+    conn.execute(update(Round).where(Round.id == candidate.id).values(**values))
+
+
+def _is_interruption(body: Any) -> bool:
+    info = body.get("EventInfo") if isinstance(body, dict) else None
+    payload = info.get("Payload") if isinstance(info, dict) else None
+    return isinstance(payload, dict) and payload.get("Metric") == INTERRUPTION
 
 
 def _match_transcript(conn: Connection, task_id: str, trtc_round_id: str, text: str) -> str | None:
@@ -273,7 +319,7 @@ class CallbackService:
             return recorded
         ORCHESTRATOR_EVENTS.labels(str(event.event_type)).inc()
         task_id = event.info.task_id
-        if recorded.cut and task_id:
+        if (recorded.cut or event.event_type == TASK_STOPPED) and task_id:
             self._drop_history(task_id)
         if recorded.held and task_id:
             # The round's own process applies it when it stores the round; this is for a round

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from orchestrator.models import CallbackEvent
 from orchestrator.protocol import sign
-from tests.conftest import CALLBACK_KEY
+from tests.conftest import ADMIN_KEY, CALLBACK_KEY
 from tests.support import Proxy, Upstream, headers, marker, run_db, wait_until
 
 PATH = "/api/v1/trtc/callback"
@@ -335,6 +335,41 @@ def test_a_held_event_whose_round_is_not_stored_in_time_stays_unmatched(start_pr
     stored = _stored_round(server, task_id)
     assert stored["status"] == "completed" and len(stored["messages"][-1]["content"].split()) == 150
     assert _events(server, task_id) == [(905, f"r-{tag}", None)]
+
+
+# -- 902 ends a task, 906 `interruption` marks a round -----------------------------------------
+
+
+def _admin_task(server: Proxy, task_id: str) -> dict[str, Any]:
+    return httpx.get(server.url + f"/admin/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+
+
+def test_a_902_ends_the_task_and_a_later_round_opens_it_again(proxy: Proxy, upstream: Upstream, task_id: str) -> None:
+    tag = marker()
+    _chat(proxy, task_id, f"{tag} one")
+    ended_ms = 1_790_000_000_000
+    _post(proxy, _body(902, task_id, {"LeaveCode": 99}, event_ms=ended_ms))
+    task = _admin_task(proxy, task_id)
+    assert (task["ended_at"], task["leave_code"]) == ("2026-09-21T14:13:20+00:00", 99)
+    _chat(proxy, task_id, f"{tag} two")  # the user came back: the same task goes on, history and all
+    task = _admin_task(proxy, task_id)
+    assert (task["ended_at"], task["leave_code"]) == (None, None)
+    assert upstream.requests(f"{tag} two")[0]["messages"][1]["content"] == f"{tag} one"
+
+
+@pytest.mark.parametrize("order", ["named-first", "interruption-first"])
+def test_a_906_interruption_marks_its_round_without_a_905(proxy: Proxy, task_id: str, order: str) -> None:
+    tag = marker()
+    reply = _chat(proxy, task_id, f"{tag} [[reply:{LONG_REPLY}]]")
+    named = _body(903, task_id, {"UserId": "bot", "RoundId": f"r-{tag}", "Text": reply})
+    interruption = _body(906, task_id, {"Metric": "interruption", "Value": 1, "Tag": {"RoundId": f"r-{tag}"}})
+    for event in ([named, interruption] if order == "named-first" else [interruption, named]):
+        assert _post(proxy, event).json() == {"code": 0}
+    [stored] = proxy.rounds(task_id)
+    assert stored["interrupted"] and stored["messages"][-1]["content"] == LONG_REPLY  # only a 905 says what was heard
+    round_id = stored["id"]
+    assert {(t, r) for t, r, _o in _events(proxy, task_id)} == {(903, f"r-{tag}"), (906, f"r-{tag}")}
+    assert [o for _t, _r, o in _events(proxy, task_id)].count(round_id) >= 1
 
 
 def _metric(server: Proxy, line_start: str) -> float:

@@ -93,6 +93,7 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     _callback(console, task_id, 905, {"UserId": "bot", "RoundId": f"r-{tag}", "Text": "Sure."})
     _callback(console, task_id, 906, {"Metric": "llm_first_token", "Value": 640, "Tag": {"RoundId": f"r-{tag}"}})
     _chat(console, other_task, f"{tag} hello", f"other-{tag}")
+    _callback(console, task_id, 902, {"LeaveCode": 99})
 
     browser.get(console.url + "/console")
     _wait(browser, lambda d: _visible(d, "#signin-view"), "the sign-in form")
@@ -119,6 +120,7 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     assert "current_time" in tool.find_element(By.TAG_NAME, "summary").text
     assert tool.get_attribute("open") is None  # folded
     assert "interrupted" in second.find_element(By.TAG_NAME, "header").text
+    assert "(LeaveCode 99)" in browser.find_element(By.ID, "conversation-meta").text
     struck = second.find_element(By.CSS_SELECTOR, ".unheard")
     assert struck.text.strip() == reply.removeprefix("Sure.").strip()
     assert struck.value_of_css_property("text-decoration-line") == "line-through"

@@ -118,7 +118,8 @@ async function loadConversation(taskId) {
   $("#conversation-title").textContent = task.task_id;
   $("#conversation-meta").textContent =
     `user ${task.user_id ?? "-"} · room ${task.room_id ?? "-"} · SdkAppId ${task.sdk_app_id ?? "-"} · ` +
-    `${task.rounds.length} rounds · ${when(task.first_activity)} to ${when(task.last_activity)}`;
+    `${task.rounds.length} rounds · ${when(task.first_activity)} to ${when(task.last_activity)}` +
+    (task.ended_at ? ` · ended ${when(task.ended_at)} (LeaveCode ${task.leave_code ?? "-"})` : "");
   $("#delete-user").disabled = !(task.sdk_app_id && task.user_id);
   const failedBy = {};
   for (const failure of task.failed_requests) (failedBy[failure.request_id] ||= []).push(failure);
@@ -131,7 +132,7 @@ async function loadConversation(taskId) {
 }
 
 function roundCard(round, failures) {
-  const badges = [el("span", { class: "badge" }, round.status)];
+  const badges = [el("span", { class: "badge" }, round.finish_reason === "welcome" ? "welcome" : round.status)];
   if (round.interrupted && round.status !== "interrupted") badges.push(el("span", { class: "badge interrupted" }, "interrupted"));
   if (round.error) badges.push(el("span", { class: "badge error" }, `upstream error: ${round.error}`));
   if (failures.length) badges.push(el("span", { class: "badge retried" }, `retried after ${failures.length} failed attempt(s)`));

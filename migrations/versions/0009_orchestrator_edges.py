@@ -1,7 +1,8 @@
 """The orchestrator's edges: a 903/905 that comes while its round is still open waits for it
 (the event is held, `held_since`, and the round marked, `held`, so that storing the round applies
 the event); a round keeps the request's fields that are no OpenAI parameter (`extra_fields`,
-the orchestrator's MetaInfo)
+the orchestrator's MetaInfo); a task stopped by the orchestrator (event 902) keeps when and its
+`LeaveCode`
 
 Revision ID: 0009
 Revises: 0008
@@ -20,6 +21,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("tasks") as batch_op:
+        batch_op.add_column(sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("leave_code", sa.Integer(), nullable=True))
     with op.batch_alter_table("rounds") as batch_op:
         batch_op.add_column(sa.Column("held", sa.Boolean(), nullable=False, server_default=sa.false()))
         batch_op.add_column(sa.Column("extra_fields", sa.JSON(), nullable=True))
@@ -41,3 +45,6 @@ def downgrade() -> None:
     with op.batch_alter_table("rounds") as batch_op:
         batch_op.drop_column("extra_fields")
         batch_op.drop_column("held")
+    with op.batch_alter_table("tasks") as batch_op:
+        batch_op.drop_column("leave_code")
+        batch_op.drop_column("ended_at")
