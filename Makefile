@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install browser run test test-loaded test-fast test-postgres bench-llm bench-tts bench-soak fake-upstream clean
+.PHONY: install browser nginx run test test-loaded test-fast test-postgres bench-llm bench-tts bench-soak fake-upstream clean
 
 install: $(STAMP)
 
@@ -20,16 +20,25 @@ $(STAMP): pyproject.toml constraints.txt
 		$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"; \
 		touch $(STAMP)'
 
-# Debian's chromium and chromedriver, for the console's browser test (tests/test_console.py).
-# A machine where they cannot be installed still runs every other test; that one then fails
-# and says why.
-browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+# Debian packages some tests need, installed with apt-get (as root, or with sudo). Where they
+# cannot be installed every other test still runs; the ones that need them fail and say why.
+# $(1): the packages; $(2): a command that succeeds once they are there.
+define apt_install
+	@if $(2) >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		( $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver ) \
-			|| echo "make browser: could not install chromium and chromium-driver; the console's browser test will fail"; \
-	else echo "make browser: no apt-get here; install chromium and chromedriver for the console's browser test"; fi
+		( $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(1) ) \
+			|| echo "make: could not install $(1); the tests that need them will fail"; \
+	else echo "make: no apt-get here; install $(1) for the tests that need them"; fi
+endef
+
+# Debian's chromium and chromedriver, for the console's browser test (tests/test_console.py).
+browser:
+	$(call apt_install,chromium chromium-driver,command -v chromium && command -v chromedriver)
+
+# Debian's nginx, for the test of the README's reverse-proxy example (tests/test_reverse_proxy.py).
+nginx:
+	$(call apt_install,nginx,test -x /usr/sbin/nginx)
 
 run: install
 	$(BIN)/trtc-backend db upgrade
@@ -40,7 +49,7 @@ run: install
 TEST_WORKERS ?= 2
 PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-test: install browser
+test: install browser nginx
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest --durations=10 $(PARALLEL) $(PYTEST_ARGS)
 
@@ -53,7 +62,7 @@ test-loaded: install
 test-fast: install
 	env -u TEST_POSTGRES_URL $(BIN)/python -m pytest -q $(PARALLEL) --ignore=tests/test_console.py --ignore=tests/test_benchmarks.py $(PYTEST_ARGS)
 
-test-postgres: install browser
+test-postgres: install browser nginx
 	TEST_POSTGRES_URL=$${TEST_POSTGRES_URL:-postgresql+asyncpg://postgres@127.0.0.1:5432/test} $(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 bench-llm: install
