@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Awaitable, TypeVar
+from functools import wraps
+from typing import Any, Awaitable, Callable, Coroutine, ParamSpec, TypeVar
 
 from starlette.types import Receive
 
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class ClientDisconnected(Exception):
@@ -81,3 +83,13 @@ async def run_to_the_end(work: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError()
     return result
+
+
+def runs_to_the_end(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """A coroutine function whose every call is `run_to_the_end`."""
+
+    @wraps(method)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await run_to_the_end(method(*args, **kwargs))
+
+    return run

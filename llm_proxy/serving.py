@@ -41,7 +41,7 @@ from llm_proxy.context import (
     window,
 )
 from llm_proxy.agents import Agent, Agents
-from llm_proxy.disconnect import run_to_the_end
+from llm_proxy.disconnect import runs_to_the_end
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall, elapsed_ms
 from llm_proxy.models import ID_MAX_CHARS
@@ -363,6 +363,7 @@ class ChatService:
             store.load_history, claim.task_id, claim.seq, max_rounds=self.settings.history_max_rounds
         )
 
+    @runs_to_the_end
     async def store(
         self,
         claim: Claim,
@@ -375,27 +376,9 @@ class ChatService:
         timing: RoundTiming,
     ) -> None:
         """Store a claimed round with its messages, and let rounds waiting for it go on; to the
-        end, even if the client leaves meanwhile (`run_to_the_end`). If the database cannot be
+        end, even if the client leaves meanwhile (`runs_to_the_end`). If the database cannot be
         reached, the write is retried in the background (`Lease.retry_later`): the client has its
         answer either way."""
-        await run_to_the_end(
-            self._store(
-                claim, messages, interrupted=interrupted, finish_reason=finish_reason, usage=usage, call=call,
-                timing=timing,
-            )
-        )
-
-    async def _store(
-        self,
-        claim: Claim,
-        messages: list[Msg],
-        *,
-        interrupted: bool,
-        finish_reason: str | None,
-        usage: dict[str, int] | None,
-        call: UpstreamCall,
-        timing: RoundTiming,
-    ) -> None:
         # A new round's finish is one statement on PostgreSQL (see `finish_round`).
         run = self.db.run if claim.reopened_status is not None else self.db.run_autocommit
 
@@ -484,10 +467,8 @@ class ChatService:
         if event is not None:
             event.set()
 
+    @runs_to_the_end
     async def release(self, claim: Claim, failure: Failure | None = None) -> None:
-        await run_to_the_end(self._release(claim, failure))
-
-    async def _release(self, claim: Claim, failure: Failure | None) -> None:
         try:
             await self.db.run(store.release_round, claim, failure)
         except _DATABASE_DOWN as exc:
