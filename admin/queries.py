@@ -79,7 +79,8 @@ def list_tasks(conn: Connection, where: TaskFilter, limit: int, cursor: tuple[da
                 func.sum(case((Round.interrupted.is_(True), 1), else_=0)),
                 func.sum(case((Round.error.is_not(None), 1), else_=0)),
             )
-            .where(Round.task_id.in_(ids))
+            # Round 0 is the welcome line (`store.WELCOME`), not an exchange.
+            .where(Round.task_id.in_(ids), Round.seq > 0)
             .group_by(Round.task_id)
         )
     }
@@ -199,7 +200,7 @@ def stats(conn: Connection, since: datetime, until: datetime) -> dict[str, Any]:
     since, until = as_utc(since), as_utc(until)
     dialect = conn.dialect.name
     hour = _hour(dialect, Round.created_at)
-    in_range = (Round.created_at >= since, Round.created_at < until, Round.status != ROUND_PENDING)
+    in_range = (Round.created_at >= since, Round.created_at < until, Round.status != ROUND_PENDING, Round.seq > 0)
     counted = (
         func.count().label("rounds"),
         func.sum(case((and_(Round.status == ROUND_COMPLETED, Round.error.is_(None)), 1), else_=0)).label("completed"),

@@ -327,6 +327,9 @@ def test_the_welcome_line_opens_every_new_tasks_context_as_round_0(
     detail = httpx.get(server.url + f"/admin/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
     zero = detail["rounds"][0]
     assert (zero["seq"], zero["finish_reason"], zero["trtc_round_id"], zero["messages"]) == (0, "welcome", f"r0-{tag}", [welcome])
+    # Counted as no exchange: the task list and the stats count the two rounds the user had.
+    listed = httpx.get(server.url + "/admin/v1/tasks", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert [t["rounds"] for t in listed["data"] if t["task_id"] == task_id] == [2]
     # Another task opens with it too; a task of a server without one does not.
     other = f"task-{tag}-b"
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"{tag} b"}], extra_headers=headers(other))
