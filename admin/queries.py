@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from core.limits import parse_json
 from llm_proxy.models import ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Round, Task, storable_id
 from llm_proxy.store import messages_of_rounds
+from memory.models import Summary
 from orchestrator.models import CallbackEvent
 from orchestrator.protocol import METRIC
 
@@ -125,11 +126,19 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
     failures = conn.execute(
         select(FailedRequest.__table__).where(FailedRequest.task_id == task_id).order_by(FailedRequest.id)
     ).mappings().all()
+    summary = conn.execute(select(Summary.__table__).where(Summary.task_id == task_id)).mappings().first()
     # A metric event (906) may come before the 903 that ties its RoundId to our round.
     by_trtc_round = {r["trtc_round_id"]: r["id"] for r in rounds if r["trtc_round_id"]}
     round_of = {e["id"]: e["round_id"] or by_trtc_round.get(e["trtc_round_id"]) for e in events}
     return {
         **_task(task),
+        # The rolling summary of the rounds that left the history window (`memory.summary`).
+        "summary": None if summary is None else {
+            "text": summary["text"],
+            "through_seq": summary["through_seq"],
+            "stale": bool(summary["stale"]),
+            "updated_at": as_utc(summary["updated_at"]).isoformat(),
+        },
         "rounds": [
             {
                 "seq": r["seq"],

@@ -97,6 +97,7 @@ async def _open_chat(
     from llm_proxy.serving import ChatService
     from llm_proxy.tools.loader import load_tools
     from llm_proxy.tools.registry import ToolConfigError
+    from memory.summarizer import Summarizer
     from orchestrator.callbacks import CallbackService
 
     db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
@@ -115,6 +116,9 @@ async def _open_chat(
         return build_agents(load_profiles(settings, api_keys), all_tools, default_tools, clients)
 
     chat = ChatService(settings, db, agents(), lease)
+    summaries = Summarizer(db, clients, lease.id)
+    stack.push_async_callback(summaries.stop)
+    chat.summaries = summaries
     app.state.chat = chat
     lifecycle = Lifecycle(db, chat.history, settings.retention_days, settings.retention_interval_s, lease.id)
     await lifecycle.start()

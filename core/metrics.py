@@ -29,6 +29,11 @@ LLM_FIRST_TOKEN = Histogram(
     "Request received to first upstream token, as the proxy saw it.",
     buckets=_LATENCY_BUCKETS,
 )
+MEMORY_SUMMARIES = Counter(
+    "trtc_memory_summaries_total",
+    "Rolling summary writes by outcome (written, failed: retried with the task's next round).",
+    ["outcome"],
+)
 LLM_FALLBACKS = Counter(
     "trtc_llm_fallbacks_total",
     "Rounds handed to a profile's next upstream before the first token, by profile and reason.",

@@ -52,16 +52,23 @@ class Agent:
         in one message; `ignore`: the request's is dropped."""
         profile = self.profile
         mode = profile.system_prompt_mode
+        summary = [] if not context.summary or "{summary}" in (profile.system_prompt or "") else [
+            {"role": "system", "content": f"{SUMMARY_HEADING}\n{context.summary}"}
+        ]
         if profile.system_prompt is None:
-            return [] if mode == "ignore" else requested
+            return summary if mode == "ignore" else [*requested, *summary]
         prompt, missing = render(profile.system_prompt, profile.timezone, context)
         if missing:
             log.info("the request has no MetaInfo %s for profile %r's prompt; rendered empty", missing, profile.name)
         theirs = "\n\n".join(str(m.get("content") or "") for m in requested).strip()
         if mode in ("replace", "ignore") or not theirs:
-            return [{"role": "system", "content": prompt}]
+            return [{"role": "system", "content": prompt}, *summary]
         joined = f"{prompt}\n\n{theirs}" if mode == "prepend" else f"{theirs}\n\n{prompt}"
-        return [{"role": "system", "content": joined}]
+        return [{"role": "system", "content": joined}, *summary]
+
+
+# Heads the summary's own system section (when the profile's prompt does not place `{summary}`).
+SUMMARY_HEADING = "Summary of the earlier conversation (older turns are not repeated below):"
 
 
 class Agents:

@@ -22,6 +22,8 @@ through the proxy:
   stream chunks with `"choices": null` (two ways of a 200 that is no answer)
 - `[[strict:1]]`: refuse a body with a field that is no OpenAI parameter with a 400, as OpenAI's
   own API does
+- `[[summarize:1]]` (in the model name): answer with every line of the last message that starts
+  with `User: `, once each, in order: a summarizer that forgets nothing the user said
 
 Every request is recorded (`GET /_requests`), and so is every stream its client abandoned
 (`GET /_abandoned`), which is how tests see that the proxy stopped paying for tokens. `/_echo`
@@ -99,6 +101,9 @@ def _reply_words(directives: dict[str, str], said: str, body: dict[str, Any], ca
         text = base64.urlsafe_b64decode(directives["reply64"]).decode()
     elif "words" in directives:
         text = " ".join(f"w{i}" for i in range(int(directives["words"])))
+    elif "summarize" in directives:
+        lines = [line for line in str(_content or "").splitlines() if line.startswith("User: ")]
+        text = "\n".join(dict.fromkeys(lines))
     else:
         text = f"You said: {said}"
     if "think" in directives:

@@ -28,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.settings import Settings
 
-TEMPLATE_VARIABLES = frozenset({"user_id", "room_id", "sdk_app_id", "task_id", "date", "time", "weekday", "timezone"})
+TEMPLATE_VARIABLES = frozenset(
+    {"user_id", "room_id", "sdk_app_id", "task_id", "date", "time", "weekday", "timezone", "summary"}
+)
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -67,6 +69,26 @@ class OutputConfig(_Strict):
     speakable: bool = False
 
 
+class MemoryConfig(_Strict):
+    # Fold rounds that leave the history window into a rolling summary (`memory/`), which the
+    # context carries after the system prompt.
+    summary: bool = False
+    # A user's memory across tasks: not built yet (its fields are checked, and `true` is refused).
+    per_user: bool = False
+    user_id: str | None = Field(default=None, pattern=r"^(meta\.[A-Za-z0-9_\-]+|header\.X-User-Id)$")
+    # The model that writes summaries (default: the profile's upstream).
+    upstream: UpstreamConfig | None = None
+    # The longest summary kept, in characters.
+    max_chars: int = Field(default=2000, ge=100, le=20_000)
+
+    @field_validator("per_user")
+    @classmethod
+    def _not_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("per-user memory is not built yet; only `summary` works today")
+        return value
+
+
 class Profile(_Strict):
     name: str = Field(min_length=1, max_length=64)
     keys: list[str] = Field(default_factory=list)
@@ -86,6 +108,7 @@ class Profile(_Strict):
     # The task's `WelcomeMessage` (the orchestrator speaks it itself, without asking the model):
     # stored as the round 0 of every new task, so the model's context opens with it.
     welcome_message: str | None = Field(default=None, min_length=1, max_length=2000)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @field_validator("timezone")
     @classmethod
@@ -155,6 +178,8 @@ class PromptContext:
     room_id: str | None
     sdk_app_id: str | None
     meta: Mapping[str, Any]
+    # The task's rolling summary of rounds older than the history window (`memory.summary`).
+    summary: str | None = None
 
 
 def render(template: str, timezone: str, context: PromptContext, now: datetime | None = None) -> tuple[str, list[str]]:
@@ -170,6 +195,7 @@ def render(template: str, timezone: str, context: PromptContext, now: datetime |
         "time": now.strftime("%H:%M"),
         "weekday": now.strftime("%A"),
         "timezone": timezone,
+        "summary": context.summary or "",
     }
     out: list[str] = []
     missing: list[str] = []

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncGenerator, Awaitable, Callable, Mapping
+from typing import Any, AsyncGenerator, Awaitable, Callable, Mapping, Protocol
 
 import anyio
 from langchain_core.messages import BaseMessage
@@ -107,6 +107,14 @@ class Replay:
         return "tool_calls" if self.tool_calls else "stop"
 
 
+class SummaryKeeper(Protocol):
+    """What a round needs of the rolling summaries (`memory.summarizer.Summarizer`)."""
+
+    async def text(self, task_id: str) -> str | None: ...
+
+    def fold_up_to(self, task_id: str, up_to_seq: int, agent: Agent, model: str) -> None: ...
+
+
 class ChatService:
     def __init__(self, settings: Settings, db: Database, agents: Agents, lease: Lease) -> None:
         self.settings = settings
@@ -124,6 +132,8 @@ class ChatService:
         # What to do when a stored round was awaited by callbacks (`Round.held`): the app wires
         # in the callback service's `apply_held`.
         self.on_held: Callable[[str], Awaitable[None]] | None = None
+        # Rolling summaries of the rounds that left the window (`memory.Summarizer`, wired by the app).
+        self.summaries: SummaryKeeper | None = None
 
     async def open(self, request: ChatCompletionRequest, task: TaskInfo | None, key: str | None = None) -> LiveRound | Replay:
         """`key`: the bearer key, which (with the request's `model`) selects the profile."""
@@ -161,11 +171,20 @@ class ChatService:
                 return _replay(claim, answered, call)
             head = _head(claim, turn)
             limits = agent.profile.history
+            loaded = await self._history(claim)
             history = window(
-                await self._history(claim),
+                loaded,
                 self.settings.history_max_rounds if limits.max_rounds is None else limits.max_rounds,
                 self.settings.history_max_tokens if limits.max_tokens is None else limits.max_tokens,
             )
+            if agent.profile.memory.summary and self.summaries is not None and self._older_rounds(loaded, history):
+                # Rounds left the window: the summary of them so far goes in, and the fold of
+                # the newest ones is asked for (in the background: this round does not wait).
+                summary = await self.summaries.text(claim.task_id)
+                oldest = history[0].seq if history else claim.seq
+                self.summaries.fold_up_to(claim.task_id, oldest - 1, agent, call.model)
+                if summary:
+                    system = agent.system(turn.system, replace(prompt_context, summary=summary))
             return await self._start(claim, head, upstream_messages(system, history, head), calls, started)
         except asyncio.CancelledError:
             await self._abandon(claim, turn, call, started)
@@ -275,6 +294,11 @@ class ChatService:
             self._claiming[task.task_id] -= 1
             if not self._claiming[task.task_id]:
                 del self._claiming[task.task_id]
+
+    def _older_rounds(self, loaded: list[StoredRound], window: list[StoredRound]) -> bool:
+        """Whether the task has rounds older than the window: some loaded ones were left out,
+        or as many were loaded as are ever read (older ones then exist in the store)."""
+        return len(window) < len(loaded) or len(loaded) >= self.settings.history_max_rounds
 
     def _works_on(self, pending: PendingRound) -> bool:
         return pending.id in self._running or pending.task_id in self._claiming

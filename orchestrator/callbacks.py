@@ -38,6 +38,7 @@ from llm_proxy.context import Msg, message_tokens
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.models import FINISHED_STATUSES, ROUND_INTERRUPTED, ROUND_PENDING, Message, Round, Task
 from llm_proxy.store import bump_edits, message_from_row
+from memory.store import mark_stale
 from orchestrator import heard as heard_rules
 from orchestrator.models import CallbackEvent as StoredEvent
 from orchestrator.protocol import ERROR_METRIC, HEARD, METRIC, TASK_STOPPED, TRANSCRIPT, CallbackEvent
@@ -246,6 +247,7 @@ def _cut(conn: Connection, task_id: str, candidate: _Candidate, heard: int) -> N
     ]
     if changed:
         conn.execute(_UPDATE_MESSAGE, changed)
+    mark_stale(conn, task_id, candidate.id)
     conn.execute(
         update(Round)
         .where(Round.id == candidate.id)

@@ -121,6 +121,8 @@ async function loadConversation(taskId) {
     `${task.rounds.length} rounds · ${when(task.first_activity)} to ${when(task.last_activity)}` +
     (task.ended_at ? ` · ended ${when(task.ended_at)} (LeaveCode ${task.leave_code ?? "-"})` : "");
   $("#delete-user").disabled = !(task.sdk_app_id && task.user_id);
+  $("#conversation-summary").textContent = task.summary
+    ? `Summary of rounds 1-${task.summary.through_seq}${task.summary.stale ? " (being redone)" : ""}: ${task.summary.text}` : "";
   const failedBy = {};
   for (const failure of task.failed_requests) (failedBy[failure.request_id] ||= []).push(failure);
   $("#rounds").replaceChildren(...task.rounds.map((r) => roundCard(r, failedBy[r.request_id] || [])),
