@@ -55,6 +55,8 @@ CHAT_PATH = "/v1/chat/completions"
 HISTORY_ROUNDS = 50
 SYSTEM = {"role": "system", "content": "You are a friendly voice assistant. Answer in one or two short sentences."}
 REPLY_WORDS = 20
+# The history window of the `memory-*` profiles.
+MEMORY_WINDOW = 10
 
 
 def _history(task_n: int) -> list[dict]:
@@ -249,13 +251,22 @@ def bench_db(
         # Retention on from the start, as in production: every level runs with its periodic
         # (and, until the backlog is seeded, empty) purges.
         env.update({"RETENTION_DAYS": "7", "RETENTION_INTERVAL_S": str(RETENTION_INTERVAL_S)})
-    if args.profile != "implicit":
+    if args.profile.startswith("filters"):
         # One profile from a file, with both output filters off or on: what a profile and the
         # filters cost, beside the implicit profile (which strips reasoning only).
         config = workdir / "profiles.yaml"
         flag = "true" if args.profile == "filters-on" else "false"
         config.write_text("profiles:\n  - name: bench\n    default: true\n"
                           f"    output: {{strip_reasoning: {flag}, speakable: {flag}}}\n")
+        env["CONFIG_FILE"] = str(config)
+    elif args.profile.startswith("memory"):
+        # A window of MEMORY_WINDOW rounds over the 50 stored: every round has rounds outside it,
+        # so with the summary on, every round reads the summary and asks for a fold, which the
+        # same upstream writes in the background while the level runs.
+        config = workdir / "profiles.yaml"
+        flag = "true" if args.profile == "memory-on" else "false"
+        config.write_text("profiles:\n  - name: bench\n    default: true\n"
+                          f"    history: {{max_rounds: {MEMORY_WINDOW}}}\n    memory: {{summary: {flag}}}\n")
         env["CONFIG_FILE"] = str(config)
     proxy = Proxy(workdir, env)
     proxy.start("--workers", str(workers), "--only", "llm")
@@ -340,8 +351,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--profile", choices=["implicit", "filters-off", "filters-on"], default="implicit",
-                        help="the proxy's profile: none (the implicit one), or one from a file with the output filters off or on")
+    parser.add_argument("--profile", choices=["implicit", "filters-off", "filters-on", "memory-off", "memory-on"],
+                        default="implicit",
+                        help="the proxy's profile: none (the implicit one), or one from a file with the output filters "
+                        "off or on, or with a 10-round window and the rolling summary off or on")
     parser.add_argument("--retention-backlog", type=int, default=20_000,
                         help="expired tasks (10 rounds each) purged while the last level runs again; 0: skip")
     parser.add_argument("--quick", action="store_true", help="short run: levels 1 and 50, 4 s each")
