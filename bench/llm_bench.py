@@ -92,6 +92,20 @@ def _seed(url: str, task_ids: list[str], rounds_each: int = HISTORY_ROUNDS, age_
     run_db(url, insert)
 
 
+def _profiles_file(profile: str) -> str:
+    """The one profile of `--profile`: the output filters off or on (what a profile and the
+    filters cost, beside the implicit profile, which strips reasoning only); or a window of
+    MEMORY_WINDOW rounds over the 50 stored with the rolling summary off or on (every round then
+    has rounds outside its window: with the summary on, every round reads it and asks for a fold,
+    which the same upstream writes in the background while the level runs)."""
+    flag = "true" if profile.endswith("-on") else "false"
+    if profile.startswith("filters"):
+        settings = f"    output: {{strip_reasoning: {flag}, speakable: {flag}}}\n"
+    else:
+        settings = f"    history: {{max_rounds: {MEMORY_WINDOW}}}\n    memory: {{summary: {flag}}}\n"
+    return "profiles:\n  - name: bench\n    default: true\n" + settings
+
+
 class FastUpstream(ServerProcess):
     """`bench/fast_upstream.py` in its own process."""
 
@@ -251,22 +265,9 @@ def bench_db(
         # Retention on from the start, as in production: every level runs with its periodic
         # (and, until the backlog is seeded, empty) purges.
         env.update({"RETENTION_DAYS": "7", "RETENTION_INTERVAL_S": str(RETENTION_INTERVAL_S)})
-    if args.profile.startswith("filters"):
-        # One profile from a file, with both output filters off or on: what a profile and the
-        # filters cost, beside the implicit profile (which strips reasoning only).
+    if args.profile != "implicit":
         config = workdir / "profiles.yaml"
-        flag = "true" if args.profile == "filters-on" else "false"
-        config.write_text("profiles:\n  - name: bench\n    default: true\n"
-                          f"    output: {{strip_reasoning: {flag}, speakable: {flag}}}\n")
-        env["CONFIG_FILE"] = str(config)
-    elif args.profile.startswith("memory"):
-        # A window of MEMORY_WINDOW rounds over the 50 stored: every round has rounds outside it,
-        # so with the summary on, every round reads the summary and asks for a fold, which the
-        # same upstream writes in the background while the level runs.
-        config = workdir / "profiles.yaml"
-        flag = "true" if args.profile == "memory-on" else "false"
-        config.write_text("profiles:\n  - name: bench\n    default: true\n"
-                          f"    history: {{max_rounds: {MEMORY_WINDOW}}}\n    memory: {{summary: {flag}}}\n")
+        config.write_text(_profiles_file(args.profile))
         env["CONFIG_FILE"] = str(config)
     proxy = Proxy(workdir, env)
     proxy.start("--workers", str(workers), "--only", "llm")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -129,9 +130,11 @@ class ChatCompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @cached_property
     def body_fields(self) -> dict[str, Any]:
         """The body's fields beside the proxy's own, a nested `MetaInfo` object's keys merged in
-        (the body's own value wins a clash, as the orchestrator merging them would have it)."""
+        (the body's own value wins a clash, as the orchestrator merging them would have it).
+        Worked out once per request: the prompt's `{meta.KEY}` and both splits below read it."""
         fields = {k: v for k, v in (self.model_extra or {}).items() if k not in _OWN_FIELDS}
         nested = fields.get(META_INFO)
         if isinstance(nested, dict):
@@ -141,11 +144,11 @@ class ChatCompletionRequest(BaseModel):
 
     def passthrough(self) -> dict[str, Any]:
         """OpenAI's parameters among the body's fields, forwarded to the upstream as they came."""
-        return {k: v for k, v in self.body_fields().items() if k in OPENAI_PARAMETERS}
+        return {k: v for k, v in self.body_fields.items() if k in OPENAI_PARAMETERS}
 
     def extra_fields(self) -> dict[str, Any]:
         """The body's fields that are no OpenAI parameter (MetaInfo's, say)."""
-        return {k: v for k, v in self.body_fields().items() if k not in OPENAI_PARAMETERS}
+        return {k: v for k, v in self.body_fields.items() if k not in OPENAI_PARAMETERS}
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:

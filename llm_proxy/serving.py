@@ -149,7 +149,7 @@ class ChatService:
             user_id=task.user_id if task else None,
             room_id=task.room_id if task else None,
             sdk_app_id=task.sdk_app_id if task else None,
-            meta=request.body_fields(),
+            meta=request.body_fields,
         )
         if task is None:
             messages = [m.to_dict() for m in request.messages]

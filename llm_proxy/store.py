@@ -105,7 +105,8 @@ class Claim:
     # what the user said; the finish adds the rest.
     head_stored: int = 0
     # How many leading messages of the request's turn the task already held, as the user turns
-    # of its latest rounds that got no reply (`unrepeated`): they are neither stored nor sent again.
+    # of its latest rounds that got no reply (`repeated_turns`): they are neither stored nor sent
+    # again.
     repeated: int = 0
     # An existing round taken up again: a retry of an interrupted round (answered again in place)
     # or the client's tool results continuing the round that called its tools. Its messages as
@@ -192,11 +193,9 @@ def claim_round(
     if bumped is None:
         raise TaskOwnedElsewhere(task.task_id)
     seq, version, edits = bumped
-    head_given = head
     repeated = repeated_turns(conn, task.task_id, seq, head)
-    head = head[repeated:]
     round_id = uuid.uuid4().hex
-    rows = message_rows(round_id, head)
+    rows = message_rows(round_id, head[repeated:])
     inserted = conn.execute(
         statements.insert_round,
         {
@@ -214,15 +213,14 @@ def claim_round(
     if inserted.first() is not None:
         if rows:
             conn.execute(_INSERT_MESSAGES, rows)
-        if seq == 1 and task.welcome:
-            _open_with_welcome(conn, task, task.welcome, now)
+        _open_with_welcome(conn, task, seq, now)
         claim = Claim(task.task_id, round_id, seq, version, edits, head_stored=len(rows), repeated=repeated)
         return _new_round(conn, claim, known, max_rounds)
     # The same request id was seen before: this is the orchestrator retrying. It takes no new
     # sequence number: the one just taken is given back (the task row stays locked until commit,
     # so nobody took a later one).
     conn.execute(_UNBUMP_SEQ, {"task_id": task.task_id})
-    claim = _claim_retry(conn, task, owner, take_over_pending, [*head_given])
+    claim = _claim_retry(conn, task, owner, take_over_pending, head)
     if claim.is_new_work:
         _read_window(conn, claim, max_rounds)
     return claim
@@ -267,8 +265,7 @@ def claim_new_round(
     ).one()
     if inserted is None:
         return None
-    if seq == 1 and task.welcome:
-        _open_with_welcome(conn, task, task.welcome, now)
+    _open_with_welcome(conn, task, seq, now)
     claim = Claim(task.task_id, round_id, seq, version, edits, head_stored=len(rows))
     return _new_round(conn, claim, known, max_rounds)
 
@@ -276,11 +273,14 @@ def claim_new_round(
 WELCOME = "welcome"
 
 
-def _open_with_welcome(conn: Connection, task: TaskInfo, welcome: str, now: datetime) -> None:
-    """Round 0 of a new task: the bot's opening words (the task's `WelcomeMessage`, which the
-    orchestrator speaks itself), so that the model knows it said them. Its first round may be
-    claimed again (after a failed upstream): the first round 0 stays."""
-    message = {"role": "assistant", "content": welcome}
+def _open_with_welcome(conn: Connection, task: TaskInfo, seq: int, now: datetime) -> None:
+    """With the first round of a task whose profile has opening words (the task's
+    `WelcomeMessage`, which the orchestrator speaks itself), its round 0 with them, so that the
+    model knows it said them. The first round may be claimed again (after a failed upstream):
+    the first round 0 stays."""
+    if seq != 1 or not task.welcome:
+        return
+    message = {"role": "assistant", "content": task.welcome}
     round_id = uuid.uuid4().hex
     inserted = conn.execute(
         _statements(conn.dialect.name).insert_welcome,
@@ -652,9 +652,10 @@ def finish_round(
 ) -> Finished | None:
     """Store the round's messages (those after its stored head; a reopened round's are all
     replaced) and mark it finished, with its timing; returns the task's new version, the round
-    as the history window holds it, and whether a callback waits for it (`Round.held`). None: the round was no longer pending, because another
-    process found this one's lease run out and settled it (the settled round stays as it is), or
-    its task was deleted meanwhile (nothing is stored). On PostgreSQL a new
+    as the history window holds it, and whether a callback waits for it (`Round.held`). None:
+    the round was no longer pending, because another process found this one's lease run out and
+    settled it (the settled round stays as it is), or its task was deleted meanwhile (nothing is
+    stored). On PostgreSQL a new
     (not reopened) round is finished in one statement, so the caller may run it outside a
     transaction (`Database.run_autocommit`): one round trip instead of five."""
     rows = message_rows(claim.round_id, messages)

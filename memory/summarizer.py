@@ -57,16 +57,15 @@ class Summarizer:
         """Ask for the task's rounds up to `up_to_seq` in its summary, written by the profile's
         memory upstream (its own upstream, and the round's model, unless `memory.upstream` says
         otherwise); returns at once."""
+        self._wanted[task_id] = max(up_to_seq, self._wanted.get(task_id, 0))
+        if task_id in self._jobs:
+            return  # the running job goes on to what is wanted now
         memory = agent.profile.memory
         if memory.upstream is None:
             writer = Writer(agent.upstream, model, memory.max_chars)
         else:
             writer = Writer(self._clients.get(memory.upstream), memory.upstream.model or model, memory.max_chars)
-        if up_to_seq <= self._wanted.get(task_id, 0) and task_id in self._jobs:
-            return
-        self._wanted[task_id] = max(up_to_seq, self._wanted.get(task_id, 0))
-        if task_id not in self._jobs:
-            self._jobs[task_id] = asyncio.create_task(self._run(task_id, writer))
+        self._jobs[task_id] = asyncio.create_task(self._run(task_id, writer))
 
     async def stop(self) -> None:
         for job in list(self._jobs.values()):

@@ -41,7 +41,7 @@ from llm_proxy.store import bump_edits, message_from_row
 from memory.store import mark_stale
 from orchestrator import heard as heard_rules
 from orchestrator.models import CallbackEvent as StoredEvent
-from orchestrator.protocol import ERROR_METRIC, HEARD, METRIC, TASK_STOPPED, TRANSCRIPT, CallbackEvent
+from orchestrator.protocol import ERROR_METRIC, HEARD, INT32, METRIC, TASK_STOPPED, TRANSCRIPT, CallbackEvent
 
 log = logging.getLogger("trtc.callbacks")
 
@@ -49,7 +49,6 @@ log = logging.getLogger("trtc.callbacks")
 _RECENT_ROUNDS = 10
 # The 906 metric that says the user interrupted the bot in a round.
 INTERRUPTION = "interruption"
-_INT32 = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def record(conn: Connection, event: CallbackEvent, body: dict[str, Any], digest:
         round_id, cut = _match(conn, event, task_id)
     if round_id is not None:
         conn.execute(update(StoredEvent).where(StoredEvent.id == inserted.id).values(round_id=round_id))
-        if event.event_type == METRIC and _is_interruption(body):
+        if _is_interruption(event):
             conn.execute(update(Round).where(Round.id == round_id).values(interrupted=True))
     elif _awaits_round(event):
         _log_unmatched(event, task_id)
@@ -117,7 +116,7 @@ def _end_task(conn: Connection, event: CallbackEvent, task_id: str) -> None:
     conn.execute(
         update(Task)
         .where(Task.id == task_id)
-        .values(ended_at=ended, leave_code=code if isinstance(code, int) and -_INT32 <= code <= _INT32 else None)
+        .values(ended_at=ended, leave_code=code if isinstance(code, int) and -INT32 <= code <= INT32 else None)
     )
 
 
@@ -280,17 +279,15 @@ def _tag(conn: Connection, candidate: _Candidate, trtc_round_id: str | None) -> 
             StoredEvent.round_id.is_(None),
         )
     ).scalars()
-    interrupted = any(_is_interruption(body) for body in earlier)
+    interrupted = any(_is_interruption(CallbackEvent.model_validate(body)) for body in earlier)
     values: dict[str, Any] = {"trtc_round_id": trtc_round_id}
     if interrupted:
         values["interrupted"] = True
     conn.execute(update(Round).where(Round.id == candidate.id).values(**values))
 
 
-def _is_interruption(body: Any) -> bool:
-    info = body.get("EventInfo") if isinstance(body, dict) else None
-    payload = info.get("Payload") if isinstance(info, dict) else None
-    return isinstance(payload, dict) and payload.get("Metric") == INTERRUPTION
+def _is_interruption(event: CallbackEvent) -> bool:
+    return event.event_type == METRIC and event.info.payload.get("Metric") == INTERRUPTION
 
 
 def _match_transcript(conn: Connection, task_id: str, trtc_round_id: str, text: str) -> str | None:

@@ -25,7 +25,7 @@ TASK_STARTED, TASK_STOPPED, TRANSCRIPT, USER_SPEAKS, HEARD, METRIC, ERROR_METRIC
 
 # What the stored columns hold: 32-bit event types, 64-bit millisecond times, identifiers of
 # `ID_MAX_CHARS` without NUL. A field beyond them is the sender's error (400), never a failed write.
-_INT32 = 2**31 - 1
+INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
 
 
@@ -57,7 +57,7 @@ class CallbackEvent(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     event_group_id: int | None = Field(default=None, alias="EventGroupId")
-    event_type: int = Field(alias="EventType", ge=0, le=_INT32)
+    event_type: int = Field(alias="EventType", ge=0, le=INT32)
     callback_ts: int | None = Field(default=None, alias="CallbackTs")
     info: EventInfo = Field(default_factory=EventInfo, alias="EventInfo")
 
