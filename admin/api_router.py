@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from admin.queries import TaskFilter, as_utc, decode_cursor, list_tasks, stats, task_detail
+from admin.queries import TaskFilter, as_utc, decode_cursor, list_tasks, stats, task_detail, user_memories
 from core.auth import is_authorized
 from core.errors import ApiError, bad_request, not_found, unauthorized
 from llm_proxy.models import ID_MAX_CHARS, storable_id
@@ -108,9 +108,20 @@ async def delete_user(request: Request, sdk_app_id: str, user_id: str) -> Any:
     """Every task of the user (and what belongs to them). A user with nothing stored is not an
     error: the request's aim, nothing stored for them, holds."""
     _authorize(request)
-    gone = await request.app.state.lifecycle.delete_user(sdk_app_id, user_id) if storable_id(sdk_app_id) and storable_id(user_id) else []
-    log.info("admin: deleted %d task(s) of a user", len(gone), extra={"sdk_app_id": sdk_app_id, "user_id": user_id})
-    return JSONResponse({"deleted": {"tasks": gone}})
+    gone, memories = ([], 0)
+    if storable_id(sdk_app_id) and storable_id(user_id):
+        gone, memories = await request.app.state.lifecycle.delete_user(sdk_app_id, user_id)
+    log.info("admin: deleted %d task(s) and %d memories of a user", len(gone), memories,
+             extra={"sdk_app_id": sdk_app_id, "user_id": user_id})
+    return JSONResponse({"deleted": {"tasks": gone, "memories": memories}})
+
+
+@router.get("/admin/v1/users/{sdk_app_id}/{user_id:path}/memory")
+async def user_memory(request: Request, sdk_app_id: str, user_id: str) -> Any:
+    """What is remembered of the user, per profile (`memory.per_user`); none is an empty list."""
+    _authorize(request)
+    data = await request.app.state.db.run(user_memories, sdk_app_id, user_id) if storable_id(sdk_app_id) and storable_id(user_id) else []
+    return JSONResponse({"sdk_app_id": sdk_app_id, "user_id": user_id, "data": data})
 
 
 @router.get("/admin/v1/stats")

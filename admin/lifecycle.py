@@ -3,8 +3,9 @@
 A task is deleted in one statement on its row: its rounds, their messages and its failed
 requests go with it by cascade (both databases enforce the foreign keys), and its callback events
 (not tied by a key: they may come before the task does) are deleted beside it. Each process also
-keeps a copy of recent history in memory (`HistoryCache`); a deletion leaves a notice in
-`deletions`, which every process reads every `NOTICE_POLL_S` and drops its copies of those tasks.
+keeps copies of recent history and of what memory gives each task (`HistoryCache`,
+`memory.keeper.Keeper`); a deletion leaves a notice in `deletions`, which every process reads
+every `NOTICE_POLL_S` and drops its copies of those tasks.
 Correctness does not wait for that: a task made again under a deleted id starts with a new random
 `edits`, so no old copy ever matches it, and its first round starts empty.
 
@@ -19,16 +20,17 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, or_, select
 from sqlalchemy.engine import Connection
 
 from admin.models import Deletion
 from core.db import Database
-from llm_proxy.history_cache import HistoryCache
 from llm_proxy.models import Task
 from llm_proxy.recovery import oldest_live_instance
+from memory import store as memory_store
+from memory.models import Summary
 from orchestrator.models import CallbackEvent
 
 log = logging.getLogger("trtc.admin")
@@ -79,9 +81,14 @@ def delete_tasks(conn: Connection, task_ids: Sequence[str]) -> list[str]:
 
 
 def user_task_ids(conn: Connection, sdk_app_id: str, user_id: str, limit: int) -> list[str]:
+    """The user's tasks: those they started (X-User-Id), and those whose memory is theirs (the
+    memory's user id may be a MetaInfo field)."""
+    theirs = select(Summary.task_id).where(Summary.user_app == sdk_app_id, Summary.user_id == user_id)
     return list(
         conn.execute(
-            select(Task.id).where(Task.sdk_app_id == sdk_app_id, Task.user_id == user_id).limit(limit)
+            select(Task.id).where(
+                or_(Task.id.in_(theirs), (Task.sdk_app_id == sdk_app_id) & (Task.user_id == user_id))
+            ).limit(limit)
         ).scalars()
     )
 
@@ -154,13 +161,14 @@ class Lifecycle:
     (with `retention_days`) purges by age every `retention_interval_s`."""
 
     def __init__(
-        self, db: Database, history: HistoryCache, retention_days: float | None, retention_interval_s: float,
-        instance_id: str | None = None,
+        self, db: Database, forget: Sequence[Callable[[str], None]], retention_days: float | None,
+        retention_interval_s: float, instance_id: str | None = None,
     ) -> None:
         self._db = db
         # This process's lease (`recovery.Lease`): only the oldest live process purges.
         self._instance_id = instance_id
-        self._history = history
+        # What drops this process's copies of a deleted task.
+        self._forget = forget
         self._retention_days = retention_days
         self._interval_s = retention_interval_s
         self._tasks: list[asyncio.Task[None]] = []
@@ -182,16 +190,22 @@ class Lifecycle:
 
     async def delete_tasks(self, task_ids: Sequence[str]) -> list[str]:
         gone = await self._db.run(delete_tasks, task_ids)
-        for task_id in gone:
-            self._history.drop(task_id)
+        self._drop(gone)
         return gone
 
-    async def delete_user(self, sdk_app_id: str, user_id: str) -> list[str]:
-        """Every task of the user, in batches (a user may have thousands)."""
+    async def delete_user(self, sdk_app_id: str, user_id: str) -> tuple[list[str], int]:
+        """Every task of the user, in batches (a user may have thousands), then their memory in
+        every profile; the tasks deleted and how many memories. Tasks go first: a fold of one
+        of them into the memory then finds its task gone and writes nothing."""
         gone: list[str] = []
         while batch := await self._db.run(user_task_ids, sdk_app_id, user_id, PURGE_BATCH):
             gone += await self.delete_tasks(batch)
-        return gone
+        return gone, await self._db.run(memory_store.delete_memories, sdk_app_id, user_id)
+
+    def _drop(self, task_ids: Sequence[str]) -> None:
+        for task_id in task_ids:
+            for forget in self._forget:
+                forget(task_id)
 
     async def purge(self) -> int:
         """Run retention to the end, batch by batch; returns how many tasks went. Only one
@@ -207,11 +221,11 @@ class Lifecycle:
         while True:
             started = time.perf_counter()
             gone = await self._db.run(purge_expired, cutoff, batch)
+            memories = await self._db.run(memory_store.purge_memories, cutoff, batch)
             took = time.perf_counter() - started
-            for task_id in gone:
-                self._history.drop(task_id)
+            self._drop(gone)
             purged += len(gone)
-            if len(gone) < batch:
+            if len(gone) < batch and memories < batch:
                 break
             batch = max(1, min(PURGE_BATCH_MAX, round(batch * PURGE_TARGET_S / max(took, 1e-4))))
             await asyncio.sleep(min(PURGE_PAUSE_MAX_S, max(PURGE_PAUSE_S, 9 * took)))
@@ -226,8 +240,7 @@ class Lifecycle:
                 if cursor is None:
                     # A new process holds no copies yet: only notices from now on concern it.
                     cursor = NoticeCursor(await self._db.run(last_notice))
-                for task_id in cursor.take(await self._db.run(notices_after, cursor.frontier), time.monotonic()):
-                    self._history.drop(task_id)
+                self._drop(cursor.take(await self._db.run(notices_after, cursor.frontier), time.monotonic()))
             except Exception as exc:  # the database is down: try again next time
                 log.warning("could not read deletion notices: %s", exc)
             await asyncio.sleep(NOTICE_POLL_S)

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from core.limits import parse_json
 from llm_proxy.models import ROUND_COMPLETED, ROUND_INTERRUPTED, ROUND_PENDING, FailedRequest, Round, Task, storable_id
 from llm_proxy.store import messages_of_rounds
-from memory.models import Summary
+from memory.models import Summary, UserMemory
 from orchestrator.models import CallbackEvent
 from orchestrator.protocol import METRIC
 
@@ -48,6 +48,34 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     if not isinstance(task_id, str) or not storable_id(task_id):
         raise ValueError("not a cursor from this API")
     return moment, task_id
+
+
+def _task_user_memory(conn: Connection, summary: Any) -> dict[str, Any]:
+    now = conn.execute(select(UserMemory.text).where(
+        UserMemory.sdk_app_id == summary["user_app"], UserMemory.profile == summary["user_profile"],
+        UserMemory.user_id == summary["user_id"])).scalar()
+    return {
+        "sdk_app_id": summary["user_app"],
+        "profile": summary["user_profile"],
+        "user_id": summary["user_id"],
+        # What the task's rounds carry: the memory as the task began.
+        "at_start": summary["user_memory"],
+        # The task's rounds up to this one are in the user's memory.
+        "folded_through_seq": summary["user_folded_seq"],
+        "now": now,
+    }
+
+
+def user_memories(conn: Connection, sdk_app_id: str, user_id: str) -> list[dict[str, Any]]:
+    """The user's memory in each profile."""
+    rows = conn.execute(
+        select(UserMemory).where(UserMemory.sdk_app_id == sdk_app_id, UserMemory.user_id == user_id).order_by(UserMemory.profile)
+    ).scalars()
+    return [
+        {"profile": row.profile, "text": row.text, "version": row.version,
+         "created_at": as_utc(row.created_at).isoformat(), "updated_at": as_utc(row.updated_at).isoformat()}
+        for row in rows
+    ]
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -133,12 +161,14 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
     return {
         **_task(task),
         # The rolling summary of the rounds that left the history window (`memory.summary`).
-        "summary": None if summary is None else {
+        "summary": None if summary is None or not (summary["through_seq"] or summary["stale"]) else {
             "text": summary["text"],
             "through_seq": summary["through_seq"],
             "stale": bool(summary["stale"]),
             "updated_at": as_utc(summary["updated_at"]).isoformat(),
         },
+        # Whose memory the task reads and adds to (`memory.per_user`).
+        "user_memory": None if summary is None or summary["user_app"] is None else _task_user_memory(conn, summary),
         "rounds": [
             {
                 "seq": r["seq"],

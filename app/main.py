@@ -97,7 +97,7 @@ async def _open_chat(
     from llm_proxy.serving import ChatService
     from llm_proxy.tools.loader import load_tools
     from llm_proxy.tools.registry import ToolConfigError
-    from memory.summarizer import Summarizer
+    from memory.keeper import Keeper
     from orchestrator.callbacks import CallbackService
 
     db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
@@ -116,17 +116,21 @@ async def _open_chat(
         return build_agents(load_profiles(settings, api_keys), all_tools, default_tools, clients)
 
     chat = ChatService(settings, db, agents(), lease)
-    summaries = Summarizer(db, clients, lease.id)
-    stack.push_async_callback(summaries.stop)
-    chat.summaries = summaries
+    memory = Keeper(db, clients, lambda: chat.agents, lease.id, settings.history_cache_tasks, settings.memory_user_idle_s)
+    await memory.start()
+    stack.push_async_callback(memory.stop)
+    chat.memory = memory
     app.state.chat = chat
-    lifecycle = Lifecycle(db, chat.history, settings.retention_days, settings.retention_interval_s, lease.id)
+    lifecycle = Lifecycle(
+        db, [chat.history.drop, memory.forget], settings.retention_days, settings.retention_interval_s, lease.id
+    )
     await lifecycle.start()
     stack.push_async_callback(lifecycle.stop)
     app.state.lifecycle = lifecycle
     callbacks = CallbackService(db, chat.history, settings.callback_hold_s)
     stack.push_async_callback(callbacks.stop)
     chat.on_held = callbacks.apply_held
+    callbacks.on_task_ended = memory.task_ended
     app.state.callbacks = callbacks
     if not settings.callback_sign_key and settings.callback_allow_unsigned:
         log.warning(

@@ -31,7 +31,8 @@ LLM_FIRST_TOKEN = Histogram(
 )
 MEMORY_SUMMARIES = Counter(
     "trtc_memory_summaries_total",
-    "Rolling summary writes by outcome (written, failed: retried with the task's next round).",
+    "Memory writes by outcome: written (a task's summary), user_written (a user's memory), failed "
+    "(retried with the task's next round or the next sweep).",
     ["outcome"],
 )
 LLM_FALLBACKS = Counter(

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     instance_lease_s: float = Field(default=2.0, gt=0)
     # Tasks whose history window each process keeps in memory (0: read it from the DB every round).
     history_cache_tasks: int = Field(default=10_000, ge=0)
+    # Per-user memory (a profile's `memory.per_user`): a task without a round for this long has
+    # its rounds folded into its user's memory (as a 902 does at once).
+    memory_user_idle_s: float = Field(default=900.0, gt=0)
 
     # Server-side tools: the built-ins, Python modules, an HTTP tools file; TOOLS_ENABLED (comma
     # list, empty for none) narrows them. Tools run concurrently, each with a timeout.

@@ -14,7 +14,7 @@ from typing import Any
 from core.errors import bad_request
 from core.settings import Settings
 from llm_proxy.context import Msg
-from llm_proxy.profiles import PromptContext, Profile, Profiles, UpstreamConfig, render
+from llm_proxy.profiles import PromptContext, Profile, Profiles, UpstreamConfig, render, template_fields
 from llm_proxy.tools.registry import ToolConfigError, ToolRegistry
 from llm_proxy.upstream import Upstream
 
@@ -52,22 +52,32 @@ class Agent:
         in one message; `ignore`: the request's is dropped."""
         profile = self.profile
         mode = profile.system_prompt_mode
-        summary = [] if not context.summary or "{summary}" in (profile.system_prompt or "") else [
-            {"role": "system", "content": f"{SUMMARY_HEADING}\n{context.summary}"}
-        ]
+        memory = self._memory_sections(context) if context.summary or context.user_memory else []
         if profile.system_prompt is None:
-            return summary if mode == "ignore" else [*requested, *summary]
+            return memory if mode == "ignore" else [*requested, *memory]
         prompt, missing = render(profile.system_prompt, profile.timezone, context)
         if missing:
             log.info("the request has no MetaInfo %s for profile %r's prompt; rendered empty", missing, profile.name)
         theirs = "\n\n".join(str(m.get("content") or "") for m in requested).strip()
         if mode in ("replace", "ignore") or not theirs:
-            return [{"role": "system", "content": prompt}, *summary]
+            return [{"role": "system", "content": prompt}, *memory]
         joined = f"{prompt}\n\n{theirs}" if mode == "prepend" else f"{theirs}\n\n{prompt}"
-        return [{"role": "system", "content": joined}, *summary]
+        return [{"role": "system", "content": joined}, *memory]
+
+    def _memory_sections(self, context: PromptContext) -> list[Msg]:
+        """Memory's own system sections, after the prompt: those its template does not place."""
+        placed = set(template_fields(self.profile.system_prompt)) if self.profile.system_prompt else set()
+        sections = []
+        if context.user_memory and "user_memory" not in placed:
+            sections.append({"role": "system", "content": f"{USER_MEMORY_HEADING}\n{context.user_memory}"})
+        if context.summary and "summary" not in placed:
+            sections.append({"role": "system", "content": f"{SUMMARY_HEADING}\n{context.summary}"})
+        return sections
 
 
-# Heads the summary's own system section (when the profile's prompt does not place `{summary}`).
+# Head memory's own system sections (when the profile's prompt does not place `{user_memory}` or
+# `{summary}`).
+USER_MEMORY_HEADING = "What you remember about this user from earlier conversations:"
 SUMMARY_HEADING = "Summary of the earlier conversation (older turns are not repeated below):"
 
 
@@ -79,6 +89,9 @@ class Agents:
     @property
     def keys(self) -> list[str]:
         return self.profiles.keys
+
+    def get(self, name: str) -> Agent | None:
+        return self._agents.get(name)
 
     def select(self, key: str | None, model: str | None) -> Agent:
         profile = self.profiles.select(key, model)

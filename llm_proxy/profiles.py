@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.settings import Settings
 
 TEMPLATE_VARIABLES = frozenset(
-    {"user_id", "room_id", "sdk_app_id", "task_id", "date", "time", "weekday", "timezone", "summary"}
+    {"user_id", "room_id", "sdk_app_id", "task_id", "date", "time", "weekday", "timezone", "summary", "user_memory"}
 )
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -73,20 +73,16 @@ class MemoryConfig(_Strict):
     # Fold rounds that leave the history window into a rolling summary (`memory/`), which the
     # context carries after the system prompt.
     summary: bool = False
-    # A user's memory across tasks: not built yet (its fields are checked, and `true` is refused).
+    # A user's memory across tasks: a new task of the user starts with what was learnt in their
+    # earlier ones (`memory/keeper.py`).
     per_user: bool = False
+    # Where the end user's id comes from: `meta.KEY` (a MetaInfo or extra body field set by the
+    # business server) or `header.X-User-Id`; unset: `meta.user_id`.
     user_id: str | None = Field(default=None, pattern=r"^(meta\.[A-Za-z0-9_\-]+|header\.X-User-Id)$")
     # The model that writes summaries (default: the profile's upstream).
     upstream: UpstreamConfig | None = None
     # The longest summary kept, in characters.
     max_chars: int = Field(default=2000, ge=100, le=20_000)
-
-    @field_validator("per_user")
-    @classmethod
-    def _not_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("per-user memory is not built yet; only `summary` works today")
-        return value
 
 
 class Profile(_Strict):
@@ -180,6 +176,8 @@ class PromptContext:
     meta: Mapping[str, Any]
     # The task's rolling summary of rounds older than the history window (`memory.summary`).
     summary: str | None = None
+    # What is remembered of the end user from their earlier tasks (`memory.per_user`).
+    user_memory: str | None = None
 
 
 def render(template: str, timezone: str, context: PromptContext, now: datetime | None = None) -> tuple[str, list[str]]:
@@ -196,6 +194,7 @@ def render(template: str, timezone: str, context: PromptContext, now: datetime |
         "weekday": now.strftime("%A"),
         "timezone": timezone,
         "summary": context.summary or "",
+        "user_memory": context.user_memory or "",
     }
     out: list[str] = []
     missing: list[str] = []

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncGenerator, Awaitable, Callable, Mapping, Protocol
+from typing import Any, AsyncGenerator, Awaitable, Callable, Mapping
 
 import anyio
 from langchain_core.messages import BaseMessage
@@ -44,6 +44,7 @@ from llm_proxy.agents import Agent, Agents
 from llm_proxy.disconnect import runs_to_the_end
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall, elapsed_ms
+from llm_proxy.memory_context import MemoryKeeper, fold_every, user_key, with_summary
 from llm_proxy.models import ID_MAX_CHARS
 from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
@@ -107,14 +108,6 @@ class Replay:
         return "tool_calls" if self.tool_calls else "stop"
 
 
-class SummaryKeeper(Protocol):
-    """What a round needs of the rolling summaries (`memory.summarizer.Summarizer`)."""
-
-    async def text(self, task_id: str) -> str | None: ...
-
-    def fold_up_to(self, task_id: str, up_to_seq: int, agent: Agent, model: str) -> None: ...
-
-
 class ChatService:
     def __init__(self, settings: Settings, db: Database, agents: Agents, lease: Lease) -> None:
         self.settings = settings
@@ -132,8 +125,8 @@ class ChatService:
         # What to do when a stored round was awaited by callbacks (`Round.held`): the app wires
         # in the callback service's `apply_held`.
         self.on_held: Callable[[str], Awaitable[None]] | None = None
-        # Rolling summaries of the rounds that left the window (`memory.Summarizer`, wired by the app).
-        self.summaries: SummaryKeeper | None = None
+        # Rolling summaries and users' memory (`memory.keeper.Keeper`, wired by the app).
+        self.memory: MemoryKeeper | None = None
 
     async def open(self, request: ChatCompletionRequest, task: TaskInfo | None, key: str | None = None) -> LiveRound | Replay:
         """`key`: the bearer key, which (with the request's `model`) selects the profile."""
@@ -177,14 +170,9 @@ class ChatService:
                 self.settings.history_max_rounds if limits.max_rounds is None else limits.max_rounds,
                 self.settings.history_max_tokens if limits.max_tokens is None else limits.max_tokens,
             )
-            if agent.profile.memory.summary and self.summaries is not None and self._older_rounds(loaded, history):
-                # Rounds left the window: the summary of them so far goes in, and the fold of
-                # the newest ones is asked for (in the background: this round does not wait).
-                summary = await self.summaries.text(claim.task_id)
-                oldest = history[0].seq if history else claim.seq
-                self.summaries.fold_up_to(claim.task_id, oldest - 1, agent, call.model)
-                if summary:
-                    system = agent.system(turn.system, replace(prompt_context, summary=summary))
+            memory = agent.profile.memory
+            if self.memory is not None and (memory.summary or memory.per_user):
+                history, system = await self._remember(claim, agent, turn, prompt_context, loaded, history, system, call.model)
             return await self._start(claim, head, upstream_messages(system, history, head), calls, started)
         except asyncio.CancelledError:
             await self._abandon(claim, turn, call, started)
@@ -295,10 +283,29 @@ class ChatService:
             if not self._claiming[task.task_id]:
                 del self._claiming[task.task_id]
 
-    def _older_rounds(self, loaded: list[StoredRound], window: list[StoredRound]) -> bool:
-        """Whether the task has rounds older than the window: some loaded ones were left out,
-        or as many were loaded as are ever read (older ones then exist in the store)."""
-        return len(window) < len(loaded) or len(loaded) >= self.settings.history_max_rounds
+    async def _remember(
+        self, claim: Claim, agent: Agent, turn: Turn, context: PromptContext, loaded: list[StoredRound],
+        history: list[StoredRound], system: list[Msg], model: str,
+    ) -> tuple[list[StoredRound], list[Msg]]:
+        """The round's history and system messages with what memory holds for it: the user's
+        memory as the task began, the task's summary and the rounds it does not cover yet. A
+        batch of rounds waiting to be folded is asked for in the background: the round does
+        not wait for it."""
+        assert self.memory is not None
+        memory = agent.profile.memory
+        user = user_key(memory, agent.name, context.sdk_app_id, context.user_id, context.meta)
+        view = await self.memory.view(claim.task_id, claim.edits, user, model)
+        summary = None
+        if memory.summary:
+            limit = agent.profile.history.max_rounds
+            every = fold_every(self.settings.history_max_rounds if limit is None else limit, self.settings.history_max_rounds)
+            history, fold_to = with_summary(loaded, history, view, claim.seq, every)
+            if fold_to is not None:
+                self.memory.fold_up_to(claim.task_id, fold_to, agent, model)
+            summary = view.summary
+        if summary is None and view.user_memory is None:
+            return history, system
+        return history, agent.system(turn.system, replace(context, summary=summary, user_memory=view.user_memory))
 
     def _works_on(self, pending: PendingRound) -> bool:
         return pending.id in self._running or pending.task_id in self._claiming

@@ -26,7 +26,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -311,6 +311,9 @@ class CallbackService:
         self._history = history
         self._hold_s = hold_s
         self._timers: set[asyncio.Task[None]] = set()
+        # What to do when the orchestrator stops a task (902): the app wires in memory's
+        # `task_ended` (its rounds go into its user's memory).
+        self.on_task_ended: Callable[[str], None] | None = None
 
     async def receive(self, event: CallbackEvent, body: dict[str, Any]) -> Recorded:
         recorded = await self._db.run(record, event, body, event.digest(body))
@@ -320,6 +323,8 @@ class CallbackService:
         task_id = event.info.task_id
         if (recorded.cut or event.event_type == TASK_STOPPED) and task_id:
             self._drop_history(task_id)
+        if event.event_type == TASK_STOPPED and task_id and self.on_task_ended is not None:
+            self.on_task_ended(task_id)
         if recorded.held and task_id:
             # The round's own process applies it when it stores the round; this is for a round
             # that is never stored (its process died and it was settled, or it was released).
