@@ -69,8 +69,9 @@ def _task_user_memory(conn: Connection, summary: Any) -> dict[str, Any]:
 def user_memories(conn: Connection, sdk_app_id: str, user_id: str) -> list[dict[str, Any]]:
     """The user's memory in each profile."""
     rows = conn.execute(
-        select(UserMemory).where(UserMemory.sdk_app_id == sdk_app_id, UserMemory.user_id == user_id).order_by(UserMemory.profile)
-    ).scalars()
+        select(UserMemory.profile, UserMemory.text, UserMemory.version, UserMemory.created_at, UserMemory.updated_at)
+        .where(UserMemory.sdk_app_id == sdk_app_id, UserMemory.user_id == user_id).order_by(UserMemory.profile)
+    )
     return [
         {"profile": row.profile, "text": row.text, "version": row.version,
          "created_at": as_utc(row.created_at).isoformat(), "updated_at": as_utc(row.updated_at).isoformat()}

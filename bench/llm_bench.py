@@ -95,14 +95,16 @@ def _seed(url: str, task_ids: list[str], rounds_each: int = HISTORY_ROUNDS, age_
 def _profiles_file(profile: str) -> str:
     """The one profile of `--profile`: the output filters off or on (what a profile and the
     filters cost, beside the implicit profile, which strips reasoning only); or a window of
-    MEMORY_WINDOW rounds over the 50 stored with the rolling summary off or on (every round then
-    has rounds outside its window: with the summary on, every round reads it and asks for a fold,
-    which the same upstream writes in the background while the level runs)."""
+    MEMORY_WINDOW rounds over the 50 stored with memory off or on: the rolling summary and
+    per-user memory (every round then has rounds outside its window: a batch of them is folded
+    every MEMORY_WINDOW rounds, by the same upstream, in the background while the level runs;
+    each task's first round copies its user's memory)."""
     flag = "true" if profile.endswith("-on") else "false"
     if profile.startswith("filters"):
         settings = f"    output: {{strip_reasoning: {flag}, speakable: {flag}}}\n"
     else:
-        settings = f"    history: {{max_rounds: {MEMORY_WINDOW}}}\n    memory: {{summary: {flag}}}\n"
+        settings = (f"    history: {{max_rounds: {MEMORY_WINDOW}}}\n"
+                    f"    memory: {{summary: {flag}, per_user: {flag}, user_id: header.X-User-Id}}\n")
     return "profiles:\n  - name: bench\n    default: true\n" + settings
 
 
@@ -168,7 +170,8 @@ async def run_level(proxy_url: str, upstream_url: str, task_ids: list[str], conv
                 user = {"role": "user", "content": f"[[words:{REPLY_WORDS}]] round {k} of {task_id}"}
                 if k % 2 == 0:
                     body = {"model": "fake", "stream": True, "messages": [SYSTEM, user]}
-                    headers = {"Authorization": f"Bearer {KEY}", "X-Task-Id": task_id, "X-Request-Id": uuid.uuid4().hex}
+                    headers = {"Authorization": f"Bearer {KEY}", "X-Task-Id": task_id, "X-Request-Id": uuid.uuid4().hex,
+                               "X-Sdk-App-Id": "1400000000", "X-User-Id": f"user-{n}"}
                     job = _round(pc, body, headers, proxy)
                 else:
                     body = {"model": "fake", "stream": True, "messages": [SYSTEM, *history, user]}

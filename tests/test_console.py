@@ -169,3 +169,43 @@ def test_console_serves_only_its_files_under_a_strict_policy(console: Proxy) -> 
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert httpx.get(console.url + "/console/../core/settings.py").status_code == 404
     assert httpx.get(console.url + "/console/secret.txt").status_code == 404
+
+
+def test_console_shows_a_tasks_summary_and_its_users_memory(start_proxy, upstream: Any, browser: Any, tmp_path: Path) -> None:
+    """A profile with both kinds of memory: the conversation view shows the task's summary and
+    what is remembered of its user; "delete this user's data" goes to the memory's user (a
+    MetaInfo id here, not the task's X-User-Id), and takes the memory along."""
+    from selenium.webdriver.common.by import By
+
+    from tests.test_user_memory import _ask, _end, _memory, wait_until
+
+    config = tmp_path / "profiles.yaml"
+    config.write_text(
+        "profiles:\n  - name: companion\n    default: true\n    history: {max_rounds: 2}\n"
+        f"    memory: {{summary: true, per_user: true, upstream: {{base_url: '{upstream.base_url}', model: 'm[[summarize:1]]'}}}}\n"
+    )
+    server = start_proxy({"ADMIN_API_KEYS": ADMIN_KEY, "CALLBACK_SIGN_KEY": CALLBACK_KEY, "CONFIG_FILE": str(config)},
+                         in_process=True)
+    tag = marker()
+    app, user = f"app-{tag}", f"user-{tag}"
+    _ask(server, f"task-{tag}-1", f"{tag} my dog is called Rex", user=user, app=app)
+    _end(server, f"task-{tag}-1")
+    wait_until(lambda: _memory(server, app, user), timeout=30, what="the user's memory")
+    task_id = f"task-{tag}-2"
+    for n in range(6):
+        _ask(server, task_id, f"{tag} round {n}", user=user, app=app)
+    wait_until(lambda: httpx.get(server.url + f"/admin/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+               .json()["summary"], timeout=30, what="the task's summary")
+
+    browser.get(server.url + "/console")
+    browser.execute_script(f"sessionStorage.setItem('trtc-admin-key', {ADMIN_KEY!r}); location.hash = 'task/{task_id}';")
+    _wait(browser, lambda d: "Rex" in d.find_element(By.ID, "conversation-user-memory").text, "the user's memory")
+    assert f"Memory of user {user}" in browser.find_element(By.ID, "conversation-user-memory").text
+    assert f"User: {tag} round 0" in browser.find_element(By.ID, "conversation-summary").text
+    browser.find_element(By.ID, "delete-user").click()
+    _wait(browser, lambda d: _visible(d, "#confirm"), "the confirmation")
+    assert user in browser.find_element(By.ID, "confirm-text").text
+    browser.find_element(By.ID, "confirm-ok").click()
+    _wait(browser, lambda d: _visible(d, "#tasks-view"), "the task list after the delete")
+    assert _memory(server, app, user) == []
+    assert _get(server, f"/admin/v1/tasks/{task_id}").status_code == 404

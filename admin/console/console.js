@@ -120,9 +120,14 @@ async function loadConversation(taskId) {
     `user ${task.user_id ?? "-"} · room ${task.room_id ?? "-"} · SdkAppId ${task.sdk_app_id ?? "-"} · ` +
     `${task.rounds.length} rounds · ${when(task.first_activity)} to ${when(task.last_activity)}` +
     (task.ended_at ? ` · ended ${when(task.ended_at)} (LeaveCode ${task.leave_code ?? "-"})` : "");
-  $("#delete-user").disabled = !(task.sdk_app_id && task.user_id);
+  const user = endUser(task);
+  $("#delete-user").disabled = !(user.app && user.id);
   $("#conversation-summary").textContent = task.summary
     ? `Summary of rounds 1-${task.summary.through_seq}${task.summary.stale ? " (being redone)" : ""}: ${task.summary.text}` : "";
+  const memory = task.user_memory;
+  $("#conversation-user-memory").textContent = memory
+    ? `Memory of user ${memory.user_id} (profile ${memory.profile}): ${memory.now ?? "none yet"}` +
+      ` · as this task began: ${memory.at_start ?? "none"} · rounds 1-${memory.folded_through_seq} of this task are in it` : "";
   const failedBy = {};
   for (const failure of task.failed_requests) (failedBy[failure.request_id] ||= []).push(failure);
   $("#rounds").replaceChildren(...task.rounds.map((r) => roundCard(r, failedBy[r.request_id] || [])),
@@ -215,9 +220,15 @@ async function deleteTask() {
   location.hash = "tasks";
 }
 
+// The task's end user: whose memory it keeps (`memory.per_user`, maybe a MetaInfo id), else its X-User-Id.
+function endUser(task) {
+  return task.user_memory ? { app: task.user_memory.sdk_app_id, id: task.user_memory.user_id } : { app: task.sdk_app_id, id: task.user_id };
+}
+
 async function deleteUser() {
-  if (!current || !(await confirmed(`Delete every task of user ${current.user_id} (SdkAppId ${current.sdk_app_id})? This cannot be undone.`))) return;
-  await call(`admin/v1/users/${encodeURIComponent(current.sdk_app_id)}/${encodeURIComponent(current.user_id)}`, { method: "DELETE" });
+  const user = current && endUser(current);
+  if (!user || !(await confirmed(`Delete every task and the memory of user ${user.id} (SdkAppId ${user.app})? This cannot be undone.`))) return;
+  await call(`admin/v1/users/${encodeURIComponent(user.app)}/${encodeURIComponent(user.id)}`, { method: "DELETE" });
   location.hash = "tasks";
 }
 
