@@ -29,6 +29,9 @@ log = logging.getLogger("trtc.memory")
 BATCH_ROUNDS = 20
 # Tasks a sweep takes up at most.
 SWEEP_TASKS = 20
+# Folds this process runs at once: however many tasks want one, the memory upstream (and the
+# cores the live rounds share) get at most this many background calls.
+FOLDS_AT_ONCE = 4
 # Folds of one batch into a user's memory that other tasks of the user may overtake before this
 # one gives up (and the next sweep tries again).
 MOVED_RETRIES = 3
@@ -53,6 +56,7 @@ class Keeper:
         self._wanted: dict[str, tuple[int, Writer]] = {}
         self._user_due: set[str] = set()
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._running = asyncio.Semaphore(FOLDS_AT_ONCE)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -108,23 +112,31 @@ class Keeper:
 
     async def _run(self, task_id: str) -> None:
         try:
+            async with self._running:
+                await self._work_on(task_id)
+        finally:
+            del self._jobs[task_id]
+        if task_id in self._wanted or task_id in self._user_due:
+            self._start(task_id)  # asked for while the job was past that point
+
+    async def _work_on(self, task_id: str) -> None:
+        try:
             done = 0
             while (wanted := self._wanted.get(task_id)) is not None and wanted[0] > done:
                 done = wanted[0]
                 await self._fold_summary(task_id, done, wanted[1])
-            self._wanted.pop(task_id, None)
+                if self._wanted.get(task_id) == wanted:
+                    del self._wanted[task_id]
             if task_id in self._user_due:
                 self._user_due.discard(task_id)
                 await self._fold_user(task_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the memory upstream or the database: asked again later
-            MEMORY_SUMMARIES.labels("failed").inc()
-            log.warning("memory not written: %s: %s", type(exc).__name__, exc, extra={"task_id": task_id})
-        finally:
-            self._jobs.pop(task_id, None)
             self._wanted.pop(task_id, None)
             self._user_due.discard(task_id)
+            MEMORY_SUMMARIES.labels("failed").inc()
+            log.warning("memory not written: %s: %s", type(exc).__name__, exc, extra={"task_id": task_id})
 
     async def _fold_summary(self, task_id: str, up_to_seq: int, writer: Writer) -> None:
         taken = await self._db.run(store.take, task_id, self._me)
@@ -156,16 +168,16 @@ class Keeper:
         taken = await self._db.run(store.take_for_user, task_id, self._me)
         if taken is None:
             return
-        try:
-            agent = self._agents().get(taken.user.profile)
-            if agent is not None and agent.profile.memory.per_user:
-                writer = Writer.of(agent, self._clients, agent.model(None) or taken.model)
-                if not await self._fold_rounds_into_user(task_id, taken, writer):
-                    return
-            # Else the profile is gone or keeps no users' memory now: its rounds are let go.
-            await self._db.run(store.mark_user_folded, task_id, self._me, taken.up_to_seq)
-        finally:
-            await self._db.run(store.release, task_id, self._me)
+        # A failure keeps the hold until it runs out (HOLD_S): a failing memory upstream is tried
+        # again then, not at every sweep.
+        agent = self._agents().get(taken.user.profile)
+        if agent is not None and agent.profile.memory.per_user:
+            writer = Writer.of(agent, self._clients, agent.model(None) or taken.model)
+            if not await self._fold_rounds_into_user(task_id, taken, writer):
+                return
+        # Else the profile is gone or keeps no users' memory now: its rounds are let go.
+        await self._db.run(store.mark_user_folded, task_id, self._me, taken.up_to_seq)
+        await self._db.run(store.release, task_id, self._me)
 
     async def _fold_rounds_into_user(self, task_id: str, taken: store.UserFold, writer: Writer) -> bool:
         """False: the task was deleted meanwhile, or another process took it over."""

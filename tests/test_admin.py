@@ -236,7 +236,8 @@ def test_deleting_a_user_deletes_all_their_tasks_and_nothing_else(admin: Proxy, 
 
 def test_retention_purges_tasks_last_active_too_long_ago(start_proxy, migrated_url: str) -> None:
     """Tasks made old in the database go, with their rounds, messages and events; a recent one
-    stays; so do events of a recent task this server never stored."""
+    stays; so do events of a recent task this server never stored. So do users' memories: an old
+    one goes, a recent one stays."""
     server = start_proxy({
         "DATABASE_URL": migrated_url, "ADMIN_API_KEYS": ADMIN_KEY, "CALLBACK_SIGN_KEY": CALLBACK_KEY,
         "RETENTION_DAYS": "2", "RETENTION_INTERVAL_S": "0.2",
@@ -248,9 +249,12 @@ def test_retention_purges_tasks_last_active_too_long_ago(start_proxy, migrated_u
         _callback(server, task_id, 904, {"UserId": f"user-{tag}", "RoundId": f"r-{task_id}"})
     _callback(server, f"task-{tag}-never-chatted", 904, {"UserId": f"user-{tag}", "RoundId": "r"})
     run_db(migrated_url, _age, old, 3)
+    run_db(migrated_url, _remember, f"old-{tag}", 3)
+    run_db(migrated_url, _remember, f"new-{tag}", 0)
 
     def purged() -> bool:
-        return all(_get(server, f"/admin/v1/tasks/{task_id}").status_code == 404 for task_id in old)
+        return all(_get(server, f"/admin/v1/tasks/{task_id}").status_code == 404 for task_id in old) and not _memory_of(
+            server, f"old-{tag}")
 
     wait_until(purged, what="retention to delete the old tasks")
     for task_id in old:
@@ -258,6 +262,23 @@ def test_retention_purges_tasks_last_active_too_long_ago(start_proxy, migrated_u
         assert run_db(migrated_url, _round_count, task_id) == 0
     assert _get(server, f"/admin/v1/tasks/task-{tag}-new").status_code == 200
     assert run_db(migrated_url, _event_count, f"task-{tag}-never-chatted") == 1
+    assert [m["text"] for m in _memory_of(server, f"new-{tag}")] == [f"remembered of new-{tag}"]
+
+
+def _remember(conn: Any, user_id: str, days_ago: float) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import insert
+
+    from memory.models import UserMemory
+
+    then = datetime.now(timezone.utc) - timedelta(days=days_ago)
+    conn.execute(insert(UserMemory).values(sdk_app_id="1400", profile="companion", user_id=user_id,
+                                           text=f"remembered of {user_id}", version=1, created_at=then, updated_at=then))
+
+
+def _memory_of(server: Proxy, user_id: str) -> list[dict[str, Any]]:
+    return _get(server, f"/admin/v1/users/1400/{user_id}/memory").json()["data"]
 
 
 
