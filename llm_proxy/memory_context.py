@@ -14,10 +14,10 @@ from llm_proxy.profiles import MemoryConfig
 if TYPE_CHECKING:
     from llm_proxy.agents import Agent
 
-# Rounds folded into a summary at a time, at most. Folding in batches keeps the memory upstream
-# and its four short transactions off all but one round in ten; the rounds of a batch not folded
-# yet stay in the context meanwhile, so nothing falls between the summary and the window.
-FOLD_EVERY = 10
+# Rounds the summary does not cover yet, carried before the window while a fold catches up (so
+# nothing falls between the summary and the window), at most: a summarizer that lags further
+# loses the oldest of them from the context until it catches up, and the prompt stays bounded.
+MAX_BEHIND = 10
 
 
 @dataclass(frozen=True)
@@ -64,23 +64,25 @@ def user_key(config: MemoryConfig, profile: str, sdk_app_id: str | None, header_
     return UserKey(sdk_app_id or "", profile, user_id)
 
 
-def fold_every(window_rounds: int, readable_rounds: int) -> int:
-    """Rounds per fold for a window of `window_rounds`: at most FOLD_EVERY, at most the window
-    (the context never holds more than twice it), and no more than the rounds a claim reads
-    beyond the window (`HISTORY_MAX_ROUNDS`), which is where the not-yet-folded ones come from."""
-    return max(1, min(FOLD_EVERY, window_rounds, readable_rounds - window_rounds))
-
-
 def with_summary(
-    loaded: Sequence[StoredRound], window: Sequence[StoredRound], view: MemoryView, next_seq: int, every: int
+    loaded: Sequence[StoredRound], window: Sequence[StoredRound], view: MemoryView, next_seq: int, window_rounds: int
 ) -> tuple[list[StoredRound], int | None]:
-    """The rounds a context with the summary carries: the window, and before it the rounds the
-    summary does not cover yet (at most `every`, newest kept); and the round to fold up to, once
-    a batch of `every` rounds is waiting (or the summary is being redone), else None.
+    """The rounds a context with the summary carries, and the round to fold up to now (None: no
+    fold yet).
+
+    Rounds are folded ahead, in batches: once the window is full and the summary reaches at most
+    one round into it, every finished round but the newest is folded (the newest may still be
+    cut by its 905). The summary then covers the window's older rounds too, so for the next
+    `window_rounds - 2` rounds nothing leaves the window that the summary lacks: the context is
+    the summary and the window, no larger than without memory, and a fold runs once per that
+    many rounds. Until a fold lands, the rounds between the summary and the window (at most
+    MAX_BEHIND, newest kept) are carried before the window.
 
     `loaded` is newest first (as read), `window` oldest first."""
     oldest = window[0].seq if window else next_seq
-    behind = [stored for stored in loaded if view.through_seq < stored.seq < oldest][:every]
+    behind = [stored for stored in loaded if view.through_seq < stored.seq < oldest][:MAX_BEHIND]
     rounds = [*reversed(behind), *window]
-    due = view.stale or oldest - 1 - view.through_seq >= every
-    return rounds, oldest - 1 if due and oldest > 1 else None
+    full = len(loaded) > len(window) or len(window) >= window_rounds
+    due = view.stale or (full and view.through_seq - (oldest - 1) <= 1)
+    up_to = next_seq - 2
+    return rounds, up_to if due and (up_to > view.through_seq or view.stale) and up_to > 0 else None

@@ -44,7 +44,7 @@ from llm_proxy.agents import Agent, Agents
 from llm_proxy.disconnect import runs_to_the_end
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall, elapsed_ms
-from llm_proxy.memory_context import MemoryKeeper, fold_every, user_key, with_summary
+from llm_proxy.memory_context import MemoryKeeper, user_key, with_summary
 from llm_proxy.models import ID_MAX_CHARS
 from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
@@ -283,6 +283,11 @@ class ChatService:
             if not self._claiming[task.task_id]:
                 del self._claiming[task.task_id]
 
+    def _older_rounds(self, loaded: list[StoredRound], window: list[StoredRound]) -> bool:
+        """Whether the task has rounds older than the window: some loaded ones were left out,
+        or as many were loaded as are ever read (older ones then exist in the store)."""
+        return len(window) < len(loaded) or len(loaded) >= self.settings.history_max_rounds
+
     async def _remember(
         self, claim: Claim, agent: Agent, turn: Turn, context: PromptContext, loaded: list[StoredRound],
         history: list[StoredRound], system: list[Msg], model: str,
@@ -294,12 +299,14 @@ class ChatService:
         assert self.memory is not None
         memory = agent.profile.memory
         user = user_key(memory, agent.name, context.sdk_app_id, context.user_id, context.meta)
+        if user is None and not self._older_rounds(loaded, history):
+            return history, system  # the whole conversation fits its window: nothing to read
         view = await self.memory.view(claim.task_id, claim.edits, user, model)
         summary = None
         if memory.summary:
             limit = agent.profile.history.max_rounds
-            every = fold_every(self.settings.history_max_rounds if limit is None else limit, self.settings.history_max_rounds)
-            history, fold_to = with_summary(loaded, history, view, claim.seq, every)
+            window_rounds = self.settings.history_max_rounds if limit is None else limit
+            history, fold_to = with_summary(loaded, history, view, claim.seq, window_rounds)
             if fold_to is not None:
                 self.memory.fold_up_to(claim.task_id, fold_to, agent, model)
             summary = view.summary
