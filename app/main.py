@@ -78,9 +78,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(admin_router)
         app.include_router(console_router)
     if settings.serves_tts:
+        from openai_speech.api_router import router as speech_router
         from tts_server.api_router import router as tts_router
 
         app.include_router(tts_router)
+        app.include_router(speech_router)
     return app
 
 

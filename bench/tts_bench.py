@@ -3,7 +3,8 @@ side with piper's own HTTP server (`python -m piper.http_server`, same package, 
 one run, on the same texts: a short line, one 12-word sentence and a five-sentence paragraph, at
 concurrency 1, 4 and 16. Also the real-time factor (synthesis time / audio duration) per stream.
 Then the formats: the paragraph as WAV, MP3 and Ogg Opus from our server, beside piper's WAV.
-Then gaps under load: streams of the paragraph at concurrency 1, 4, 16 and 32, each played out
+Then the routes: the TRTC route and OpenAI's speech API (`/v1/audio/speech`) beside piper's
+server, a sentence and the paragraph in MP3 and PCM, at concurrency 1 and 4. Then gaps under load: streams of the paragraph at concurrency 1, 4, 16 and 32, each played out
 in real time on a simulated clock from its first byte; a discontinuity is audio running out
 before the next bytes arrive (what the orchestrator counts as `tts_discontinuity`). Then the worst
 texts: peak memory and a short request's first audio beside each (`--quick`: the first only). And
@@ -78,8 +79,11 @@ class Samples:
     errors: int = 0
 
 
-def _audio_seconds(data: bytes) -> float:
-    """The duration of a response in any of the formats (WAV by its header, others decoded)."""
+def _audio_seconds(data: bytes, pcm_rate: int | None = None) -> float:
+    """The duration of a response in any of the formats (raw PCM at `pcm_rate`, WAV by its
+    header, others decoded)."""
+    if pcm_rate is not None:
+        return len(data) / 2 / pcm_rate
     if data[:4] == b"RIFF":
         with wave.open(io.BytesIO(data)) as wav:
             return len(wav.readframes(1 << 30)) / (2 * wav.getnchannels() * wav.getframerate())
@@ -105,7 +109,7 @@ async def _fetch(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float
     return (started, arrivals) if arrivals else None
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict, samples: Samples) -> None:
+async def _one(client: httpx.AsyncClient, url: str, body: dict, samples: Samples, pcm_rate: int | None) -> None:
     fetched = await _fetch(client, url, body)
     if fetched is None:
         samples.errors += 1
@@ -113,19 +117,19 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, samples: Samples
     started, arrivals = fetched
     total = time.perf_counter() - started
     data = b"".join(chunk for _at, chunk in arrivals)
-    seconds = _audio_seconds(data)
+    seconds = _audio_seconds(data, pcm_rate)
     samples.bytes_per_second.append(len(data) / seconds)
     samples.first.append(arrivals[0][0] - started)
     samples.total.append(total)
     samples.rtf.append(total / seconds)
 
 
-async def run_cell(url: str, body: dict, concurrency: int, rounds: int) -> Samples:
+async def run_cell(url: str, body: dict, concurrency: int, rounds: int, pcm_rate: int | None = None) -> Samples:
     samples = Samples()
     async with httpx.AsyncClient(timeout=120) as client:
         async def worker() -> None:
             for _ in range(rounds):
-                await _one(client, url, body, samples)
+                await _one(client, url, body, samples, pcm_rate)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return samples
@@ -186,6 +190,35 @@ async def run_playback(url: str, body: dict, bytes_per_second: float, header: in
 
 # Texts that once became one piece each (no punctuation, a long number, one long word) and grew
 # the server by 1 to 21 GB; all of TTS_MAX_TEXT_CHARS.
+def run_routes(ours: str, piper: str, args: argparse.Namespace) -> list[list[str]]:
+    """First byte and total through each route of ours and piper's server, for a sentence and a
+    paragraph in MP3 and PCM."""
+    rows = []
+    for label in ("12-word sentence", "5-sentence paragraph"):
+        text = TEXTS[label]
+        for fmt in ("mp3", "pcm"):
+            pcm_rate = 24_000 if fmt == "pcm" else None
+            for concurrency in args.route_concurrency:
+                rounds = 1 if args.quick else max(1, args.requests // concurrency)
+                trtc, speech, whole = Samples(), Samples(), Samples()
+                for _ in range(rounds):  # alternated, a round of each at a time
+                    for cell, url, body, rate in (
+                        (trtc, ours + "/api/v1/tts/stream", {"Text": text, "Format": fmt, "SampleRate": 24_000}, pcm_rate),
+                        (speech, ours + "/v1/audio/speech",
+                         {"model": "tts-1", "voice": "alloy", "input": text, "response_format": fmt}, pcm_rate),
+                        (whole, piper + "/synthesize", {"text": text}, None),
+                    ):
+                        got = asyncio.run(run_cell(url, body, concurrency, 1, rate))
+                        for name in ("first", "total"):
+                            getattr(cell, name).extend(getattr(got, name))
+                        cell.errors += got.errors
+                rows.append([label, fmt, str(concurrency), str(len(trtc.first)), _ms(trtc.first), _ms(speech.first),
+                             _ms(whole.first), _ms(trtc.total), _ms(speech.total), _ms(whole.total),
+                             str(trtc.errors + speech.errors + whole.errors)])
+                print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
 WORST_TEXTS = {
     "2000 letters of words, no mark": "word " * 400,
     "one 2000-letter word": "w" * 2000,
@@ -269,16 +302,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per cell (at least one per stream)")
     parser.add_argument("--format-concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--gap-concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--route-concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.concurrency, args.format_concurrency, args.gap_concurrency = [1, 4], [1], [1, 4]
+        args.concurrency, args.format_concurrency, args.gap_concurrency, args.route_concurrency = [1, 4], [1], [1, 4], [1]
 
     rows = []
     format_rows: list[list[str]] = []
     gap_rows: list[list[str]] = []
     worst_rows: list[list[str]] = []
+    route_rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="trtc-tts-bench-") as tmp:
         workdir = Path(tmp)
         ours = Proxy(workdir / "ours", {"TTS_API_KEYS": KEY, "TTS_CACHE_MB": "0", "LOG_LEVEL": "WARNING"})
@@ -318,6 +353,7 @@ def main() -> None:
                                         f"{statistics.median(cell.bytes_per_second) * 8 / 1000:.0f}",
                                         f"{max(cell.rtf):.2f}", str(cell.errors + piper_cell.errors)])
                     print(" | ".join(format_rows[-1]), flush=True)
+            route_rows = run_routes(ours.url, piper.url, args)
             for concurrency in args.gap_concurrency:
                 rounds = 1 if args.quick or concurrency >= 16 else 2
                 ours_played = asyncio.run(run_playback(
@@ -377,6 +413,15 @@ def main() -> None:
         table(["format", "concurrency", "requests", "first byte median (ours)", "first byte p99 (ours)",
                "first byte median (piper, WAV)", "total median (ours)", "total median (piper, WAV)", "kbit/s (ours)",
                "worst RTF (ours)", "errors"], format_rows),
+        "",
+        "Routes: the same engine through the TRTC route (`/api/v1/tts/stream`, at 24000 Hz) and OpenAI's speech "
+        "API (`/v1/audio/speech`, `tts-1`, voice `alloy`: the default voice; 24000 Hz as OpenAI's formats are), "
+        "MP3 and PCM, beside piper's server (WAV at 22050 Hz, whole), for the sentence and the paragraph; the three "
+        "alternate within each cell.",
+        "",
+        table(["text", "format", "concurrency", "requests", "first byte median (TRTC route)",
+               "first byte median (speech API)", "first byte median (piper, WAV)", "total median (TRTC route)",
+               "total median (speech API)", "total median (piper, WAV)", "errors"], route_rows),
         "",
         "Gaps under load: the paragraph (about 15 s of speech) as N concurrent streams, each listener starting "
         "within the first second and asking again when a stream ends; each stream is played out in real time from "

@@ -139,28 +139,35 @@ class Keeper:
             log.warning("memory not written: %s: %s", type(exc).__name__, exc, extra={"task_id": task_id})
 
     async def _fold_summary(self, task_id: str, up_to_seq: int, writer: Writer) -> None:
-        taken = await self._db.run(store.take, task_id, self._me)
+        """Batch by batch; the usual fold (one batch) is two transactions: take the hold and read
+        the rounds, then write the summary and let go."""
+        taken = await self._db.run(store.take_batch, task_id, self._me, up_to_seq, BATCH_ROUNDS)
         if taken is None:
             return  # another process writes it now
-        through, text = taken
+        through, text, rounds = taken
         self._update(task_id, through, text)
+        held = True
         try:
-            while through < up_to_seq:
-                rounds = await self._db.run(store.rounds_after, task_id, through, up_to_seq, BATCH_ROUNDS)
-                if not rounds:
-                    return
+            while rounds:
                 text = await fold(writer, SUMMARY_INSTRUCTIONS, text, [m for _seq, messages in rounds for m in messages])
-                if await self._db.run(store.write, task_id, self._me, rounds[-1][0], text):
-                    through = rounds[-1][0]
+                last = rounds[-1][0] >= up_to_seq or len(rounds) < BATCH_ROUNDS
+                if await self._db.run(store.write, task_id, self._me, rounds[-1][0], text, release=last):
+                    through, held = rounds[-1][0], not last
                     self._update(task_id, through, text)
                     MEMORY_SUMMARIES.labels("written").inc()
+                    if last:
+                        return
+                    rounds = await self._db.run(store.rounds_after, task_id, through, up_to_seq, BATCH_ROUNDS)
                     continue
-                taken = await self._db.run(store.take, task_id, self._me)  # a 905 changed a covered round
+                # A 905 changed a covered round: start again from what the summary now says.
+                taken = await self._db.run(store.take_batch, task_id, self._me, up_to_seq, BATCH_ROUNDS)
                 if taken is None:
+                    held = False
                     return
-                through, text = taken
+                through, text, rounds = taken
         finally:
-            await self._db.run(store.release, task_id, self._me)
+            if held:
+                await self._db.run(store.release, task_id, self._me)
 
     async def _fold_user(self, task_id: str) -> None:
         """The task's rounds not in its user's memory yet, folded into it batch by batch; a

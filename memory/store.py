@@ -80,6 +80,16 @@ def take(conn: Connection, task_id: str, writer: str) -> tuple[int, str] | None:
     return row.through_seq, row.text
 
 
+def take_batch(
+    conn: Connection, task_id: str, writer: str, up_to_seq: int, limit: int
+) -> tuple[int, str, list[tuple[int, list[Msg]]]] | None:
+    """`take`, and the first batch of rounds to fold, in one transaction."""
+    taken = take(conn, task_id, writer)
+    if taken is None:
+        return None
+    return taken[0], taken[1], rounds_after(conn, task_id, taken[0], up_to_seq, limit)
+
+
 def rounds_after(conn: Connection, task_id: str, after_seq: int, up_to_seq: int, limit: int) -> list[tuple[int, list[Msg]]]:
     """The task's finished rounds after `after_seq` up to `up_to_seq`, oldest first, with their
     stored messages (what was heard: a 905 cut them)."""
@@ -93,14 +103,15 @@ def rounds_after(conn: Connection, task_id: str, after_seq: int, up_to_seq: int,
     return [(row.seq, messages[row.id]) for row in rows]
 
 
-def write(conn: Connection, task_id: str, writer: str, through_seq: int, text: str) -> bool:
+def write(conn: Connection, task_id: str, writer: str, through_seq: int, text: str, *, release: bool = False) -> bool:
     """Store the summary as of `through_seq`, if this process still holds it and no round it
-    covers changed meanwhile (False: redo)."""
+    covers changed meanwhile (False: redo); `release`: and let go of the hold (the last batch)."""
     now = _now()
+    hold: dict[str, Any] = {"writer": None, "writer_until": None} if release else {"writer_until": now + timedelta(seconds=HOLD_S)}
     written = conn.execute(
         update(Summary)
         .where(Summary.task_id == task_id, Summary.writer == writer, Summary.stale.is_(False))
-        .values(through_seq=through_seq, text=text, updated_at=now, writer_until=now + timedelta(seconds=HOLD_S))
+        .values(through_seq=through_seq, text=text, updated_at=now, **hold)
         .returning(Summary.task_id)
     ).first()
     return written is not None

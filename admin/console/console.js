@@ -277,31 +277,52 @@ async function loadVoices() {
     el("option", { value: v.name, ...(v.name === voices.default ? { selected: "" } : {}) }, `${v.name} (${v.language})`)));
 }
 
+// Each API's formats: the TRTC route's, and OpenAI's speech API's (all at 24 kHz).
+const TTS_FORMATS = {
+  trtc: [["wav", "wav"], ["pcm", "pcm (audio/L16)"], ["mp3", "mp3"], ["ogg_opus", "ogg_opus"]],
+  openai: [["mp3", "mp3"], ["opus", "opus (Ogg)"], ["aac", "aac (ADTS)"], ["flac", "flac"], ["wav", "wav"], ["pcm", "pcm (24 kHz)"]],
+};
+const OPENAI_RATE = 24000;
+
+function pickApi() {
+  const api = $("#tts-api").value;
+  $("#tts-format").replaceChildren(...TTS_FORMATS[api].map(([value, label]) => el("option", { value }, label)));
+  $("#tts-rate").disabled = api === "openai";
+}
+
+// The request for the chosen API: the TRTC route takes speed in its URL, OpenAI's in its body.
+function ttsRequest(api, format, rate, speed) {
+  const text = $("#tts-text").value;
+  const voice = $("#tts-voice").value;
+  if (api === "openai") {
+    return ["v1/audio/speech", { model: "tts-1", input: text, voice, response_format: format, speed }];
+  }
+  return [`api/v1/tts/stream?speed=${speed}`, { Text: text, Voice: voice, Format: format, SampleRate: rate, Channel: 1 }];
+}
+
 // Plays PCM and WAV as they arrive (Web Audio), and MP3 too where the browser's Media Source
 // takes it, so what the page plays starts where the orchestrator's would; the whole answer then
-// stays in the <audio> element to replay. Ogg Opus (Media Source takes no Ogg) plays once whole;
-// its first-audio time is still the first byte's.
+// stays in the <audio> element to replay. Ogg Opus, AAC and FLAC play once whole; their
+// first-audio time is still the first byte's.
 async function speak() {
   $("#tts-error").textContent = "";
   $("#first-audio").textContent = $("#all-audio").textContent = "-";
+  const api = $("#tts-api").value;
   const format = $("#tts-format").value;
-  const rate = Number($("#tts-rate").value);
+  const rate = api === "openai" ? OPENAI_RATE : Number($("#tts-rate").value);
+  const [path, body] = ttsRequest(api, format, rate, Number($("#tts-speed").value) || 1);
   let context = null;
   try { context = new AudioContext({ sampleRate: rate }); } catch (_) { /* no audio output: still measure and keep the clip */ }
   const started = performance.now();
   let response;
   try {
-    response = await call("api/v1/tts/stream", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ Text: $("#tts-text").value, Voice: $("#tts-voice").value, Format: format, SampleRate: rate, Channel: 1 }),
-    });
+    response = await call(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
   } catch (error) {
     $("#tts-error").textContent = error.message;
     return;
   }
   const reader = response.body.getReader();
-  if (format === "mp3" || format === "ogg_opus") {
+  if (format !== "pcm" && format !== "wav") {
     await playEncoded(reader, response.headers.get("content-type"), started);
     return;
   }
@@ -362,7 +383,8 @@ async function playEncoded(reader, type, started) {
     source.endOfStream();
     return;
   }
-  audio.src = URL.createObjectURL(new Blob(parts, { type }));
+  // OpenAI's `audio/opus` is Ogg Opus, which browsers play as `audio/ogg`.
+  audio.src = URL.createObjectURL(new Blob(parts, { type: type === "audio/opus" ? "audio/ogg" : type }));
   audio.play().catch(() => { /* autoplay refused: the player is there to press */ });
 }
 
@@ -415,6 +437,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#filters").addEventListener("submit", (event) => { event.preventDefault(); loadTasks(false); });
   $("#more").addEventListener("click", () => loadTasks(true));
   $("#stats-range").addEventListener("submit", (event) => { event.preventDefault(); loadStats(); });
+  $("#tts-api").addEventListener("change", pickApi);
   $("#tts-form").addEventListener("submit", (event) => { event.preventDefault(); speak(); });
   $("#delete-task").addEventListener("click", deleteTask);
   $("#delete-user").addEventListener("click", deleteUser);
