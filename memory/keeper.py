@@ -141,7 +141,7 @@ class Keeper:
     async def _fold_summary(self, task_id: str, up_to_seq: int, writer: Writer) -> None:
         """Batch by batch; the usual fold (one batch) is two transactions: take the hold and read
         the rounds, then write the summary and let go."""
-        taken = await self._db.run(store.take_batch, task_id, self._me, up_to_seq, BATCH_ROUNDS)
+        taken = await self._db.run_in_background(store.take_batch, task_id, self._me, up_to_seq, BATCH_ROUNDS)
         if taken is None:
             return  # another process writes it now
         through, text, rounds = taken
@@ -151,28 +151,28 @@ class Keeper:
             while rounds:
                 text = await fold(writer, SUMMARY_INSTRUCTIONS, text, [m for _seq, messages in rounds for m in messages])
                 last = rounds[-1][0] >= up_to_seq or len(rounds) < BATCH_ROUNDS
-                if await self._db.run(store.write, task_id, self._me, rounds[-1][0], text, release=last):
+                if await self._db.run_in_background(store.write, task_id, self._me, rounds[-1][0], text, release=last):
                     through, held = rounds[-1][0], not last
                     self._update(task_id, through, text)
                     MEMORY_SUMMARIES.labels("written").inc()
                     if last:
                         return
-                    rounds = await self._db.run(store.rounds_after, task_id, through, up_to_seq, BATCH_ROUNDS)
+                    rounds = await self._db.run_in_background(store.rounds_after, task_id, through, up_to_seq, BATCH_ROUNDS)
                     continue
                 # A 905 changed a covered round: start again from what the summary now says.
-                taken = await self._db.run(store.take_batch, task_id, self._me, up_to_seq, BATCH_ROUNDS)
+                taken = await self._db.run_in_background(store.take_batch, task_id, self._me, up_to_seq, BATCH_ROUNDS)
                 if taken is None:
                     held = False
                     return
                 through, text, rounds = taken
         finally:
             if held:
-                await self._db.run(store.release, task_id, self._me)
+                await self._db.run_in_background(store.release, task_id, self._me)
 
     async def _fold_user(self, task_id: str) -> None:
         """The task's rounds not in its user's memory yet, folded into it batch by batch; a
         memory another task of the user changed meanwhile is read again and the batch redone."""
-        taken = await self._db.run(store.take_for_user, task_id, self._me)
+        taken = await self._db.run_in_background(store.take_for_user, task_id, self._me)
         if taken is None:
             return
         # A failure keeps the hold until it runs out (HOLD_S): a failing memory upstream is tried
@@ -183,22 +183,22 @@ class Keeper:
             if not await self._fold_rounds_into_user(task_id, taken, writer):
                 return
         # Else the profile is gone or keeps no users' memory now: its rounds are let go.
-        await self._db.run(store.mark_user_folded, task_id, self._me, taken.up_to_seq)
-        await self._db.run(store.release, task_id, self._me)
+        await self._db.run_in_background(store.mark_user_folded, task_id, self._me, taken.up_to_seq)
+        await self._db.run_in_background(store.release, task_id, self._me)
 
     async def _fold_rounds_into_user(self, task_id: str, taken: store.UserFold, writer: Writer) -> bool:
         """False: the task was deleted meanwhile, or another process took it over."""
         through = taken.after_seq
         while through < taken.up_to_seq:
-            rounds = await self._db.run(store.rounds_after, task_id, through, taken.up_to_seq, BATCH_ROUNDS)
+            rounds = await self._db.run_in_background(store.rounds_after, task_id, through, taken.up_to_seq, BATCH_ROUNDS)
             if not rounds:
                 break
             messages = [m for _seq, messages in rounds for m in messages]
             for _attempt in range(MOVED_RETRIES):
-                known = await self._db.run(store.user_memory, taken.user)
+                known = await self._db.run_in_background(store.user_memory, taken.user)
                 text = await fold(writer, USER_INSTRUCTIONS, known[0] if known else "", messages)
                 try:
-                    written = await self._db.run(
+                    written = await self._db.run_in_background(
                         store.write_user_memory, task_id, self._me, taken, rounds[-1][0], text, known[1] if known else None
                     )
                     break
@@ -220,7 +220,7 @@ class Keeper:
             await asyncio.sleep(period)
             try:
                 idle_before = datetime.now(timezone.utc) - timedelta(seconds=self._user_idle_s)
-                for task_id in await self._db.run(store.due_user_folds, idle_before, SWEEP_TASKS):
+                for task_id in await self._db.run_in_background(store.due_user_folds, idle_before, SWEEP_TASKS):
                     self.task_ended(task_id)
             except Exception as exc:  # the database is down: try again next time
                 log.warning("memory sweep failed: %s", exc)

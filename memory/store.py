@@ -56,14 +56,10 @@ def view(conn: Connection, task_id: str, user: UserKey | None, model: str) -> Me
 
 def take(conn: Connection, task_id: str, writer: str) -> tuple[int, str] | None:
     """Become the task's summary writer: the summary so far (through which round, its text), or
-    None while another process holds it. A stale summary starts again from nothing."""
+    None while another process holds it (or the task is gone). A stale summary starts again from
+    nothing. The row is made on the first fold only: usually this is one statement."""
     now = _now()
-    conn.execute(
-        _insert(conn)(Summary).values(task_id=task_id, through_seq=0, text="", updated_at=now).on_conflict_do_nothing(
-            index_elements=[Summary.task_id]
-        )
-    )
-    row = conn.execute(
+    hold = (
         update(Summary)
         .where(
             Summary.task_id == task_id,
@@ -71,9 +67,20 @@ def take(conn: Connection, task_id: str, writer: str) -> tuple[int, str] | None:
         )
         .values(writer=writer, writer_until=now + timedelta(seconds=HOLD_S))
         .returning(Summary.through_seq, Summary.text, Summary.stale)
-    ).first()
+    )
+    row = conn.execute(hold).first()
     if row is None:
-        return None
+        if conn.execute(select(Summary.task_id).where(Summary.task_id == task_id)).first() is not None:
+            return None  # another process holds it
+        if conn.execute(select(Task.id).where(Task.id == task_id)).first() is None:
+            return None  # deleted since the fold was asked for
+        conn.execute(
+            _insert(conn)(Summary).values(task_id=task_id, through_seq=0, text="", updated_at=now)
+            .on_conflict_do_nothing(index_elements=[Summary.task_id])
+        )
+        row = conn.execute(hold).first()
+        if row is None:
+            return None
     if row.stale:
         conn.execute(update(Summary).where(Summary.task_id == task_id).values(through_seq=0, text="", stale=False))
         return 0, ""

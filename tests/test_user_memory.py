@@ -42,11 +42,11 @@ def _config(upstream: Upstream, folder: Path, user_id: str = "meta.user_id") -> 
     return str(config)
 
 
-def _ask(server: Any, task_id: str, text: str, *, user: str | None, app: str, model: str = "m", **extra: str) -> None:
+def _ask(server: Any, task_id: str, text: str, *, user: str | None, app: str | None, model: str = "m", **extra: str) -> None:
     body = {"MetaInfo": {"user_id": user}} if user is not None else {}
     server.client(timeout=10).chat.completions.create(
         model=model, messages=[{"role": "user", "content": text}], extra_body=body,
-        extra_headers=headers(task_id, **{"X-Sdk-App-Id": app, **extra}),
+        extra_headers=headers(task_id, **({"X-Sdk-App-Id": app} if app is not None else {}), **extra),
     )
 
 
@@ -120,19 +120,23 @@ def test_a_users_next_task_starts_with_their_memory_and_nobody_elses_does(two_pr
 def test_an_idle_task_is_folded_without_a_902_and_the_user_can_be_the_header(
     start_proxy, upstream: Upstream, migrated_url: str, tmp_path: Path
 ) -> None:
+    """Also without X-Sdk-App-Id: the memory's app is then empty, and the admin routes reach it
+    as app `-`."""
     config = _config(upstream, tmp_path, user_id="header.X-User-Id")
     server = start_proxy({"DATABASE_URL": migrated_url, "CONFIG_FILE": config, "ADMIN_API_KEYS": ADMIN_KEY,
                           "MEMORY_USER_IDLE_S": "1"}, in_process=True)
     tag = marker()
-    app, user = f"app-{tag}", f"user-{tag}"
-    _ask(server, f"task-{tag}-1", f"{tag} I am allergic to peanuts", user=None, app=app, **{"X-User-Id": user})
-    remembered = wait_until(lambda: _memory(server, app, user), timeout=30, what="the idle task folded")
+    user = f"user-{tag}"
+    _ask(server, f"task-{tag}-1", f"{tag} I am allergic to peanuts", user=None, app=None, **{"X-User-Id": user})
+    remembered = wait_until(lambda: _memory(server, "-", user), timeout=30, what="the idle task folded")
     assert "peanuts" in remembered[0]["text"]
-    _ask(server, f"task-{tag}-2", f"{tag} suggest a snack", user=None, app=app, **{"X-User-Id": user})
+    _ask(server, f"task-{tag}-2", f"{tag} suggest a snack", user=None, app=None, **{"X-User-Id": user})
     assert "peanuts" in _system(upstream, f"{tag} suggest a snack")
     # A request without a user id has no user memory (and a task of nobody's is folded nowhere).
-    _ask(server, f"task-{tag}-3", f"{tag} who am I?", user=None, app=app)
+    _ask(server, f"task-{tag}-3", f"{tag} who am I?", user=None, app=None)
     assert USER_MEMORY_HEADING not in _system(upstream, f"{tag} who am I?")
+    deleted = httpx.delete(server.url + f"/admin/v1/users/-/{user}", headers=ADMIN).json()["deleted"]
+    assert deleted["memories"] == 1 and _memory(server, "-", user) == []
 
 
 def _task_of(url: str, task_id: str, user: UserKey) -> None:

@@ -121,7 +121,7 @@ async function loadConversation(taskId) {
     `${task.rounds.length} rounds · ${when(task.first_activity)} to ${when(task.last_activity)}` +
     (task.ended_at ? ` · ended ${when(task.ended_at)} (LeaveCode ${task.leave_code ?? "-"})` : "");
   const user = endUser(task);
-  $("#delete-user").disabled = !(user.app && user.id);
+  $("#delete-user").disabled = !(user.app != null && user.id);
   $("#conversation-summary").textContent = task.summary
     ? `Summary of rounds 1-${task.summary.through_seq}${task.summary.stale ? " (being redone)" : ""}: ${task.summary.text}` : "";
   const memory = task.user_memory;
@@ -228,7 +228,8 @@ function endUser(task) {
 async function deleteUser() {
   const user = current && endUser(current);
   if (!user || !(await confirmed(`Delete every task and the memory of user ${user.id} (SdkAppId ${user.app})? This cannot be undone.`))) return;
-  await call(`admin/v1/users/${encodeURIComponent(user.app)}/${encodeURIComponent(user.id)}`, { method: "DELETE" });
+  // "-": no X-Sdk-App-Id came with the user's requests.
+  await call(`admin/v1/users/${encodeURIComponent(user.app || "-")}/${encodeURIComponent(user.id)}`, { method: "DELETE" });
   location.hash = "tasks";
 }
 
