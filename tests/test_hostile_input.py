@@ -96,7 +96,8 @@ def test_admin_identifiers_no_task_can_have(proxy: Proxy) -> None:
     for ident in ("a\x00b", "t" * 300):
         assert _admin(proxy, f"/admin/v1/tasks/{quote(ident)}").status_code == 404
         assert _admin(proxy, f"/admin/v1/tasks/{quote(ident)}", "DELETE").status_code == 404
-        assert _admin(proxy, f"/admin/v1/users/1400/{quote(ident)}", "DELETE").json() == {"deleted": {"tasks": []}}
+        assert _admin(proxy, f"/admin/v1/users/1400/{quote(ident)}", "DELETE").json() == {"deleted": {"tasks": [], "memories": 0}}
+        assert _admin(proxy, f"/admin/v1/users/{quote(ident)}/{quote(ident)}/memory").json()["data"] == []
         assert _admin(proxy, "/admin/v1/tasks", user_id=ident).status_code == 400
     cursor = "W1siMjAyNi0xMi0wMSIsICJ0XHUwMDAweCJdXQ=="  # a made-up cursor
     assert _admin(proxy, "/admin/v1/tasks", cursor=cursor).status_code == 400
