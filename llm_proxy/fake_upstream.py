@@ -184,8 +184,13 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
     async def fail(_request: Request) -> JSONResponse:
         return JSONResponse({"detail": "broken on purpose"}, status_code=500)
 
-    async def list_requests(_request: Request) -> JSONResponse:
-        return JSONResponse(list(requests))
+    async def list_requests(request: Request) -> JSONResponse:
+        """Every recorded request, or with `?marker=` those whose last message contains it (a
+        test's own, without sending the whole session's log)."""
+        marker = request.query_params.get("marker")
+        if marker is None:
+            return JSONResponse(list(requests))
+        return JSONResponse([r for r in requests if marker in str(((r["body"].get("messages") or [{}])[-1]).get("content"))])
 
     async def list_abandoned(_request: Request) -> JSONResponse:
         return JSONResponse(list(abandoned))

@@ -150,8 +150,7 @@ class Upstream(ServerProcess):
 
     def requests(self, marker: str) -> list[dict[str, Any]]:
         """Bodies of the chat requests whose last message contains `marker`."""
-        everything = httpx.get(self.url + "/_requests").json()
-        return [r["body"] for r in everything if marker in str(r["body"]["messages"][-1].get("content"))]
+        return [r["body"] for r in httpx.get(self.url + "/_requests", params={"marker": marker}).json()]
 
     def abandoned(self, marker: str) -> list[dict[str, Any]]:
         return [a for a in httpx.get(self.url + "/_abandoned").json() if marker in a["said"]]

@@ -99,8 +99,7 @@ def test_the_live_round_never_waits_for_the_summarizer(start_proxy, upstream: Up
     task_id = f"task-{tag}"
     for n in range(WINDOW + 4):  # a fold is asked for once a round left the window (round 6)
         _ask(server, task_id, f"{tag} {n}")
-    summarizing = wait_until(lambda: [r for r in httpx.get(upstream.url + "/_requests").json()
-                                      if "Summary so far" in str(r["body"]["messages"][-1]["content"]) and tag in str(r["body"])],
+    summarizing = wait_until(lambda: [r for r in upstream.requests("Summary so far") if tag in str(r)],
                              timeout=10, what="a summary asked for")
     assert summarizing and len(server.rounds(task_id)) == WINDOW + 4
     assert (_summary(server, task_id) or {}).get("through_seq", 0) == 0  # still being written
