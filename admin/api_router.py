@@ -107,15 +107,19 @@ async def delete_task(request: Request, task_id: str) -> Any:
 NO_APP = "-"
 
 
+def _user(sdk_app_id: str, user_id: str) -> tuple[str, str] | None:
+    """The user the path names, as stored; None when no user could have such ids."""
+    app = "" if sdk_app_id == NO_APP else sdk_app_id
+    return (app, user_id) if storable_id(app) and storable_id(user_id) else None
+
+
 @router.delete("/admin/v1/users/{sdk_app_id}/{user_id:path}")
 async def delete_user(request: Request, sdk_app_id: str, user_id: str) -> Any:
     """Every task of the user (and what belongs to them). A user with nothing stored is not an
     error: the request's aim, nothing stored for them, holds."""
     _authorize(request)
-    sdk_app_id = "" if sdk_app_id == NO_APP else sdk_app_id
-    gone, memories = ([], 0)
-    if storable_id(sdk_app_id) and storable_id(user_id):
-        gone, memories = await request.app.state.lifecycle.delete_user(sdk_app_id, user_id)
+    user = _user(sdk_app_id, user_id)
+    gone, memories = await request.app.state.lifecycle.delete_user(*user) if user else ([], 0)
     log.info("admin: deleted %d task(s) and %d memories of a user", len(gone), memories,
              extra={"sdk_app_id": sdk_app_id, "user_id": user_id})
     return JSONResponse({"deleted": {"tasks": gone, "memories": memories}})
@@ -125,8 +129,8 @@ async def delete_user(request: Request, sdk_app_id: str, user_id: str) -> Any:
 async def user_memory(request: Request, sdk_app_id: str, user_id: str) -> Any:
     """What is remembered of the user, per profile (`memory.per_user`); none is an empty list."""
     _authorize(request)
-    sdk_app_id = "" if sdk_app_id == NO_APP else sdk_app_id
-    data = await request.app.state.db.run(user_memories, sdk_app_id, user_id) if storable_id(sdk_app_id) and storable_id(user_id) else []
+    user = _user(sdk_app_id, user_id)
+    data = await request.app.state.db.run(user_memories, *user) if user else []
     return JSONResponse({"sdk_app_id": sdk_app_id, "user_id": user_id, "data": data})
 
 

@@ -112,7 +112,7 @@ class Database:
         stopping for it)."""
         if self._sqlite is not None:
             return self._sqlite.run(functools.partial(fn, **kwargs), *args, on_loop=False)
-        return asyncio.ensure_future(self._run_async(fn, *args, **kwargs))
+        return self.run(fn, *args, **kwargs)
 
     def run_autocommit(
         self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs

@@ -79,9 +79,9 @@ class MemoryConfig(_Strict):
     # Where the end user's id comes from: `meta.KEY` (a MetaInfo or extra body field set by the
     # business server) or `header.X-User-Id`; unset: `meta.user_id`.
     user_id: str | None = Field(default=None, pattern=r"^(meta\.[A-Za-z0-9_\-]+|header\.X-User-Id)$")
-    # The model that writes summaries (default: the profile's upstream).
+    # The model that writes summaries and users' memories (default: the profile's upstream).
     upstream: UpstreamConfig | None = None
-    # The longest summary kept, in characters.
+    # The longest summary or user memory kept, in characters.
     max_chars: int = Field(default=2000, ge=100, le=20_000)
 
 

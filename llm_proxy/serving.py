@@ -164,15 +164,17 @@ class ChatService:
                 return _replay(claim, answered, call)
             head = _head(claim, turn)
             limits = agent.profile.history
+            window_rounds = self.settings.history_max_rounds if limits.max_rounds is None else limits.max_rounds
             loaded = await self._history(claim)
             history = window(
-                loaded,
-                self.settings.history_max_rounds if limits.max_rounds is None else limits.max_rounds,
+                loaded, window_rounds,
                 self.settings.history_max_tokens if limits.max_tokens is None else limits.max_tokens,
             )
             memory = agent.profile.memory
             if self.memory is not None and (memory.summary or memory.per_user):
-                history, system = await self._remember(claim, agent, turn, prompt_context, loaded, history, system, call.model)
+                history, system = await self._remember(
+                    claim, agent, turn, prompt_context, loaded, history, window_rounds, system, call.model
+                )
             return await self._start(claim, head, upstream_messages(system, history, head), calls, started)
         except asyncio.CancelledError:
             await self._abandon(claim, turn, call, started)
@@ -290,7 +292,7 @@ class ChatService:
 
     async def _remember(
         self, claim: Claim, agent: Agent, turn: Turn, context: PromptContext, loaded: list[StoredRound],
-        history: list[StoredRound], system: list[Msg], model: str,
+        history: list[StoredRound], window_rounds: int, system: list[Msg], model: str,
     ) -> tuple[list[StoredRound], list[Msg]]:
         """The round's history and system messages with what memory holds for it: the user's
         memory as the task began, the task's summary and the rounds it does not cover yet. A
@@ -304,8 +306,6 @@ class ChatService:
         view = await self.memory.view(claim.task_id, claim.edits, user, model)
         summary = None
         if memory.summary:
-            limit = agent.profile.history.max_rounds
-            window_rounds = self.settings.history_max_rounds if limit is None else limit
             history, fold_to = with_summary(loaded, history, view, claim.seq, window_rounds)
             if fold_to is not None:
                 self.memory.fold_up_to(claim.task_id, fold_to, agent, model)

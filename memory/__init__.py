@@ -1,1 +1,2 @@
-"""Memory beyond the history window: a task's rolling summary of the rounds that left it."""
+"""Memory beyond the history window: a task's rolling summary, and each end user's memory across
+their tasks."""

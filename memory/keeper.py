@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
@@ -108,7 +109,7 @@ class Keeper:
         cached = self._views.get(task_id)
         if cached is not None:
             edits, view = cached
-            self._views[task_id] = (edits, MemoryView(through_seq, text or None, False, view.user_memory))
+            self._views[task_id] = (edits, replace(view, through_seq=through_seq, summary=text or None, stale=False))
 
     async def _run(self, task_id: str) -> None:
         try:

@@ -29,17 +29,15 @@ def _authorize(request: Request) -> str:
 
 @router.post("/v1/audio/speech")
 async def create_speech(request: Request) -> Response:
+    """A `SpeechError` raised here is answered by the app's `ApiError` handler."""
+    key = _authorize(request)
+    service: TtsService = request.app.state.tts
     try:
-        key = _authorize(request)
-        service: TtsService = request.app.state.tts
-        try:
-            raw = await read_body(request, service.settings.max_request_bytes)
-        except BodyTooLarge as exc:
-            raise SpeechError(exc.status, str(exc), code="request_too_large") from exc
-        body = parse_request(raw)
-        speech = await speak(service, body, key)
-    except SpeechError as error:
-        return error.response()
+        raw = await read_body(request, service.settings.max_request_bytes)
+    except BodyTooLarge as exc:
+        raise SpeechError(exc.status, str(exc), code="request_too_large") from exc
+    body = parse_request(raw)
+    speech = await speak(service, body, key)
     log.info("speech %d chars, %s, voice %s, speed %g, model %r, %s", len(body.input), body.response_format,
              ",".join(speech.voices), body.speed, body.model[:64], body.stream_format)
     headers = {"X-TTS-Voice": ",".join(speech.voices)}
@@ -52,10 +50,7 @@ async def create_speech(request: Request) -> Response:
 @router.get("/v1/audio/voices")
 async def list_voices(request: Request) -> Any:
     """The installed voices with their languages and other names (OpenAI's included), for pickers."""
-    try:
-        _authorize(request)
-    except SpeechError as error:
-        return error.response()
+    _authorize(request)
     voices = request.app.state.tts.voices
     return JSONResponse({
         "default": voices.default,

@@ -6,15 +6,12 @@ OpenAI's formats are fixed: 24 kHz mono for all of them (`pcm` is raw 16-bit lit
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.responses import JSONResponse
 
+from core.errors import ApiError
 from core.limits import InvalidJson, parse_json
-
-log = logging.getLogger("trtc.tts")
 
 RATE = 24_000
 # OpenAI's `response_format` -> (this server's codec, the response's content type).
@@ -29,23 +26,16 @@ FORMATS: dict[str, tuple[str, str]] = {
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 
 
-class SpeechError(Exception):
-    """An error in OpenAI's shape, with its status."""
+class SpeechError(ApiError):
+    """The chat proxy's OpenAI-shaped error (answered and logged by the app's handler), with the
+    parameter it is about: the speech API's errors name it, `null` when none."""
 
     def __init__(self, status: int, message: str, *, code: str | None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
+        super().__init__(status, message, "invalid_request_error" if status < 500 else "server_error", code)
         self.param = param
 
-    def response(self) -> JSONResponse:
-        level = logging.WARNING if self.status < 500 else logging.ERROR
-        log.log(level, "speech %s %s: %s", self.status, self.code, self.message, extra={"code": self.code})
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return JSONResponse(
-            {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}, status_code=self.status
-        )
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {**super().body()["error"], "param": self.param}}
 
 
 class SpeechRequest(BaseModel):
