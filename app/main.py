@@ -118,7 +118,8 @@ async def _open_chat(
         return build_agents(load_profiles(settings, api_keys), all_tools, default_tools, clients)
 
     chat = ChatService(settings, db, agents(), lease)
-    memory = Keeper(db, clients, lambda: chat.agents, lease.id, settings.history_cache_tasks, settings.memory_user_idle_s)
+    memory = Keeper(db, clients, lambda: chat.agents, lease.id, settings.history_cache_tasks,
+                    settings.memory_user_idle_s, settings.memory_fold_timeout_s)
     await memory.start()
     stack.push_async_callback(memory.stop)
     chat.memory = memory

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # Per-user memory (a profile's `memory.per_user`): a task without a round for this long has
     # its rounds folded into its user's memory (as a 902 does at once).
     memory_user_idle_s: float = Field(default=900.0, gt=0)
+    # The longest one call of the memory upstream may take, however it trickles; past it the
+    # fold counts as failed (the memory stays as it was) and is asked again later.
+    memory_fold_timeout_s: float = Field(default=60.0, gt=0)
 
     # Server-side tools: the built-ins, Python modules, an HTTP tools file; TOOLS_ENABLED (comma
     # list, empty for none) narrows them. Tools run concurrently, each with a timeout.

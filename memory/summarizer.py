@@ -3,12 +3,15 @@ rolling summary or what is remembered about a user across their tasks."""
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from llm_proxy.agents import Agent, UpstreamClients
 from llm_proxy.context import Msg
+from llm_proxy.speech import ThinkFilter
 from llm_proxy.upstream import Upstream
 
 SUMMARY_INSTRUCTIONS = (
@@ -45,8 +48,25 @@ class Writer:
         return Writer(clients.get(memory.upstream), memory.upstream.model or model, memory.max_chars)
 
 
-async def fold(writer: Writer, instructions: str, previous: str, messages: list[Msg]) -> str:
-    """The text so far with the exchanges in `messages` folded in, cut to `max_chars`."""
+class FoldFailed(Exception):
+    """The memory upstream gave no text to keep (nothing but whitespace or reasoning, or nothing
+    in time): the memory stays as it was, and the fold counts as failed and is asked again."""
+
+
+# How many characters of the raw answer (think blocks included) are read per character kept:
+# a model that reasons first still gets its answer in, one that never stops is cut off.
+_RAW_PER_KEPT = 4
+_RAW_SLACK = 16_000
+
+
+async def fold(writer: Writer, instructions: str, previous: str, messages: list[Msg], *, deadline_s: float) -> str:
+    """The text so far with the exchanges in `messages` folded in, cut to `max_chars`.
+
+    The answer is bounded three ways, since nothing in it can be trusted: the upstream is asked for
+    at most `2 * max_chars` tokens (a token is at least a character in the tokenizers in use, and
+    a reasoning model's think block needs room too), reading stops once `max_chars` characters of
+    answer (or `4 * max_chars + 16,000` of raw text) have come, and the whole call has `deadline_s`.
+    `<think>` blocks are taken out, as from live rounds."""
     exchanges = "\n".join(
         f"{'User' if m['role'] == 'user' else 'Assistant'}: {m.get('content') or ''}"
         for m in messages
@@ -56,5 +76,35 @@ async def fold(writer: Writer, instructions: str, previous: str, messages: list[
         SystemMessage(content=instructions.format(max_chars=writer.max_chars)),
         HumanMessage(content=f"Summary so far:\n{previous or '(none)'}\n\nNew exchanges:\n{exchanges}"),
     ]
-    parts = [delta.text async for delta in writer.upstream.stream(prompt, model=writer.model, params={}, include_usage=False) if delta.text]
-    return "".join(parts).strip()[: writer.max_chars]
+    params = {"max_tokens": 2 * writer.max_chars}
+    try:
+        async with asyncio.timeout(deadline_s):
+            text = await _bounded_answer(writer, prompt, params)
+    except TimeoutError:
+        raise FoldFailed(f"the memory upstream did not answer within {deadline_s:g} s") from None
+    text = text.strip()[: writer.max_chars].strip()
+    if not text:
+        raise FoldFailed("the memory upstream answered no text")
+    return text
+
+
+async def _bounded_answer(writer: Writer, prompt: list[SystemMessage | HumanMessage], params: dict[str, int]) -> str:
+    think = ThinkFilter()
+    kept: list[str] = []
+    kept_chars = raw_chars = 0
+    raw_limit = _RAW_PER_KEPT * writer.max_chars + _RAW_SLACK
+    # `aclosing`: stopping early closes the response, which stops the upstream generating.
+    async with aclosing(writer.upstream.stream(prompt, model=writer.model, params=params, include_usage=False)) as deltas:
+        async for delta in deltas:
+            if not delta.text:
+                continue
+            raw_chars += len(delta.text)
+            piece = think.feed(delta.text)
+            kept.append(piece)
+            kept_chars += len(piece)
+            # Leading whitespace is stripped later: keep reading until the bound holds without it.
+            if kept_chars > writer.max_chars + 64 or raw_chars > raw_limit:
+                break
+        else:
+            kept.append(think.flush())
+    return "".join(kept)

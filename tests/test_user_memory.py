@@ -13,10 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from llm_proxy.agents import USER_MEMORY_HEADING
 from llm_proxy.memory_context import UserKey
+from llm_proxy.models import Task
 from memory import store
 from memory.models import Summary
 from orchestrator.protocol import sign
@@ -173,3 +174,24 @@ def test_a_crashed_fold_is_taken_over_and_two_tasks_of_a_user_folded_at_once_los
     run_db(migrated_url, delete_tasks, [one])
     assert run_db(migrated_url, store.write_user_memory, one, "process-b", taken_over, 1, "resurrected", 2) is None
     assert run_db(migrated_url, store.user_memory, user) == ("from one and two", 2)
+
+
+def test_a_backlog_of_idle_tasks_is_folded_at_once_not_a_batch_a_minute(
+    start_proxy, upstream: Upstream, migrated_url: str, tmp_path: Path
+) -> None:
+    """40 tasks idle for longer than MEMORY_USER_IDLE_S (900 s, whose sweep period is a minute):
+    a process that starts folds them all in its first sweep, batch after batch."""
+    tag = marker()
+    tasks = [f"task-{tag}-{n}" for n in range(40)]
+    for n, task_id in enumerate(tasks):
+        _task_of(migrated_url, task_id, UserKey(f"app-{tag}", "companion", f"user-{tag}-{n}"))
+    run_db(migrated_url, lambda conn: conn.execute(
+        update(Task).where(Task.id.in_(tasks)).values(updated_at=datetime.now(timezone.utc) - timedelta(hours=1))))
+    start_proxy({"DATABASE_URL": migrated_url, "CONFIG_FILE": _config(upstream, tmp_path)}, in_process=True)
+
+    def folded() -> bool:
+        rows = run_db(migrated_url, lambda conn: conn.execute(
+            select(Summary.user_folded_seq).where(Summary.task_id.in_(tasks))).scalars().all())
+        return len(rows) == 40 and all(seq == 1 for seq in rows)
+
+    wait_until(folded, timeout=20, what="every idle task folded")
