@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from admin.queries import TaskFilter, as_utc, decode_cursor, list_tasks, stats, task_detail, user_memories
 from core.auth import is_authorized
 from core.errors import ApiError, bad_request, not_found, unauthorized
-from llm_proxy.models import ID_MAX_CHARS, storable_id
+from llm_proxy.models import ID_MAX_CHARS, NO_APP, storable_id
 
 log = logging.getLogger("trtc.admin")
 router = APIRouter()
@@ -102,9 +102,6 @@ async def delete_task(request: Request, task_id: str) -> Any:
     log.info("admin: deleted task", extra={"task_id": task_id})
     return JSONResponse({"deleted": {"tasks": [task_id]}})
 
-
-# The app segment of a user whose requests carried no X-Sdk-App-Id (their memory's app is empty).
-NO_APP = "-"
 
 
 def _user(sdk_app_id: str, user_id: str) -> tuple[str, str] | None:

@@ -42,6 +42,9 @@ ROUND_COMPLETED = "completed"
 ROUND_INTERRUPTED = "interrupted"
 FINISHED_STATUSES = (ROUND_COMPLETED, ROUND_INTERRUPTED)
 ID_MAX_CHARS = 256
+# The app of requests without X-Sdk-App-Id in the admin API's user routes; refused as a header value,
+# so that the two cannot be confused there.
+NO_APP = "-"
 
 
 def storable_id(value: str) -> bool:

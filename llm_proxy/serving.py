@@ -45,7 +45,7 @@ from llm_proxy.disconnect import runs_to_the_end
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.live_round import LiveRound, UpstreamCall, elapsed_ms
 from llm_proxy.memory_context import MemoryKeeper, user_key, with_summary
-from llm_proxy.models import ID_MAX_CHARS
+from llm_proxy.models import ID_MAX_CHARS, NO_APP
 from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
 from llm_proxy.recovery import Lease, PendingRound
@@ -79,6 +79,12 @@ def task_info(headers: Mapping[str, str]) -> TaskInfo | None:
         room_id=headers.get("x-room-id") or None,
         room_id_type=headers.get("x-room-id-type") or None,
     )
+    if info.sdk_app_id == NO_APP:
+        raise bad_request(
+            f"Header X-Sdk-App-Id {NO_APP!r} is reserved: it is how the admin API names the requests sent without "
+            "the header. Send the TRTC SdkAppId, or no header.",
+            "reserved_app_id",
+        )
     values = (info.task_id, info.request_id, info.sdk_app_id, info.user_id, info.room_id, info.room_id_type)
     for header, value in zip(_ID_HEADERS, values):
         if value is not None and len(value) > ID_MAX_CHARS:

@@ -158,3 +158,24 @@ def test_the_memory_fields_are_checked(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as refused:
             load_file(config)
         assert said in str(refused.value)
+
+
+def test_a_memory_upstream_that_answers_nothing_leaves_the_summary_as_it_was(
+    start_proxy, upstream: Upstream, migrated_url: str, tmp_path: Path
+) -> None:
+    """Its empty answer is a failed fold, not an empty summary over rounds now out of every
+    context; the failure is logged with the fold's own task, not a request's id."""
+    server = start_proxy({"DATABASE_URL": migrated_url, "CONFIG_FILE": _config(upstream, tmp_path, "m[[reply:  ]]")})
+    task_id = f"task-{marker()}"
+    for n in range(WINDOW + 2):
+        _ask(server, task_id, f"turn {n}")
+
+    def failure() -> dict[str, Any] | None:
+        lines = (json.loads(line) for line in server.logs().splitlines() if line.startswith("{"))
+        return next((line for line in lines if line["msg"].startswith("memory not written")), None)
+
+    logged = wait_until(failure, what="the failed fold logged")
+    assert logged["task_id"] == task_id and logged["fold"] == "summary" and "request_id" not in logged
+    assert "no text" in logged["msg"]
+    summary = _summary(server, task_id)
+    assert summary is not None and (summary["through_seq"], summary["text"]) == (0, "")

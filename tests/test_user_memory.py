@@ -22,7 +22,7 @@ from memory import store
 from memory.models import Summary
 from orchestrator.protocol import sign
 from tests.conftest import ADMIN_KEY, CALLBACK_KEY
-from tests.support import Upstream, headers, marker, run_db, wait_until
+from tests.support import API_KEY, Upstream, headers, marker, run_db, wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -138,6 +138,10 @@ def test_an_idle_task_is_folded_without_a_902_and_the_user_can_be_the_header(
     assert USER_MEMORY_HEADING not in _system(upstream, f"{tag} who am I?")
     deleted = httpx.delete(server.url + f"/admin/v1/users/-/{user}", headers=ADMIN).json()["deleted"]
     assert deleted["memories"] == 1 and _memory(server, "-", user) == []
+    # `-` names "no app" there, so no request may call its app that.
+    refused = httpx.post(server.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                         headers={"Authorization": f"Bearer {API_KEY}", **headers(f"task-{tag}-4", **{"X-Sdk-App-Id": "-"})})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "reserved_app_id"
 
 
 def _task_of(url: str, task_id: str, user: UserKey) -> None:
