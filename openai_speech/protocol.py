@@ -55,7 +55,15 @@ class SpeechRequest(BaseModel):
     @field_validator("voice", mode="before")
     @classmethod
     def _voice_id(cls, value: Any) -> Any:
-        return value.get("id") if isinstance(value, dict) else value
+        """A name, or the object's `id`: an empty one, or an object without `id`, is refused as
+        OpenAI refuses it (not taken for "the default voice")."""
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            value = value.get("id")
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError('must be a voice name or {"id": NAME}')
+        return value
 
     @property
     def codec(self) -> str:

@@ -168,6 +168,8 @@ def test_voices_names_and_aliases(start_tts, tmp_path: Path) -> None:
     ("change", "status", "param", "says"),
     [
         ({"voice": "no-such-voice"}, 400, "voice", "no-such-voice"),
+        ({"voice": ""}, 400, "voice", "voice name"),
+        ({"voice": {"name": "alloy"}}, 400, "voice", "voice name"),
         ({"input": ""}, 400, "input", "input"),
         ({"input": "x" * 5000}, 400, "input", "characters"),
         ({"response_format": "ogg"}, 400, "response_format", "response_format"),
@@ -183,6 +185,12 @@ def test_bad_requests_get_openais_error_shape(tts: Proxy, change: dict, status: 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["param"] == param and says in error["message"]
+
+
+def test_an_enormous_voice_name_is_not_echoed_whole(tts: Proxy) -> None:
+    body = {"model": "tts-1", "voice": "v" * 100_000, "input": "Hello."}
+    response = httpx.post(tts.url + "/v1/audio/speech", json=body, headers={"Authorization": f"Bearer {TTS_KEY}"})
+    assert response.status_code == 400 and len(response.content) < 2000
 
 
 def test_the_client_sees_openais_errors(tts: Proxy) -> None:

@@ -97,6 +97,13 @@ def test_the_piper_voice_at_other_rates(tts: Proxy, rate: int) -> None:
     assert _rms(data) > 300
 
 
+def test_null_fields_mean_their_defaults(tts: Proxy) -> None:
+    response = _post(tts, {"Text": "Hi.", "Format": None, "SampleRate": None, "Channel": None, "Voice": None})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("audio/wav")
+    with wave.open(io.BytesIO(response.content)) as wav:
+        assert (wav.getframerate(), wav.getnchannels()) == (16000, 1)
+
+
 def test_the_spelling_sample_rate_with_a_space_is_accepted(tts: Proxy) -> None:
     response = _post(tts, {"Text": "Hi.", "Format": "wav", "Sample Rate": 8000})
     with wave.open(io.BytesIO(response.content)) as wav:

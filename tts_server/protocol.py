@@ -87,7 +87,8 @@ def parse_request(raw: bytes) -> TtsRequest:
     if not isinstance(text, str) or not text.strip():
         raise TtsError(400, "MISSING_TEXT", "`Text` is required and must be a non-empty string.")
     try:
-        return TtsRequest.model_validate(body)
+        # A field sent as null means its default, as one left out does.
+        return TtsRequest.model_validate({key: value for key, value in body.items() if value is not None})
     except ValidationError as exc:
         raise TtsError(400, _error_code(exc), _describe(exc)) from exc
 
@@ -112,5 +113,5 @@ def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "body"
-        parts.append(hints.get(field, f"`{field}`: {error['msg']}") + f" (got {error.get('input')!r})")
+        parts.append(hints.get(field, f"`{field}`: {error['msg']}") + f" (got {error.get('input')!r:.80})")
     return "; ".join(parts) + "."

@@ -157,8 +157,9 @@ class TtsService:
         name = requested or self._key_voices.get(api_key or "") or self.voices.default
         voice = self.voices.get(name)
         if voice is None:
-            names = ", ".join(info.name for info in self.voices.infos)
-            raise TtsError(400, "UNKNOWN_VOICE", f"No voice {name!r}; installed: {names}.")
+            names = [info.name for info in self.voices.infos]
+            listed = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+            raise TtsError(400, "UNKNOWN_VOICE", f"No voice {name[:80]!r}; installed: {listed}.")
         return voice
 
     def plan(self, request: Utterance, voice: Voice) -> list[Piece]:
