@@ -167,6 +167,9 @@ def _check_config(settings: Settings, file: Path | None) -> list[str]:
     except (ConfigError, ToolConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
+    for profile in profiles:
+        for warning in profile.warnings():
+            typer.echo(f"warning: {warning}", err=True)
     return [profile.name for profile in profiles]
 
 

@@ -13,6 +13,7 @@ substitutes values and nothing else (no attribute access, no format specs, no co
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import string
@@ -34,6 +35,8 @@ TEMPLATE_VARIABLES = frozenset(
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+log = logging.getLogger("trtc.profiles")
+
 class ConfigError(ValueError):
     """The profiles file is wrong; the message says where and how."""
 
@@ -52,6 +55,13 @@ class UpstreamConfig(_Strict):
     # Also send the request's fields that are no OpenAI parameter (MetaInfo's, say), for a
     # model server that reads them; OpenAI's own API refuses unknown fields with 400.
     forward_extra_fields: bool = False
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not re.match(r"https?://[^/\s]", value, re.IGNORECASE):
+            raise ValueError(f"must be an http:// or https:// URL (got {value[:80]!r})")
+        return value
 
     @property
     def label(self) -> str:
@@ -121,6 +131,23 @@ class Profile(_Strict):
         if value is not None:
             template_fields(value)
         return value
+
+    def warnings(self) -> list[str]:
+        """What the profile says that does nothing (allowed, so that a file can be switched on and
+        off piece by piece): `config check` prints these, `serve` logs them."""
+        said = f"profile {self.name!r}"
+        fields = set(template_fields(self.system_prompt)) if self.system_prompt else set()
+        memory = self.memory
+        found = []
+        if "user_memory" in fields and not memory.per_user:
+            found.append(f"{said}: {{user_memory}} in system_prompt is always empty: memory.per_user is off")
+        if "summary" in fields and not memory.summary:
+            found.append(f"{said}: {{summary}} in system_prompt is always empty: memory.summary is off")
+        if memory.user_id is not None and not memory.per_user:
+            found.append(f"{said}: memory.user_id is not used: memory.per_user is off")
+        if memory.upstream is not None and not (memory.summary or memory.per_user):
+            found.append(f"{said}: memory.upstream is not used: memory.summary and memory.per_user are off")
+        return found
 
 
 class ProfilesFile(_Strict):
@@ -314,4 +341,8 @@ def implicit_profile(settings: Settings) -> Profile:
 def load_profiles(settings: Settings, api_keys: list[str]) -> Profiles:
     if settings.config_file is None:
         return Profiles([implicit_profile(settings)], api_keys)
-    return Profiles(load_file(settings.config_file).profiles, api_keys)
+    profiles = load_file(settings.config_file).profiles
+    for profile in profiles:
+        for warning in profile.warnings():
+            log.warning("%s: %s", settings.config_file, warning)
+    return Profiles(profiles, api_keys)

@@ -264,6 +264,18 @@ def test_config_check_and_a_server_start_report_a_bad_file(tmp_path: Path, start
     assert served.returncode == 1 and "unknown template variable {nickname}" in served.stderr
 
 
+def test_config_check_warns_of_what_does_nothing_and_refuses_a_url_that_is_not_http(tmp_path: Path) -> None:
+    idle = _write(tmp_path, "profiles:\n  - name: bot\n    system_prompt: 'Known: {user_memory}'\n"
+                  "    memory: {user_id: header.X-User-Id}\n", "idle.yaml")
+    checked = subprocess.run([CLI, "config", "check", str(idle)], capture_output=True, text=True)
+    assert checked.returncode == 0 and "ok, 1 profile(s)" in checked.stdout
+    assert "warning: profile 'bot': {user_memory} in system_prompt is always empty: memory.per_user is off" in checked.stderr
+    assert "memory.user_id is not used" in checked.stderr
+    ftp = _write(tmp_path, "profiles:\n  - name: bot\n    memory: {summary: true, upstream: {base_url: 'ftp://x/v1'}}\n", "ftp.yaml")
+    checked = subprocess.run([CLI, "config", "check", str(ftp)], capture_output=True, text=True)
+    assert checked.returncode == 1 and "must be an http:// or https:// URL" in checked.stderr
+
+
 # -- MetaInfo: flattened or nested, in templates, kept with the round, upstream only when asked --
 
 
