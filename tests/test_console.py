@@ -120,7 +120,10 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     assert "current_time" in tool.find_element(By.TAG_NAME, "summary").text
     assert tool.get_attribute("open") is None  # folded
     assert "interrupted" in second.find_element(By.TAG_NAME, "header").text
-    assert "(LeaveCode 99)" in browser.find_element(By.ID, "conversation-meta").text
+    meta = browser.find_element(By.ID, "conversation-meta").text
+    assert "(LeaveCode 99)" in meta and "2 rounds" in meta
+    # The page names its icon (none), so the browser asks for no /favicon.ico.
+    assert browser.find_element(By.CSS_SELECTOR, 'link[rel="icon"]').get_attribute("href") == "data:,"
     struck = second.find_element(By.CSS_SELECTOR, ".unheard")
     assert struck.text.strip() == reply.removeprefix("Sure.").strip()
     assert struck.value_of_css_property("text-decoration-line") == "line-through"
@@ -157,6 +160,8 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     Select(browser.find_element(By.ID, "tts-api")).select_by_value("openai")
     options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#tts-format option")]
     assert options == ["mp3", "opus", "aac", "flac", "wav", "pcm"]
+    rate = Select(browser.find_element(By.ID, "tts-rate"))
+    assert rate.first_selected_option.text == "24000" and not browser.find_element(By.ID, "tts-rate").is_enabled()
     normal = {}
     for fmt in ("flac", "opus", "pcm"):
         _speak_as(browser, fmt)

@@ -112,13 +112,19 @@ async function loadTasks(more) {
 
 let current = null;
 
+// The rounds the user spoke, as the task list counts them; the welcome (round 0) said apart.
+function roundCount(rounds) {
+  const spoken = rounds.filter((r) => r.finish_reason !== "welcome").length;
+  return `${spoken} round${spoken === 1 ? "" : "s"}` + (spoken < rounds.length ? " and the welcome" : "");
+}
+
 async function loadConversation(taskId) {
   const task = await getJson(`admin/v1/tasks/${encodeURIComponent(taskId)}`);
   current = task;
   $("#conversation-title").textContent = task.task_id;
   $("#conversation-meta").textContent =
     `user ${task.user_id ?? "-"} · room ${task.room_id ?? "-"} · SdkAppId ${task.sdk_app_id ?? "-"} · ` +
-    `${task.rounds.length} rounds · ${when(task.first_activity)} to ${when(task.last_activity)}` +
+    `${roundCount(task.rounds)} · ${when(task.first_activity)} to ${when(task.last_activity)}` +
     (task.ended_at ? ` · ended ${when(task.ended_at)} (LeaveCode ${task.leave_code ?? "-"})` : "");
   const user = endUser(task);
   $("#delete-user").disabled = !(user.app != null && user.id);
@@ -288,7 +294,12 @@ const OPENAI_RATE = 24000;
 function pickApi() {
   const api = $("#tts-api").value;
   $("#tts-format").replaceChildren(...TTS_FORMATS[api].map(([value, label]) => el("option", { value }, label)));
-  $("#tts-rate").disabled = api === "openai";
+  // OpenAI's audio is always 24 kHz: shown as such (greyed) while that API is picked, and the
+  // operator's own choice back when they return to the TRTC route.
+  const rate = $("#tts-rate");
+  if (api === "openai" && !rate.disabled) { rate.dataset.chosen = rate.value; rate.value = String(OPENAI_RATE); }
+  if (api !== "openai" && rate.disabled) rate.value = rate.dataset.chosen || "16000";
+  rate.disabled = api === "openai";
 }
 
 // The request for the chosen API: the TRTC route takes speed in its URL, OpenAI's in its body.
