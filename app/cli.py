@@ -12,7 +12,7 @@ import uvicorn
 
 from core.auth import resolve_api_keys
 from core.db import database_url
-from app.http_protocol import LingeringHttpToolsProtocol
+from app.http_protocol import GuardedHttpToolsProtocol
 from core.settings import Settings, SettingsError, get_settings, load_settings
 
 # Commands import what they use inside their own body: `trtc-backend --help` and `db upgrade` stay
@@ -57,7 +57,7 @@ def serve(
         port=port,
         workers=workers,
         loop="uvloop",
-        http=LingeringHttpToolsProtocol,
+        http=GuardedHttpToolsProtocol,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,

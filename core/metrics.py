@@ -46,6 +46,13 @@ LLM_ADDED = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+HTTP_REFUSED = Counter(
+    "trtc_http_refused_total",
+    "Connections refused before any route ran, by reason (head_too_large, head_timeout, "
+    "too_many_connections, malformed).",
+    ["reason"],
+)
+
 
 TTS_STREAMS = Counter(
     "trtc_tts_streams_total",

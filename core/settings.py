@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     # under 1 MB.
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
 
+    # Every connection, before any route or key check: a request head (request line and headers)
+    # larger than this gets 431; one not complete this long after the connection opened (or its
+    # first byte came, on a kept-alive one) gets 408; connections past the cap get 503 at once.
+    # The cap is lowered to what the process's file descriptors allow (`app/http_protocol.py`).
+    http_max_head_bytes: int = Field(default=64 * 1024, ge=4096, le=1024 * 1024)
+    http_head_timeout_s: float = Field(default=5.0, gt=0)
+    http_max_connections: int = Field(default=1000, ge=1)
+
     history_max_rounds: int = Field(default=50, ge=0)
     history_max_tokens: int = Field(default=8000, ge=0)
     # How long a round waits for an earlier one of its task that is still streaming in a live

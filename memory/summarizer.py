@@ -7,7 +7,7 @@ import asyncio
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 
 from llm_proxy.agents import Agent, UpstreamClients
 from llm_proxy.context import Msg
@@ -72,7 +72,7 @@ async def fold(writer: Writer, instructions: str, previous: str, messages: list[
         for m in messages
         if m["role"] in ("user", "assistant") and m.get("content")
     )
-    prompt = [
+    prompt: list[BaseMessage] = [
         SystemMessage(content=instructions.format(max_chars=writer.max_chars)),
         HumanMessage(content=f"Summary so far:\n{previous or '(none)'}\n\nNew exchanges:\n{exchanges}"),
     ]
@@ -88,7 +88,7 @@ async def fold(writer: Writer, instructions: str, previous: str, messages: list[
     return text
 
 
-async def _bounded_answer(writer: Writer, prompt: list[SystemMessage | HumanMessage], params: dict[str, int]) -> str:
+async def _bounded_answer(writer: Writer, prompt: list[BaseMessage], params: dict[str, int]) -> str:
     think = ThinkFilter()
     kept: list[str] = []
     kept_chars = raw_chars = 0

@@ -221,14 +221,14 @@ class InProcessProxy(_Served):
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        from app.http_protocol import LingeringHttpToolsProtocol
+        from app.http_protocol import protocol_for
         from app.main import create_app
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         with mock.patch.dict(os.environ, self.env):
             settings = Settings()
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, http=LingeringHttpToolsProtocol,
+            create_app(settings), host="127.0.0.1", port=self.port, http=protocol_for(settings),
             log_config=None, access_log=False, lifespan="on",
         )
         self._server = uvicorn.Server(config)
