@@ -102,7 +102,8 @@ async def _open_chat(
     from memory.keeper import Keeper
     from orchestrator.callbacks import CallbackService
 
-    db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
+    db = Database(settings.resolved_database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+                  wal_max_mb=settings.sqlite_wal_max_mb)
     stack.push_async_callback(db.dispose)
     lease = Lease(db, settings.instance_lease_s, chores=RETENTION if settings.retention_days else None)
     await lease.start()

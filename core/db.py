@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import sqlite3
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,14 +79,15 @@ def is_sqlite(url: str) -> bool:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20, wal_max_mb: int = 64) -> None:
+        """`wal_max_mb`: SQLite's WAL is emptied whenever it grows past this (0: never forced)."""
         parsed = database_url(url)
         self.dialect = parsed.get_backend_name()
         self._sqlite: _Sqlite | None = None
         self._async: AsyncEngine | None = None
         self._autocommit: AsyncEngine | None = None
         if self.dialect == "sqlite":
-            self._sqlite = _Sqlite(sqlite_engine(parsed))
+            self._sqlite = _Sqlite(sqlite_engine(parsed, wal_max_mb), wal_max_mb)
         else:
             self._async = create_async_engine(
                 parsed, pool_size=pool_size, max_overflow=max_overflow, pool_reset_on_return=None
@@ -173,18 +175,24 @@ class _Sqlite:
 
     BUSY_TIMEOUT_S = 30.0
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, wal_max_mb: int) -> None:
         self._engine = engine
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._queued = 0
         path = _sqlite_file(engine.url)
-        self.checkpointer = _Checkpointer(path) if path else None
+        self.checkpointer = _Checkpointer(path, wal_max_mb) if path else None
         # Kept open between transactions, which spares each one a pool checkout and return;
         # closed after a failure, so the next transaction starts on a fresh connection.
         self._conn: Connection | None = None
 
     def run(self, fn: Callable[..., T], *args: Any, on_loop: bool = True) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
+        if self.checkpointer is not None and self.checkpointer.wants_truncate:
+            # Queued ahead of this transaction and those that follow it: they wait the few ms it
+            # takes on the database thread, and the checkpoint does not race them for the lock.
+            self.checkpointer.wants_truncate = False
+            self._queued += 1
+            loop.run_in_executor(self._thread, self._truncate_wal, loop)
         if on_loop and self._queued == 0:
             done: asyncio.Future[T] = loop.create_future()
             try:
@@ -217,6 +225,29 @@ class _Sqlite:
 
     def _dequeue(self) -> None:
         self._queued -= 1
+
+    def _truncate_wal(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A TRUNCATE checkpoint on the serving connection (outside any transaction): copies what
+        the last passive checkpoint left, syncs, and empties the WAL. It waits up to `WAIT_MS` for
+        other processes' writers; this process's wait behind it on this thread."""
+        try:
+            if self._conn is None:
+                self._conn = self._engine.connect()
+            raw = self._conn.connection.dbapi_connection
+            assert raw is not None
+            raw.execute(f"PRAGMA busy_timeout={_Checkpointer.WAIT_MS}")
+            try:
+                busy = raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                raw.execute("PRAGMA busy_timeout=0")
+            if busy:
+                log.warning("SQLite's WAL is over its bound and other processes kept it busy for %d ms; tried again later",
+                            _Checkpointer.WAIT_MS)
+        except sqlite3.Error as exc:
+            log.warning("SQLite checkpoint failed: %s", exc)
+            self._close()
+        finally:
+            loop.call_soon_threadsafe(self._dequeue)
 
     def _transaction(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         if self._conn is None:
@@ -256,7 +287,8 @@ class _Sqlite:
 
 
 class _Checkpointer:
-    """Moves SQLite's WAL into the database file from a connection and thread of its own.
+    """Moves SQLite's WAL into the database file from a connection and thread of its own, and keeps
+    the WAL file from growing past `wal_max_mb`.
 
     SQLite's automatic checkpoint runs inside whichever commit takes the WAL past 1000 pages, and
     its fsyncs (8-10 ms on the 2-core test VM, more on a busy disk) then stall the event loop and
@@ -264,16 +296,33 @@ class _Checkpointer:
     nor waits for the write lock, so commits go on while it runs. The serving connection has
     `wal_autocheckpoint=0` (see `sqlite_engine`); every `EVERY` transactions one checkpoint is
     started here unless one still runs. Each worker process has its own; SQLite lets one run at a
-    time and the others return at once."""
+    time and the others return at once.
+
+    A passive checkpoint alone never lets the WAL start over under sustained writes: SQLite
+    rewinds the WAL only when a writer begins while every frame in it has been copied, and with
+    writes arriving all the time some always came after the checkpoint's snapshot (the file reached
+    1.65 GB that way). So when a passive checkpoint leaves a WAL larger than `wal_max_mb`, a
+    TRUNCATE checkpoint follows (`_Sqlite._truncate_wal`), queued on the database thread ahead of
+    this process's next transactions: it copies the few frames written since the passive one, syncs,
+    and empties the file, while those transactions wait a few ms there (not on the event loop).
+    Raced against the writers from another thread instead, it lost for seconds at a time and the
+    WAL kept growing. `journal_size_limit` trims the file to the same size whenever SQLite rewinds
+    it on its own."""
 
     EVERY = 200
+    # How long the TRUNCATE checkpoint waits for the writers and readers in flight to finish.
+    WAIT_MS = 2000
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, wal_max_mb: int) -> None:
         self._path = path
+        self._wal_max_bytes = wal_max_mb * 1024 * 1024
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
         self._conn: sqlite3.Connection | None = None
         self._since = 0
         self.last: Future[None] | None = None
+        # Set here once a passive checkpoint left the WAL over its bound; `_Sqlite` queues the
+        # TRUNCATE checkpoint ahead of its next transaction.
+        self.wants_truncate = False
 
     def transaction_done(self) -> None:
         self._since += 1
@@ -286,6 +335,8 @@ class _Checkpointer:
             if self._conn is None:
                 self._conn = sqlite3.connect(self._path, timeout=0, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            if self._wal_max_bytes and _file_size(self._path + "-wal") > self._wal_max_bytes:
+                self.wants_truncate = True
         except sqlite3.Error as exc:
             # Harmless: the WAL only grows until a later checkpoint gets through.
             log.warning("SQLite checkpoint failed: %s", exc)
@@ -302,12 +353,19 @@ class _Checkpointer:
         return closed
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _sqlite_file(url: URL) -> str | None:
     """The database file of a SQLite URL; None for an in-memory database."""
     return url.database if url.database and url.database != ":memory:" else None
 
 
-def sqlite_engine(url: URL) -> Engine:
+def sqlite_engine(url: URL, wal_max_mb: int = 64) -> Engine:
     url = url.set(drivername="sqlite")
     path = _sqlite_file(url)
     if path:
@@ -330,6 +388,8 @@ def sqlite_engine(url: URL) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA wal_autocheckpoint=0")  # `_Checkpointer` does it off the loop
+        if wal_max_mb:
+            cursor.execute(f"PRAGMA journal_size_limit={wal_max_mb * 1024 * 1024}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

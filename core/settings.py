@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     database_url: str = ""
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
+    # SQLite only: the WAL file is emptied (a checkpoint that briefly holds writers off) whenever
+    # it grows past this many MB; 0 leaves it to passive checkpoints, under which it grows without
+    # bound while writes never pause.
+    sqlite_wal_max_mb: int = Field(default=64, ge=0)
 
     upstream_base_url: str = "https://api.openai.com/v1"
     upstream_api_key: str = ""

@@ -132,3 +132,42 @@ def test_the_wal_is_checkpointed_off_the_serving_connection(tmp_path: Path) -> N
             await db.dispose()
 
     assert asyncio.run(main()) == (0, None, [1, 2])
+
+
+def _create_blobs(conn: Connection) -> None:
+    conn.exec_driver_sql("CREATE TABLE b (id INTEGER PRIMARY KEY, v BLOB)")
+
+
+def _write_blob(conn: Connection, n: int) -> None:
+    """What a round does to the WAL, roughly: a few pages written, some of them over again."""
+    conn.exec_driver_sql("INSERT INTO b (id, v) VALUES (?, randomblob(3000))", (n,))
+    conn.exec_driver_sql("UPDATE b SET v = randomblob(3000) WHERE id = ?", (n // 2,))
+
+
+def _largest_wal(path: Path, wal_max_mb: int, writes: int) -> int:
+    """The WAL's largest size over `writes` transactions that never pause."""
+
+    async def main() -> int:
+        db = Database(f"sqlite:///{path}", wal_max_mb=wal_max_mb)
+        try:
+            checkpointer = db._sqlite.checkpointer  # type: ignore[union-attr]
+            assert checkpointer is not None
+            checkpointer.EVERY = 50
+            await db.run(_create_blobs)
+            largest = 0
+            for n in range(writes):
+                await db.run(_write_blob, n)
+                largest = max(largest, Path(f"{path}-wal").stat().st_size)
+            return largest
+        finally:
+            await db.dispose()
+
+    return asyncio.run(main())
+
+
+def test_the_wal_stays_bounded_under_writes_that_never_pause(tmp_path: Path) -> None:
+    """Passive checkpoints alone never catch up with writers that never pause, and the WAL only
+    grows (the baseline, `wal_max_mb=0`); with a bound it is emptied whenever it passes it."""
+    mb = 1024 * 1024
+    assert _largest_wal(tmp_path / "unbounded.db", 0, 2500) > 8 * mb
+    assert _largest_wal(tmp_path / "bounded.db", 1, 2500) < 3 * mb
