@@ -18,8 +18,10 @@ from tests.support import ROOT
         # The formats table, and the routes table's last row (OpenAI's speech API beside the TRTC route).
         ("tts_bench.py", [], ["| ogg_opus | 1 |", "| 5-sentence paragraph | pcm | 1 | 1 |"]),
         ("soak.py", [], ["| audit violations | 0 |"]),
+        # Both settings ran every round, and the bounded WAL ended smaller than the baseline's.
+        ("wal_bench.py", [], ["| off (baseline: passive checkpoints only) | 300 | 0 |", "| 1 MB | 300 | 0 |"]),
     ],
-    ids=["llm", "tts", "soak"],
+    ids=["llm", "tts", "soak", "wal"],
 )
 def test_quick_benchmark_runs(script: str, args: list[str], expect: list[str]) -> None:
     run = subprocess.run(
