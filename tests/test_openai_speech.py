@@ -81,21 +81,20 @@ def test_pcm_is_raw_24khz_16bit_little_endian_mono(tts: Proxy, pcm_reference: by
     assert np.mean(np.abs(np.diff(samples))) < np.mean(np.abs(np.diff(swapped))) / 3
 
 
-def test_mp3_is_the_default_and_speed_is_the_engines(tts: Proxy, pcm_reference: bytes) -> None:
+def test_mp3_is_the_default_and_speed_is_duration_over_speed(tts: Proxy, pcm_reference: bytes) -> None:
     client = _client(tts)
     default = client.audio.speech.create(model="gpt-4o-mini-tts", voice="nova", input=TEXT,
                                          instructions="Speak like a pirate.")  # instructions: accepted, ignored
     assert default.response.headers["content-type"] == "audio/mpeg"
-    fast = client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="pcm", speed=2.0)
-    slow = client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="pcm", speed=0.5)
-    ratio_fast = _pcm_seconds(fast.content) / _pcm_seconds(pcm_reference)
-    ratio_slow = _pcm_seconds(slow.content) / _pcm_seconds(pcm_reference)
-    # About half and about twice: piper rounds each phoneme's length up to whole frames, so the
-    # short ones do not quite halve (2.0 gives about 0.63 of the time here).
-    assert 0.45 < ratio_fast < 0.7 and 1.6 < ratio_slow < 2.4
-    # By the engine, not by resampling: the voice's pitch stays, so the dominant frequency of the
-    # sped-up speech is not twice the original's.
-    assert _pitch(fast.content) < 1.5 * _pitch(pcm_reference)
+    # As OpenAI's API means it, over the whole range: the duration is the normal one over `speed`.
+    for speed in (0.25, 0.5, 2.0, 4.0):
+        audio = client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="pcm", speed=speed)
+        ratio = _pcm_seconds(audio.content) / _pcm_seconds(pcm_reference)
+        assert abs(ratio * speed - 1) < 0.1, (speed, ratio)
+        if speed == 2.0:
+            # Stretched in time, not resampled: the voice's pitch stays, so the dominant frequency
+            # of the sped-up speech is not twice the original's.
+            assert _pitch(audio.content) < 1.5 * _pitch(pcm_reference)
 
 
 def _pitch(pcm: bytes) -> float:
@@ -211,8 +210,8 @@ def test_the_trtc_route_takes_speed_and_volume_in_its_url(tts: Proxy) -> None:
         assert response.status_code == 200, response.text
         return np.frombuffer(response.content, dtype="<i2").astype(np.float64)
 
-    plain, fast, quiet = pcm(""), pcm("?speed=2"), pcm("?volume=0.5&voice=alloy")
-    assert 0.45 < len(fast) / len(plain) < 0.7
+    plain, fastest, slowest, quiet = pcm(""), pcm("?speed=4"), pcm("?speed=0.25"), pcm("?volume=0.5&voice=alloy")
+    assert abs(len(fastest) / len(plain) * 4 - 1) < 0.1 and abs(len(slowest) / len(plain) / 4 - 1) < 0.1
     assert len(quiet) == len(plain)
     assert 0.45 < np.sqrt(np.mean(quiet**2)) / np.sqrt(np.mean(plain**2)) < 0.55
     for query, code in (("?speed=0", "INVALID_SPEED"), ("?speed=abc", "INVALID_SPEED"), ("?volume=9", "INVALID_VOLUME"),

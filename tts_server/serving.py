@@ -19,7 +19,7 @@ import numpy as np
 from core.metrics import TTS_FIRST_AUDIO, TTS_PIECES, TTS_STREAMS
 from core.settings import Settings
 from tts_server import text as text_rules
-from tts_server.audio import PcmEncoder, silence
+from tts_server.audio import PcmEncoder, silence, stretch
 from tts_server.codecs import CONTENT_TYPES, encoded_rate, open_codec
 from tts_server.cache import AudioCache
 from tts_server.pool import Job, SynthesisPool
@@ -103,16 +103,17 @@ class _Renderer:
 
     def render(self, piece: Piece, *, last: bool) -> bytes:
         started = time.perf_counter()
-        samples = piece.voice.synthesize(spoken_text(piece, self._verbalizer), self._request.speed)
+        rate = piece.voice.info.sample_rate
+        samples = stretch(piece.voice.synthesize(spoken_text(piece, self._verbalizer)), rate, self._request.speed)
         if self._request.volume != 1.0:
             samples = np.clip(samples * self._request.volume, -1.0, 1.0).astype(np.float32)
         if not len(samples):
             # The voice made nothing of it (a sign it cannot read): a pause, never a piece of no audio.
             samples = np.zeros(round(SILENCE_S * piece.voice.info.sample_rate), dtype=np.float32)
         self._cost.learn(piece.text, time.perf_counter() - started)
-        pause = piece.voice.settings.sentence_pause_s
+        pause = piece.voice.settings.sentence_pause_s / self._request.speed
         if pause and not last:
-            samples = np.concatenate([samples, np.zeros(round(pause * piece.voice.info.sample_rate), dtype=np.float32)])
+            samples = np.concatenate([samples, np.zeros(round(pause * rate), dtype=np.float32)])
         self.seconds += len(samples) / piece.voice.info.sample_rate
         TTS_PIECES.inc()
         out = b""

@@ -25,7 +25,7 @@ import ctypes
 import json
 import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -107,9 +107,9 @@ class Voice(Protocol):
     info: VoiceInfo
     settings: VoiceSettings
 
-    def synthesize(self, text: str, speed: float = 1.0) -> np.ndarray:
-        """Float32 mono samples in [-1, 1] at `info.sample_rate`, spoken `speed` times as fast as
-        the voice's settings say (by the engine: the pitch stays)."""
+    def synthesize(self, text: str) -> np.ndarray:
+        """Float32 mono samples in [-1, 1] at `info.sample_rate`, at the pace the voice's settings
+        say (a request's speed is `audio.stretch`)."""
         ...
 
 
@@ -137,18 +137,14 @@ class PiperVoiceEngine:
             speaker_id=self.settings.speaker_id, length_scale=self.settings.length_scale,
             noise_scale=self.settings.noise_scale, noise_w_scale=self.settings.noise_w_scale, volume=self.settings.volume,
         )
-        # The duration scale a request's speed divides: the settings', else the voice's own.
-        self._length_scale = self.settings.length_scale or self._voice.config.length_scale
 
-    def synthesize(self, text: str, speed: float = 1.0) -> np.ndarray:
-        """piper's `synthesize` with its length scale divided by `speed`, one model call per run
-        of at most `MAX_PHONEMES` (fewer when slowed down: a phoneme then makes more audio; cut
-        between words), so memory stays bounded whatever a piece became after normalisation."""
-        config = self._config if speed == 1.0 else replace(self._config, length_scale=self._length_scale / speed)
-        limit = max(MAX_PHONEMES // 4, round(MAX_PHONEMES * min(1.0, speed)))
+    def synthesize(self, text: str) -> np.ndarray:
+        """piper's `synthesize`, one model call per run of at most `MAX_PHONEMES` (cut between
+        words), so memory stays bounded whatever a piece became after normalisation."""
+        config = self._config
         parts = []
         for sentence in self._voice.phonemize(text):
-            for phonemes in _runs_of_words(sentence, limit):
+            for phonemes in _runs_of_words(sentence, MAX_PHONEMES):
                 audio = self._voice.phoneme_ids_to_audio(self._voice.phonemes_to_ids(phonemes), config)
                 assert isinstance(audio, np.ndarray)  # no alignments asked for
                 # As piper's own `synthesize` finishes each sentence: peak-normalised, its volume, clipped.
@@ -178,9 +174,6 @@ class _EspeakLibrary:
 
     _AUDIO_OUTPUT_SYNCHRONOUS = 2
     _CHARS_UTF8 = 1
-    # espeak_SetParameter's speaking rate (words a minute), its default and its bounds.
-    _RATE = 1
-    _DEFAULT_WPM, _MIN_WPM, _MAX_WPM = 175, 80, 450
     _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
     _shared: _EspeakLibrary | None = None
 
@@ -220,15 +213,13 @@ class _EspeakLibrary:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).astype(np.float32) / 32768.0)
         return 0
 
-    def synthesize(self, voice: str, text: str, speed: float = 1.0) -> np.ndarray:
+    def synthesize(self, voice: str, text: str) -> np.ndarray:
         data = text.encode("utf-8") + b"\0"
         with self._lock:
             if voice != self._voice:
                 if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
                     raise RuntimeError(f"espeak-ng has no voice {voice!r}")
                 self._voice = voice
-            wpm = min(self._MAX_WPM, max(self._MIN_WPM, round(self._DEFAULT_WPM * speed)))
-            self._lib.espeak_SetParameter(self._RATE, wpm, 0)
             self._chunks = []
             result = self._lib.espeak_Synth(data, len(data), 0, 0, 0, self._CHARS_UTF8, None, None)
             if result != 0:
@@ -248,9 +239,8 @@ class EspeakVoiceEngine:
         self.info = VoiceInfo(f"espeak-{espeak_voice}", language, self._library.sample_rate, "espeak-ng")
         self.settings = settings or VoiceSettings()
 
-    def synthesize(self, text: str, speed: float = 1.0) -> np.ndarray:
-        """`speed` within eSpeak NG's rates (80 to 450 words a minute; 175 at 1.0)."""
-        samples = self._library.synthesize(self._espeak_voice, text, speed)
+    def synthesize(self, text: str) -> np.ndarray:
+        samples = self._library.synthesize(self._espeak_voice, text)
         return samples * self.settings.volume if self.settings.volume != 1.0 else samples
 
 
