@@ -150,6 +150,11 @@ class ChatCompletionRequest(BaseModel):
         """The body's fields that are no OpenAI parameter (MetaInfo's, say)."""
         return {k: v for k, v in self.body_fields.items() if k not in OPENAI_PARAMETERS}
 
+    def extra_fields_as_sent(self) -> dict[str, Any]:
+        """The body's own fields that are no OpenAI parameter, as it carried them (a nested
+        `MetaInfo` stays one object): what an upstream with `forward_extra_fields` gets."""
+        return {k: v for k, v in (self.model_extra or {}).items() if k not in _OWN_FIELDS and k not in OPENAI_PARAMETERS}
+
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
     try:

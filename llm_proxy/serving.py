@@ -195,10 +195,10 @@ class ChatService:
         client_tools = request.tools or []
         client_names = frozenset(tool.get("function", {}).get("name", "") for tool in client_tools)
         server_tools = [t for t in agent.tools.schemas() if t["function"]["name"] not in client_names]
-        passthrough, extra = request.passthrough(), request.extra_fields()
+        passthrough, extra, as_sent = request.passthrough(), request.extra_fields(), request.extra_fields_as_sent()
         call = UpstreamCall(
             model=model,
-            params=agent.params(agent.upstream_config, passthrough, extra),
+            params=agent.params(agent.upstream_config, passthrough, as_sent),
             extra_fields=extra or None,
             include_usage=request.include_usage or not request.stream,
             tools=[*server_tools, *client_tools] or None,
@@ -215,7 +215,7 @@ class ChatService:
             replace(
                 call,
                 model=config.model or request.model or model,
-                params=agent.params(config, passthrough, extra),
+                params=agent.params(config, passthrough, as_sent),
                 upstream=client,
                 upstream_label=config.label,
             )

@@ -332,4 +332,6 @@ def test_extra_fields_go_upstream_where_the_upstream_takes_them(
         extra_body=_meta_body("nested"),
     )
     [sent] = upstream.requests(tag)
-    assert (sent["shop"], sent["name"], sent["temperature"]) == ("ACME", "Ann", 0.2) and "MetaInfo" not in sent
+    # As sent: the nested MetaInfo stays one object (its OpenAI parameter is also lifted out).
+    assert sent["MetaInfo"] == {"shop": "ACME", "name": "Ann", "temperature": 0.2} and sent["temperature"] == 0.2
+    assert "shop" not in sent
