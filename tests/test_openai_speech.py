@@ -1,7 +1,7 @@
 """OpenAI's speech API (`openai_speech/`) through real HTTP with the official `openai` client, on
 the TTS server alone (`serve --only tts`): every format decoded by PyAV for its duration, rate and
 channels; speed by the engine; streamed as synthesized; SSE events; voices and aliases; errors
-in OpenAI's shape. Also `?speed=` and `?volume=` on the TRTC route, and the README's snippet."""
+in OpenAI's shape. Also `?speed=` and `?volume=` on the TRTC route, and the docs' snippet."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tests.conftest import TTS_KEY
 from tests.support import Proxy
 
 TEXT = "Good morning. Your table for two is booked at eight tonight. I sent the details to your phone."
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "tts-and-voices.md"
 
 
 def _client(server: Proxy, key: str = TTS_KEY) -> openai.OpenAI:
@@ -222,8 +222,8 @@ def test_the_trtc_route_takes_speed_and_volume_in_its_url(tts: Proxy) -> None:
 
 
 def _readme_snippet(name: str) -> str:
-    found = re.search(rf"<!-- {name} -->\s*```python\n(.*?)```", README.read_text(), re.S)
-    assert found, f"the README has no {name} snippet"
+    found = re.search(rf"<!-- {name} -->\s*```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert found, f"docs/tts-and-voices.md has no {name} snippet"
     return found.group(1)
 
 

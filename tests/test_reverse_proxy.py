@@ -1,5 +1,5 @@
-"""The README's reverse-proxy example, run as written: Debian's nginx with the block taken from the
-README in front of a server, and the orchestrator's three paths driven through it (a chat round,
+"""The reverse-proxy example of docs/deploying.md, run as written: Debian's nginx with the block taken from
+docs/deploying.md in front of a server, and the orchestrator's three paths driven through it (a chat round,
 a TTS stream, a signed callback, and `trtc-backend validate`); the rest of the backend stays
 private."""
 
@@ -23,8 +23,8 @@ NGINX = "/usr/sbin/nginx"
 
 
 def _readme_block() -> str:
-    block = re.search(r"<!-- nginx -->\n```nginx\n(.*?)```\n<!-- /nginx -->", (ROOT / "README.md").read_text(), re.S)
-    assert block, "the README's nginx block is missing"
+    block = re.search(r"<!-- nginx -->\n```nginx\n(.*?)```\n<!-- /nginx -->", (ROOT / "docs" / "deploying.md").read_text(), re.S)
+    assert block, "docs/deploying.md's nginx block is missing"
     return block.group(1)
 
 

@@ -1,6 +1,6 @@
 """Start-up checks, run as operators run them: `config check` runs exactly what `serve` runs
 (profiles and the tools they name), a profile naming a built-in tool turns it on, and a bad
-setting is one line naming the variable, exit status 1, no traceback. The README's own profile
+setting is one line naming the variable, exit status 1, no traceback. The docs' own profile
 example passes the check."""
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def test_config_check_finds_a_tool_that_exists_nowhere_as_serve_does(tmp_path: P
     _one_line_error(served, "profile 'support'", "order_status")
 
 
-def test_the_readmes_profile_example_passes_the_check(tmp_path: Path) -> None:
-    readme = (ROOT / "README.md").read_text()
-    example = re.search(r"```yaml\n(profiles:\n.*?)```", readme, re.S)
-    assert example, "the README has no profiles example"
+def test_the_docs_profile_example_passes_the_check(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "profiles-and-memory.md").read_text()
+    example = re.search(r"```yaml\n(profiles:\n.*?)```", page, re.S)
+    assert example, "docs/profiles-and-memory.md has no profiles example"
     config = tmp_path / "profiles.yaml"
     config.write_text(example.group(1))
     checked = _run("config", "check", str(config), env={"COMPANION_KEY": "k1", "UPSTREAM_KEY": "k2", "SUPPORT_KEY": "k3"})
