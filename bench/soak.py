@@ -283,11 +283,11 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=150.0, help="seconds between kill -9 + restart")
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--postgres-url", default=os.environ.get("TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"))
-    parser.add_argument("--quick", action="store_true", help="25 s, 20 conversations, one kill")
+    parser.add_argument("--quick", action="store_true", help="16 s, 20 conversations, one kill")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
     if args.quick:
-        args.minutes, args.conversations, args.kill_every = 25 / 60, 20, 12.0
+        args.minutes, args.conversations, args.kill_every = 16 / 60, 20, 8.0
 
     with tempfile.TemporaryDirectory(prefix="trtc-soak-") as tmp:
         workdir = Path(tmp)
