@@ -112,11 +112,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--bound", type=int, default=64, help="SQLITE_WAL_MAX_MB of the bounded run")
-    parser.add_argument("--quick", action="store_true", help="200 rounds at concurrency 4, a 1 MB bound")
+    parser.add_argument("--quick", action="store_true", help="100 rounds at concurrency 4, a 1 MB bound")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.concurrency, args.bound = 200, 4, 1
+        args.rounds, args.concurrency, args.bound = 100, 4, 1
     workdir = Path(tempfile.mkdtemp(prefix="wal-bench-"))
     fake = FastUpstream(workdir / "upstream.log")
     fake.start()

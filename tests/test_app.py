@@ -171,8 +171,10 @@ def test_without_api_keys_a_key_is_generated_and_required(start_proxy, tmp_path)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(server.url + CHAT, json=body).status_code == 401
     assert httpx.post(server.url + CHAT, json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
-    server.restart()
-    assert (tmp_path / "keyless" / "data" / "api_key").read_text().strip() == key
+    # What a restart does with it (`serve` resolves the keys before its workers start): reuses it.
+    from core.auth import resolve_api_keys
+
+    assert resolve_api_keys([], tmp_path / "keyless" / "data") == [key]
 
 
 def test_migrations_and_models_agree(migrated_url: str) -> None:

@@ -19,7 +19,7 @@ from tests.support import ROOT
         ("tts_bench.py", [], ["| ogg_opus | 1 |", "| 5-sentence paragraph | pcm | 1 | 1 |"]),
         ("soak.py", [], ["| audit violations | 0 |"]),
         # Both settings ran every round, and the bounded WAL ended smaller than the baseline's.
-        ("wal_bench.py", [], ["| off (baseline: passive checkpoints only) | 200 | 0 |", "| 1 MB | 200 | 0 |"]),
+        ("wal_bench.py", [], ["| off (baseline: passive checkpoints only) | 100 | 0 |", "| 1 MB | 100 | 0 |"]),
     ],
     ids=["llm", "tts", "soak", "wal"],
 )

@@ -6,6 +6,7 @@ deleted task takes its summary along."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from llm_proxy.agents import SUMMARY_HEADING
 from llm_proxy.memory_context import MAX_BEHIND
 from memory.models import Summary
 from orchestrator.protocol import sign
+from core.logs import JsonFormatter
 from tests.conftest import ADMIN_KEY, CALLBACK_KEY
 from tests.support import Upstream, headers, marker, run_db, wait_until
 
@@ -164,18 +166,29 @@ def test_a_memory_upstream_that_answers_nothing_leaves_the_summary_as_it_was(
     start_proxy, upstream: Upstream, migrated_url: str, tmp_path: Path
 ) -> None:
     """Its empty answer is a failed fold, not an empty summary over rounds now out of every
-    context; the failure is logged with the fold's own task, not a request's id."""
-    server = start_proxy({"DATABASE_URL": migrated_url, "CONFIG_FILE": _config(upstream, tmp_path, "m[[reply:  ]]")})
-    task_id = f"task-{marker()}"
-    for n in range(WINDOW + 2):
-        _ask(server, task_id, f"turn {n}")
+    context; the failure is logged with the fold's own task, not a request's id (each line as the
+    server writes it: formatted where it is logged, which is where its context is)."""
+    lines: list[dict[str, Any]] = []
 
-    def failure() -> dict[str, Any] | None:
-        lines = (json.loads(line) for line in server.logs().splitlines() if line.startswith("{"))
-        return next((line for line in lines if line["msg"].startswith("memory not written")), None)
+    class Written(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(JsonFormatter().format(record)))
 
-    logged = wait_until(failure, what="the failed fold logged")
-    assert logged["task_id"] == task_id and logged["fold"] == "summary" and "request_id" not in logged
-    assert "no text" in logged["msg"]
+    handler = Written()
+    logging.getLogger("trtc.memory").addHandler(handler)
+    try:
+        server = start_proxy({"DATABASE_URL": migrated_url, "CONFIG_FILE": _config(upstream, tmp_path, "m[[reply:  ]]")},
+                             in_process=True)
+        task_id = f"task-{marker()}"
+        for n in range(WINDOW + 2):
+            _ask(server, task_id, f"turn {n}")
+
+        def failure() -> dict[str, Any] | None:
+            return next((line for line in lines if line.get("task_id") == task_id and line["msg"].startswith("memory not written")), None)
+
+        logged = wait_until(failure, what="the failed fold logged")
+    finally:
+        logging.getLogger("trtc.memory").removeHandler(handler)
+    assert logged["fold"] == "summary" and "request_id" not in logged and "no text" in logged["msg"]
     summary = _summary(server, task_id)
     assert summary is not None and (summary["through_seq"], summary["text"]) == (0, "")

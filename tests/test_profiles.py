@@ -253,27 +253,36 @@ def test_templates_render_only_plain_values() -> None:
 
 
 def test_config_check_and_a_server_start_report_a_bad_file(tmp_path: Path, start_proxy) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
     good = _write(tmp_path, "profiles:\n  - name: bot\n    models: [m]\n", "good.yaml")
-    checked = subprocess.run([CLI, "config", "check", str(good)], capture_output=True, text=True)
-    assert checked.returncode == 0 and "ok, 1 profile(s): bot" in checked.stdout
+    checked = CliRunner().invoke(cli, ["config", "check", str(good)])
+    assert checked.exit_code == 0 and "ok, 1 profile(s): bot" in checked.stdout
     bad = _write(tmp_path, "profiles:\n  - name: bot\n    system_prompt: 'Hi {nickname}'\n", "bad.yaml")
-    checked = subprocess.run([CLI, "config", "check", str(bad)], capture_output=True, text=True)
-    assert checked.returncode == 1 and "profile 'bot', field system_prompt: unknown template variable {nickname}" in checked.stderr
+    checked = CliRunner().invoke(cli, ["config", "check", str(bad)])
+    assert checked.exit_code == 1 and "profile 'bot', field system_prompt: unknown template variable {nickname}" in checked.stderr
     served = subprocess.run([CLI, "serve", "--port", "1"], env={**os.environ, "CONFIG_FILE": str(bad)},
                             capture_output=True, text=True, timeout=60)
     assert served.returncode == 1 and "unknown template variable {nickname}" in served.stderr
 
 
 def test_config_check_warns_of_what_does_nothing_and_refuses_a_url_that_is_not_http(tmp_path: Path) -> None:
+    """The command run in this process (typer's runner): the same code path, without a start."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
     idle = _write(tmp_path, "profiles:\n  - name: bot\n    system_prompt: 'Known: {user_memory}'\n"
                   "    memory: {user_id: header.X-User-Id}\n", "idle.yaml")
-    checked = subprocess.run([CLI, "config", "check", str(idle)], capture_output=True, text=True)
-    assert checked.returncode == 0 and "ok, 1 profile(s)" in checked.stdout
+    checked = CliRunner().invoke(cli, ["config", "check", str(idle)])
+    assert checked.exit_code == 0 and "ok, 1 profile(s)" in checked.stdout
     assert "warning: profile 'bot': {user_memory} in system_prompt is always empty: memory.per_user is off" in checked.stderr
     assert "memory.user_id is not used" in checked.stderr
     ftp = _write(tmp_path, "profiles:\n  - name: bot\n    memory: {summary: true, upstream: {base_url: 'ftp://x/v1'}}\n", "ftp.yaml")
-    checked = subprocess.run([CLI, "config", "check", str(ftp)], capture_output=True, text=True)
-    assert checked.returncode == 1 and "must be an http:// or https:// URL" in checked.stderr
+    checked = CliRunner().invoke(cli, ["config", "check", str(ftp)])
+    assert checked.exit_code == 1 and "must be an http:// or https:// URL" in checked.stderr
 
 
 # -- MetaInfo: flattened or nested, in templates, kept with the round, upstream only when asked --
