@@ -18,8 +18,8 @@ What it adds, each before any route, key check or body parsing runs:
   is shut (FIN), the rest of the request is read and dropped, and the connection is closed when the
   client closes its side, or after `LINGER_S` (as nginx's `lingering_close` does).
 
-Each refusal is counted on /metrics (`trtc_http_refused_total{reason}`) and logged, at most once
-every `_LOG_EVERY_S` per reason with how many there were.
+Each refusal is counted on /metrics (`trtc_http_refused_total{reason}`) and logged: the first at once,
+the rest as one line per reason every `_LOG_EVERY_S` with how many there were.
 """
 
 from __future__ import annotations
@@ -49,21 +49,31 @@ log = logging.getLogger("trtc.http")
 
 
 class _Refusals:
-    """Counts refusals per reason; logs the first at once and then a count every `_LOG_EVERY_S`
-    (a flood of them must not become a flood of log lines)."""
+    """Counts refusals per reason; logs the first at once, and those that follow within
+    `_LOG_EVERY_S` as one line with their count at the end of it (a flood of refusals must not
+    become a flood of log lines)."""
 
     def __init__(self) -> None:
         self._unlogged: dict[str, int] = {}
+        self._details: dict[str, str] = {}
         self._logged_at: dict[str, float] = {}
 
     def add(self, reason: str, detail: str) -> None:
         HTTP_REFUSED.labels(reason).inc()
-        self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
-        now = time.monotonic()
-        if now - self._logged_at.get(reason, -_LOG_EVERY_S) >= _LOG_EVERY_S:
-            count, self._unlogged[reason] = self._unlogged[reason], 0
-            self._logged_at[reason] = now
-            log.warning("refused %d connection(s): %s", count, detail, extra={"reason": reason})
+        self._details[reason] = detail
+        pending = self._unlogged.get(reason, 0)
+        self._unlogged[reason] = pending + 1
+        wait = self._logged_at.get(reason, -_LOG_EVERY_S) + _LOG_EVERY_S - time.monotonic()
+        if wait <= 0:
+            self._log(reason)
+        elif pending == 0:  # the first of a window: its line comes at the window's end
+            asyncio.get_running_loop().call_later(wait, self._log, reason)
+
+    def _log(self, reason: str) -> None:
+        count, self._unlogged[reason] = self._unlogged.get(reason, 0), 0
+        if count:
+            self._logged_at[reason] = time.monotonic()
+            log.warning("refused %d connection(s): %s", count, self._details[reason], extra={"reason": reason})
 
 
 _refusals = _Refusals()

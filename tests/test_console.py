@@ -154,7 +154,7 @@ def test_console_end_to_end(console: Proxy, browser: Any, tmp_path: Path) -> Non
     _wait(browser, lambda d: d.find_element(By.ID, "all-audio").text.isdigit(), "the MP3 stream's end")
     assert browser.execute_script("return document.querySelector('#tts-audio').dataset.streamed") == "true"
     assert _played_seconds(browser, "the MP3 sample's audio") > 1.0
-    # OpenAI's speech API from the same playground: its formats, 24 kHz; speed by the engine.
+    # OpenAI's speech API from the same playground: its formats, 24 kHz; speed by time stretch.
     from selenium.webdriver.support.ui import Select
 
     Select(browser.find_element(By.ID, "tts-api")).select_by_value("openai")

@@ -1,6 +1,6 @@
 """OpenAI's speech API (`openai_speech/`) through real HTTP with the official `openai` client, on
 the TTS server alone (`serve --only tts`): every format decoded by PyAV for its duration, rate and
-channels; speed by the engine; streamed as synthesized; SSE events; voices and aliases; errors
+channels; speed as duration over speed; streamed as synthesized; SSE events; voices and aliases; errors
 in OpenAI's shape. Also `?speed=` and `?volume=` on the TRTC route, and the docs' snippet."""
 
 from __future__ import annotations
