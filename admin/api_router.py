@@ -103,7 +103,6 @@ async def delete_task(request: Request, task_id: str) -> Any:
     return JSONResponse({"deleted": {"tasks": [task_id]}})
 
 
-
 def _user(sdk_app_id: str, user_id: str) -> tuple[str, str] | None:
     """The user the path names, as stored; None when no user could have such ids."""
     app = "" if sdk_app_id == NO_APP else sdk_app_id

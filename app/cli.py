@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 import uvicorn
@@ -14,6 +14,9 @@ from core.auth import resolve_api_keys
 from core.db import database_url
 from app.http_protocol import GuardedHttpToolsProtocol
 from core.settings import Settings, SettingsError, get_settings, load_settings
+
+if TYPE_CHECKING:
+    from llm_proxy.profiles import Profile
 
 # Commands import what they use inside their own body: `trtc-backend --help` and `db upgrade` stay
 # at ~0.5 s, where importing the chat proxy alone takes 1.9 s (langchain-openai) and the
@@ -137,7 +140,11 @@ def config_check(file: Path = typer.Argument(..., help="The profiles file (YAML,
     """Check a profiles file exactly as `serve` does (with this environment's tools); exit 1 with
     the reason if it is wrong."""
     profiles = _check_config(_settings(), file)
-    typer.echo(f"{file}: ok, {len(profiles)} profile(s): " + ", ".join(profiles))
+    # `serve` logs these when it loads the file (`load_profiles`); here they are the output.
+    for profile in profiles:
+        for warning in profile.warnings():
+            typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"{file}: ok, {len(profiles)} profile(s): " + ", ".join(profile.name for profile in profiles))
 
 
 def _settings() -> Settings:
@@ -149,7 +156,7 @@ def _settings() -> Settings:
         raise typer.Exit(code=1) from None
 
 
-def _check_config(settings: Settings, file: Path | None) -> list[str]:
+def _check_config(settings: Settings, file: Path | None) -> list[Profile]:
     """What the chat proxy checks when it starts: the profiles (`file`, or the implicit one) and
     the tools each names, from every tool source the settings give."""
     import httpx
@@ -167,10 +174,7 @@ def _check_config(settings: Settings, file: Path | None) -> list[str]:
     except (ConfigError, ToolConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
-    for profile in profiles:
-        for warning in profile.warnings():
-            typer.echo(f"warning: {warning}", err=True)
-    return [profile.name for profile in profiles]
+    return profiles
 
 
 @tts_cli.command("normalize")

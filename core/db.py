@@ -174,6 +174,8 @@ class _Sqlite:
     transaction waits, else queued on one thread that waits for the lock."""
 
     BUSY_TIMEOUT_S = 30.0
+    # How long the TRUNCATE checkpoint (`_truncate_wal`) waits for other processes' writers.
+    TRUNCATE_WAIT_MS = 2000
 
     def __init__(self, engine: Engine, wal_max_mb: int) -> None:
         self._engine = engine
@@ -228,21 +230,21 @@ class _Sqlite:
 
     def _truncate_wal(self, loop: asyncio.AbstractEventLoop) -> None:
         """A TRUNCATE checkpoint on the serving connection (outside any transaction): copies what
-        the last passive checkpoint left, syncs, and empties the WAL. It waits up to `WAIT_MS` for
+        the last passive checkpoint left, syncs, and empties the WAL. It waits up to `TRUNCATE_WAIT_MS` for
         other processes' writers; this process's wait behind it on this thread."""
         try:
             if self._conn is None:
                 self._conn = self._engine.connect()
             raw = self._conn.connection.dbapi_connection
             assert raw is not None
-            raw.execute(f"PRAGMA busy_timeout={_Checkpointer.WAIT_MS}")
+            raw.execute(f"PRAGMA busy_timeout={self.TRUNCATE_WAIT_MS}")
             try:
                 busy = raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
             finally:
                 raw.execute("PRAGMA busy_timeout=0")
             if busy:
                 log.warning("SQLite's WAL is over its bound and other processes kept it busy for %d ms; tried again later",
-                            _Checkpointer.WAIT_MS)
+                            self.TRUNCATE_WAIT_MS)
         except sqlite3.Error as exc:
             log.warning("SQLite checkpoint failed: %s", exc)
             self._close()
@@ -310,8 +312,6 @@ class _Checkpointer:
     it on its own."""
 
     EVERY = 200
-    # How long the TRUNCATE checkpoint waits for the writers and readers in flight to finish.
-    WAIT_MS = 2000
 
     def __init__(self, path: str, wal_max_mb: int) -> None:
         self._path = path

@@ -33,9 +33,8 @@ TEMPLATE_VARIABLES = frozenset(
     {"user_id", "room_id", "sdk_app_id", "task_id", "date", "time", "weekday", "timezone", "summary", "user_memory"}
 )
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
 log = logging.getLogger("trtc.profiles")
+
 
 class ConfigError(ValueError):
     """The profiles file is wrong; the message says where and how."""
