@@ -27,7 +27,7 @@ def require_enabled(request: Request) -> list[str]:
     return keys
 
 
-def _authorize(request: Request) -> None:
+def authorize(request: Request) -> None:
     if not is_authorized(request.headers.get("authorization"), require_enabled(request)):
         raise unauthorized("Missing or invalid admin key (Authorization: Bearer <a key from ADMIN_API_KEYS>).")
 
@@ -64,7 +64,7 @@ def _identifier(value: str | None, name: str) -> str | None:
 
 @router.get("/admin/v1/tasks")
 async def tasks(request: Request) -> Any:
-    _authorize(request)
+    authorize(request)
     params = request.query_params
     try:
         limit = int(params.get("limit", "50"))
@@ -87,7 +87,7 @@ async def tasks(request: Request) -> Any:
 
 @router.get("/admin/v1/tasks/{task_id:path}")
 async def task(request: Request, task_id: str) -> Any:
-    _authorize(request)
+    authorize(request)
     detail = await request.app.state.db.run(task_detail, task_id) if storable_id(task_id) else None
     if detail is None:
         raise _no_task(task_id)
@@ -96,7 +96,7 @@ async def task(request: Request, task_id: str) -> Any:
 
 @router.delete("/admin/v1/tasks/{task_id:path}")
 async def delete_task(request: Request, task_id: str) -> Any:
-    _authorize(request)
+    authorize(request)
     if not storable_id(task_id) or not await request.app.state.lifecycle.delete_tasks([task_id]):
         raise _no_task(task_id)
     log.info("admin: deleted task", extra={"task_id": task_id})
@@ -113,7 +113,7 @@ def _user(sdk_app_id: str, user_id: str) -> tuple[str, str] | None:
 async def delete_user(request: Request, sdk_app_id: str, user_id: str) -> Any:
     """Every task of the user (and what belongs to them). A user with nothing stored is not an
     error: the request's aim, nothing stored for them, holds."""
-    _authorize(request)
+    authorize(request)
     user = _user(sdk_app_id, user_id)
     gone, memories = await request.app.state.lifecycle.delete_user(*user) if user else ([], 0)
     log.info("admin: deleted %d task(s) and %d memories of a user", len(gone), memories,
@@ -124,7 +124,7 @@ async def delete_user(request: Request, sdk_app_id: str, user_id: str) -> Any:
 @router.get("/admin/v1/users/{sdk_app_id}/{user_id:path}/memory")
 async def user_memory(request: Request, sdk_app_id: str, user_id: str) -> Any:
     """What is remembered of the user, per profile (`memory.per_user`); none is an empty list."""
-    _authorize(request)
+    authorize(request)
     user = _user(sdk_app_id, user_id)
     data = await request.app.state.db.run(user_memories, *user) if user else []
     return JSONResponse({"sdk_app_id": sdk_app_id, "user_id": user_id, "data": data})
@@ -132,7 +132,7 @@ async def user_memory(request: Request, sdk_app_id: str, user_id: str) -> Any:
 
 @router.get("/admin/v1/stats")
 async def round_stats(request: Request) -> Any:
-    _authorize(request)
+    authorize(request)
     until = _moment(request, "until") or datetime.now(timezone.utc)
     since = _moment(request, "since") or until - timedelta(hours=24)
     if not timedelta(0) < until - since <= _STATS_MAX_RANGE:

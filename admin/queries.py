@@ -190,6 +190,8 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
                 "total_ms": r["total_ms"],
                 "error": r["error"],
                 "messages": messages[r["id"]],
+                # The knowledge passages the round gave the model (base, document, chunk, score).
+                "knowledge": r["knowledge"],
                 # What the user did not hear (event 905 cut it from the stored reply).
                 "unheard": r["unheard"],
                 "orchestrator_metrics": _metrics([e for e in events if round_of[e["id"]] == r["id"]]),

@@ -70,12 +70,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.serves_llm:
         from admin.api_router import router as admin_router
         from admin.console_router import router as console_router
+        from knowledge.api_router import router as knowledge_router
         from llm_proxy.api_router import router as llm_router
         from orchestrator.api_router import router as callback_router
 
         app.include_router(llm_router)
         app.include_router(callback_router)
         app.include_router(admin_router)
+        app.include_router(knowledge_router)
         app.include_router(console_router)
     if settings.serves_tts:
         from openai_speech.api_router import router as speech_router
@@ -93,6 +95,9 @@ async def _open_chat(
     import httpx
 
     from admin.lifecycle import RETENTION, Lifecycle
+    from knowledge.embeddings import Embedders
+    from knowledge.for_rounds import RoundKnowledge
+    from knowledge.retrieval import Knowledge
     from llm_proxy.agents import Agents, UpstreamClients, build_agents
     from llm_proxy.profiles import ConfigError, load_profiles
     from llm_proxy.recovery import Lease
@@ -114,11 +119,22 @@ async def _open_chat(
     tool_http = httpx.AsyncClient(timeout=settings.tool_timeout_s)
     stack.push_async_callback(tool_http.aclose)
     all_tools, default_tools = load_tools(settings, tool_http)
+    knowledge = Knowledge(db)
+    await knowledge.start()
+    stack.push_async_callback(knowledge.stop)
+    app.state.knowledge = knowledge
+    embedders = Embedders()
+    stack.push_async_callback(embedders.aclose)
+    round_knowledge = RoundKnowledge(knowledge)
 
     def agents() -> Agents:
-        return build_agents(load_profiles(settings, api_keys), all_tools, default_tools, clients)
+        profiles = load_profiles(settings, api_keys)
+        built = build_agents(profiles, all_tools, default_tools, clients, round_knowledge.tool)
+        knowledge.embedders = embedders.for_bases(profiles.knowledge_bases)
+        return built
 
     chat = ChatService(settings, db, agents(), lease)
+    chat.knowledge = round_knowledge
     memory = Keeper(db, clients, lambda: chat.agents, lease.id, settings.history_cache_tasks,
                     settings.memory_user_idle_s, settings.memory_fold_timeout_s)
     await memory.start()

@@ -46,6 +46,17 @@ LLM_ADDED = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+KNOWLEDGE_SEARCHES = Counter(
+    "trtc_knowledge_searches_total",
+    "Knowledge searches of rounds, by how they went: found (passages given), none (nothing matched), "
+    "skipped (small talk), tool (the model asked).",
+    ["outcome"],
+)
+KNOWLEDGE_LEXICAL_ONLY = Counter(
+    "trtc_knowledge_lexical_only_total",
+    "Searches that fell back to lexical ranking because the embedder failed or was slower than its timeout_ms.",
+    ["model"],
+)
 HTTP_REFUSED = Counter(
     "trtc_http_refused_total",
     "Connections refused before any route ran, by reason (head_too_large, head_timeout, "

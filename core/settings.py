@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # fold counts as failed (the memory stays as it was) and is asked again later.
     memory_fold_timeout_s: float = Field(default=60.0, gt=0)
 
+    # Knowledge bases (`knowledge/`): the largest document one upload may be.
+    knowledge_max_document_mb: float = Field(default=10.0, gt=0, le=200)
+
     # Server-side tools: the built-ins, Python modules, an HTTP tools file; TOOLS_ENABLED (comma
     # list, empty for none) narrows them. Tools run concurrently, each with a timeout.
     # Off by default: many OpenAI-compatible servers refuse requests with `tools`, and the

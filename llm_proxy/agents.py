@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from core.errors import bad_request
 from core.settings import Settings
 from llm_proxy.context import Msg
-from llm_proxy.profiles import PromptContext, Profile, Profiles, UpstreamConfig, render, template_fields
-from llm_proxy.tools.registry import ToolConfigError, ToolRegistry
+from llm_proxy.profiles import KnowledgeConfig, PromptContext, Profile, Profiles, UpstreamConfig, render, template_fields
+from llm_proxy.tools.registry import Tool, ToolConfigError, ToolRegistry
 from llm_proxy.upstream import Upstream
 
 log = logging.getLogger("trtc.profiles")
@@ -131,21 +131,34 @@ class UpstreamClients:
             await client.aclose()
 
 
-def profile_tools(profile: Profile, tools: ToolRegistry, default_tools: ToolRegistry) -> ToolRegistry:
-    """The tools a profile offers; a name the registry lacks is a `ToolConfigError` naming the
-    profile (what stops a start or a reload, and what `config check` reports)."""
+# Makes a profile's `search_knowledge` tool (`knowledge.for_rounds.RoundKnowledge.tool`).
+KnowledgeTool = Callable[[KnowledgeConfig], Tool]
+
+
+def profile_tools(
+    profile: Profile, tools: ToolRegistry, default_tools: ToolRegistry, knowledge_tool: KnowledgeTool | None = None
+) -> ToolRegistry:
+    """The tools a profile offers (with `search_knowledge` for `knowledge.mode: tool`); a name the
+    registry lacks is a `ToolConfigError` naming the profile (what stops a start or a reload, and
+    what `config check` reports)."""
     try:
-        return default_tools if profile.tools is None else tools.narrowed(profile.tools)
+        selected = default_tools if profile.tools is None else tools.narrowed(profile.tools)
+        if knowledge_tool is not None and profile.knowledge is not None and profile.knowledge.mode == "tool":
+            selected = selected.with_tool(knowledge_tool(profile.knowledge))
+        return selected
     except ToolConfigError as exc:
         raise ToolConfigError(f"profile {profile.name!r}, field tools: {exc}") from None
 
 
-def build_agents(profiles: Profiles, tools: ToolRegistry, default_tools: ToolRegistry, clients: UpstreamClients) -> Agents:
+def build_agents(
+    profiles: Profiles, tools: ToolRegistry, default_tools: ToolRegistry, clients: UpstreamClients,
+    knowledge_tool: KnowledgeTool | None = None,
+) -> Agents:
     """Bind each profile; a profile naming a tool the registry lacks stops the (re)load."""
     agents = {}
     for profile in profiles.all:
         config = profile.upstream or clients.environment()
-        selected = profile_tools(profile, tools, default_tools)
+        selected = profile_tools(profile, tools, default_tools, knowledge_tool)
         fallbacks = tuple((fallback, clients.get(fallback)) for fallback in profile.fallbacks)
         agents[profile.name] = Agent(profile, clients.get(config), config, selected, fallbacks)
     return Agents(profiles, agents)

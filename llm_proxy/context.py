@@ -171,10 +171,13 @@ def _without_calls(message: Msg) -> Msg:
     return {key: value for key, value in message.items() if key != "tool_calls"}
 
 
-def upstream_messages(system: list[Msg], history: Sequence[StoredRound], new: list[Msg]) -> list[BaseMessage]:
-    """The whole request for the upstream: system prompt, history window, new turn."""
+def upstream_messages(
+    system: list[Msg], history: Sequence[StoredRound], new: list[Msg], before_turn: Sequence[Msg] = ()
+) -> list[BaseMessage]:
+    """The whole request for the upstream: system prompt, history window, what goes just before
+    the turn (this turn's knowledge, never stored), new turn."""
     stored = [StoredHistory(content="", rounds=list(history))] if history else []
-    return [*as_langchain(system), *stored, *as_langchain(new)]
+    return [*as_langchain(system), *stored, *as_langchain(before_turn), *as_langchain(new)]
 
 
 def as_langchain(messages: Sequence[Msg]) -> list[BaseMessage]:

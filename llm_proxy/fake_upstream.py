@@ -25,6 +25,10 @@ through the proxy:
 - `[[summarize:1]]` (in the model name): answer with every line of the last message that starts
   with `User: `, once each, in order: a summarizer that forgets nothing the user said
 
+`/v1/embeddings` answers every input with a deterministic vector (hashed character bigrams and
+words, `EMBEDDING_DIMENSIONS` of them), so texts that share words are near; `[[status:N]]` and
+`[[delay:S]]` in the `model` name make it fail or wait.
+
 Every request is recorded (`GET /_requests`), and so is every stream its client abandoned
 (`GET /_abandoned`), which is how tests see that the proxy stopped paying for tokens. `/_echo`
 answers any GET or POST with what it received, and `/_fail` with a 500: targets for HTTP tools.
@@ -37,6 +41,7 @@ import base64
 import json
 import re
 import time
+import zlib
 from collections import deque
 from typing import Any, AsyncIterator
 
@@ -48,6 +53,19 @@ from starlette.routing import Route
 from llm_proxy.protocol import OPENAI_PARAMETERS
 
 _DIRECTIVE = re.compile(r"\[\[(\w+):([^\]]*)\]\]")
+EMBEDDING_DIMENSIONS = 256
+_EMBED_TERMS = re.compile(r"[a-z0-9]+|[^\W\d_a-z]", re.IGNORECASE)
+
+
+def fake_embedding(text: str) -> list[float]:
+    """A deterministic bag-of-terms vector: words, single characters and character pairs
+    hashed into `EMBEDDING_DIMENSIONS` buckets, normalized."""
+    vector = [0.0] * EMBEDDING_DIMENSIONS
+    terms = _EMBED_TERMS.findall(text.lower())
+    for term in [*terms, *(a + b for a, b in zip(terms, terms[1:]))]:
+        vector[zlib.crc32(term.encode()) % EMBEDDING_DIMENSIONS] += 1.0
+    norm = sum(v * v for v in vector) ** 0.5 or 1.0
+    return [round(v / norm, 6) for v in vector]
 
 
 def _last_user(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
@@ -170,6 +188,23 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
             media_type="text/event-stream",
         )
 
+    async def embeddings(request: Request) -> Response:
+        body = await request.json()
+        directives = dict(_DIRECTIVE.findall(str(body.get("model", ""))))
+        if record:
+            requests.append({"headers": dict(request.headers), "body": body, "ts": time.time()})
+        await asyncio.sleep(float(directives.get("delay", 0)))
+        if "status" in directives:
+            return _error(int(directives["status"]), f"fake upstream failure {directives['status']}")
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        return JSONResponse({
+            "object": "list",
+            "model": body.get("model", "fake"),
+            "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(str(t))} for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": sum(len(str(t)) for t in texts), "total_tokens": sum(len(str(t)) for t in texts)},
+        })
+
     async def echo(request: Request) -> JSONResponse:
         body = await request.body()
         return JSONResponse(
@@ -202,6 +237,7 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/models", models),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/_requests", list_requests),
             Route("/_abandoned", list_abandoned),
             Route("/_echo", echo, methods=["GET", "POST"]),

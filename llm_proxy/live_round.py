@@ -28,7 +28,7 @@ from llm_proxy.protocol import usage_dict
 from llm_proxy.speech import spoken
 from llm_proxy.store import Claim, Failure, RoundTiming
 from llm_proxy.tool_calls import CallAccumulator, answer_missing, call_name, run_calls
-from llm_proxy.tools.registry import ToolRegistry
+from llm_proxy.tools.registry import ToolRegistry, round_findings
 from llm_proxy.upstream import Delta, Upstream
 
 log = logging.getLogger("trtc.llm")
@@ -101,6 +101,7 @@ class LiveRound:
         started: float,
         completion_id: str,
         max_tool_steps: int,
+        knowledge: list[dict[str, Any]] | None = None,
     ) -> None:
         self._keeper = keeper
         self._max_tool_steps = max_tool_steps
@@ -114,6 +115,8 @@ class LiveRound:
         self._started = started
         self._first_token_ms = elapsed_ms(started)
         self._closed = False
+        # The knowledge passages given to the model: found before the call, or by its tools.
+        self._knowledge: list[dict[str, Any]] = list(knowledge or [])
         # Tool calls and results of this round, and the length of the text streamed before them.
         self._produced: list[Msg] = []
         self._consumed = 0
@@ -151,7 +154,11 @@ class LiveRound:
             self._consumed += len(said)
             self._produced.append({"role": "assistant", "content": said, "tool_calls": calls})
             server_calls = [c for c in calls if call_name(c) not in self._call.client_tools]
-            self._produced += await run_calls(self._call.registry, server_calls)
+            findings = round_findings.set(self._knowledge)
+            try:
+                self._produced += await run_calls(self._call.registry, server_calls)
+            finally:
+                round_findings.reset(findings)
             client_calls = [c for c in calls if call_name(c) in self._call.client_tools]
             if client_calls:
                 self.client_calls = client_calls
@@ -226,7 +233,7 @@ class LiveRound:
                     finish_reason=None if interrupted else self.finish_reason,
                     usage=self.usage,
                     call=self._call,
-                    timing=RoundTiming(self._first_token_ms, elapsed_ms(self._started), error),
+                    timing=RoundTiming(self._first_token_ms, elapsed_ms(self._started), error, self._knowledge or None),
                 )
             LLM_ROUNDS.labels(outcome).inc()
 

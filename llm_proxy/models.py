@@ -140,6 +140,8 @@ class Round(Base):
     extra_fields: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The upstream's error code when it failed mid-reply (the round is stored interrupted).
     error: Mapped[str | None] = mapped_column(String(64))
+    # The knowledge passages the round gave the model (`knowledge/`): base, document, chunk, score.
+    knowledge: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -28,9 +28,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.settings import Settings
+from knowledge.embeddings import KnowledgeBaseConfig
 
 TEMPLATE_VARIABLES = frozenset(
-    {"user_id", "room_id", "sdk_app_id", "task_id", "date", "time", "weekday", "timezone", "summary", "user_memory"}
+    {"user_id", "room_id", "sdk_app_id", "task_id", "date", "time", "weekday", "timezone", "summary", "user_memory",
+     "knowledge"}
 )
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 log = logging.getLogger("trtc.profiles")
@@ -94,6 +96,27 @@ class MemoryConfig(_Strict):
     max_chars: int = Field(default=2000, ge=100, le=20_000)
 
 
+class KnowledgeConfig(_Strict):
+    # The bases this profile searches (and only these).
+    bases: list[str] = Field(min_length=1, max_length=20)
+    top_k: int = Field(default=3, ge=1, le=20)
+    # auto: searched with the user's turn before the upstream call; tool: the model is offered
+    # `search_knowledge` and searches when it wants.
+    mode: Literal["auto", "tool"] = "auto"
+    # The passages given to the model in one round, at most, in characters.
+    max_chars: int = Field(default=2000, ge=200, le=20_000)
+    # Passages scoring below this (0..1) are left out.
+    min_score: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator("bases")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}", name):
+                raise ValueError(f"{name[:80]!r} is not a knowledge base name (letters, digits, '.', '_', '-')")
+        return value
+
+
 class Profile(_Strict):
     name: str = Field(min_length=1, max_length=64)
     keys: list[str] = Field(default_factory=list)
@@ -114,6 +137,8 @@ class Profile(_Strict):
     # stored as the round 0 of every new task, so the model's context opens with it.
     welcome_message: str | None = Field(default=None, min_length=1, max_length=2000)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    # Knowledge bases the bot answers from (`knowledge/`); None: none.
+    knowledge: KnowledgeConfig | None = None
 
     @field_validator("timezone")
     @classmethod
@@ -146,15 +171,20 @@ class Profile(_Strict):
             found.append(f"{said}: memory.user_id is not used: memory.per_user is off")
         if memory.upstream is not None and not (memory.summary or memory.per_user):
             found.append(f"{said}: memory.upstream is not used: memory.summary and memory.per_user are off")
+        if "knowledge" in fields and (self.knowledge is None or self.knowledge.mode != "auto"):
+            found.append(f"{said}: {{knowledge}} in system_prompt is always empty: knowledge.mode is not auto")
         return found
 
 
 class ProfilesFile(_Strict):
     profiles: list[Profile] = Field(min_length=1)
+    # Options of knowledge bases (an embeddings upstream); a base needs no entry to exist.
+    knowledge_bases: list[KnowledgeBaseConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unambiguous(self) -> ProfilesFile:
         _unique("name", [p.name for p in self.profiles])
+        _unique("knowledge base", [b.name for b in self.knowledge_bases])
         _unique("key", [key for p in self.profiles for key in p.keys], secret=True)
         _unique("model", [model for p in self.profiles for model in p.models])
         defaults = [p.name for p in self.profiles if p.default]
@@ -204,6 +234,8 @@ class PromptContext:
     summary: str | None = None
     # What is remembered of the end user from their earlier tasks (`memory.per_user`).
     user_memory: str | None = None
+    # The knowledge passages found for this turn, as the model reads them (`knowledge.mode: auto`).
+    knowledge: str | None = None
 
 
 def render(template: str, timezone: str, context: PromptContext, now: datetime | None = None) -> tuple[str, list[str]]:
@@ -221,6 +253,7 @@ def render(template: str, timezone: str, context: PromptContext, now: datetime |
         "timezone": timezone,
         "summary": context.summary or "",
         "user_memory": context.user_memory or "",
+        "knowledge": context.knowledge or "",
     }
     out: list[str] = []
     missing: list[str] = []
@@ -303,8 +336,10 @@ IMPLICIT = "default"
 class Profiles:
     """The loaded profiles and how a request picks one."""
 
-    def __init__(self, profiles: list[Profile], api_keys: list[str]) -> None:
+    def __init__(self, profiles: list[Profile], api_keys: list[str],
+                 knowledge_bases: list[KnowledgeBaseConfig] | None = None) -> None:
         self.all = profiles
+        self.knowledge_bases = knowledge_bases or []
         self._by_key = {key: p for p in profiles for key in p.keys}
         self._by_model = {model: p for p in profiles for model in p.models}
         defaults = [p for p in profiles if p.default]
@@ -340,8 +375,8 @@ def implicit_profile(settings: Settings) -> Profile:
 def load_profiles(settings: Settings, api_keys: list[str]) -> Profiles:
     if settings.config_file is None:
         return Profiles([implicit_profile(settings)], api_keys)
-    profiles = load_file(settings.config_file).profiles
-    for profile in profiles:
+    loaded = load_file(settings.config_file)
+    for profile in loaded.profiles:
         for warning in profile.warnings():
             log.warning("%s: %s", settings.config_file, warning)
-    return Profiles(profiles, api_keys)
+    return Profiles(loaded.profiles, api_keys, loaded.knowledge_bases)

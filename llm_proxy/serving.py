@@ -43,6 +43,13 @@ from llm_proxy.context import (
 from llm_proxy.agents import Agent, Agents
 from llm_proxy.disconnect import runs_to_the_end
 from llm_proxy.history_cache import HistoryCache
+from llm_proxy.knowledge_context import (
+    NO_KNOWLEDGE,
+    KnowledgeSource,
+    RoundKnowledgeView,
+    previous_user_text,
+    user_text,
+)
 from llm_proxy.live_round import LiveRound, UpstreamCall, elapsed_ms
 from llm_proxy.memory_context import MemoryKeeper, user_key, with_summary
 from llm_proxy.models import ID_MAX_CHARS, NO_APP
@@ -133,6 +140,8 @@ class ChatService:
         self.on_held: Callable[[str], Awaitable[None]] | None = None
         # Rolling summaries and users' memory (`memory.keeper.Keeper`, wired by the app).
         self.memory: MemoryKeeper | None = None
+        # The knowledge bases (`knowledge.for_rounds.RoundKnowledge`, wired by the app).
+        self.knowledge: KnowledgeSource | None = None
 
     async def open(self, request: ChatCompletionRequest, task: TaskInfo | None, key: str | None = None) -> LiveRound | Replay:
         """`key`: the bearer key, which (with the request's `model`) selects the profile."""
@@ -152,12 +161,13 @@ class ChatService:
         )
         if task is None:
             messages = [m.to_dict() for m in request.messages]
-            system = agent.system([m for m in messages if m["role"] in SYSTEM_ROLES], prompt_context)
             head = [m for m in messages if m["role"] not in SYSTEM_ROLES]
-            return await self._start(None, head, upstream_messages(system, [], head), calls, started)
+            knowledge = await self._knowledge(agent, head, previous_user_text(head, turn_included=True))
+            system = agent.system([m for m in messages if m["role"] in SYSTEM_ROLES], knowledge.context(prompt_context))
+            context = upstream_messages(system, [], head, knowledge.before_turn(agent))
+            return await self._start(None, head, context, calls, started)
 
         turn = split_turn(request.messages)
-        system = agent.system(turn.system, prompt_context)
         claim = await self._claim(replace(task, profile=agent.name, welcome=agent.profile.welcome_message), turn, call)
         if claim.replay is not None:
             LLM_ROUNDS.labels("replayed").inc()
@@ -178,10 +188,13 @@ class ChatService:
             )
             memory = agent.profile.memory
             if self.memory is not None and (memory.summary or memory.per_user):
-                history, system = await self._remember(
-                    claim, agent, turn, prompt_context, loaded, history, window_rounds, system, call.model
+                history, prompt_context = await self._remember(
+                    claim, agent, prompt_context, loaded, history, window_rounds, call.model
                 )
-            return await self._start(claim, head, upstream_messages(system, history, head), calls, started)
+            knowledge = await self._knowledge(agent, head, previous_user_text(loaded[0].messages, turn_included=False) if loaded else None)
+            system = agent.system(turn.system, knowledge.context(prompt_context))
+            context = upstream_messages(system, history, head, knowledge.before_turn(agent))
+            return await self._start(claim, head, context, calls, started, knowledge.records)
         except asyncio.CancelledError:
             await self._abandon(claim, turn, call, started)
             raise
@@ -230,6 +243,7 @@ class ChatService:
         context: list[BaseMessage],
         calls: list[UpstreamCall],
         started: float,
+        knowledge: list[dict[str, Any]] | None = None,
     ) -> LiveRound:
         """Call the profile's upstreams in turn until one gives its first token: the next is
         tried when one fails before it (unreachable, 5xx, 429, timeout) or stays silent past
@@ -265,6 +279,7 @@ class ChatService:
                 started=started,
                 completion_id="chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex),
                 max_tool_steps=self.settings.tool_max_steps,
+                knowledge=knowledge,
             )
         raise AssertionError("unreachable: the last upstream returns or raises")
 
@@ -296,11 +311,19 @@ class ChatService:
         or as many were loaded as are ever read (older ones then exist in the store)."""
         return len(window) < len(loaded) or len(loaded) >= self.settings.history_max_rounds
 
+    async def _knowledge(self, agent: Agent, head: list[Msg], previous: str | None) -> RoundKnowledgeView:
+        """The passages the profile's knowledge bases give this turn (`knowledge.mode: auto`)."""
+        config = agent.profile.knowledge
+        if self.knowledge is None or config is None or config.mode != "auto":
+            return NO_KNOWLEDGE
+        turn = user_text(head)
+        return RoundKnowledgeView(await self.knowledge.for_turn(config, turn, previous) if turn else None)
+
     async def _remember(
-        self, claim: Claim, agent: Agent, turn: Turn, context: PromptContext, loaded: list[StoredRound],
-        history: list[StoredRound], window_rounds: int, system: list[Msg], model: str,
-    ) -> tuple[list[StoredRound], list[Msg]]:
-        """The round's history and system messages with what memory holds for it: the user's
+        self, claim: Claim, agent: Agent, context: PromptContext, loaded: list[StoredRound],
+        history: list[StoredRound], window_rounds: int, model: str,
+    ) -> tuple[list[StoredRound], PromptContext]:
+        """The round's history and prompt context with what memory holds for it: the user's
         memory as the task began, the task's summary and the rounds it does not cover yet. A
         batch of rounds waiting to be folded is asked for in the background: the round does
         not wait for it."""
@@ -308,7 +331,7 @@ class ChatService:
         memory = agent.profile.memory
         user = user_key(memory, agent.name, context.sdk_app_id, context.user_id, context.meta)
         if user is None and not self._older_rounds(loaded, history):
-            return history, system  # the whole conversation fits its window: nothing to read
+            return history, context  # the whole conversation fits its window: nothing to read
         view = await self.memory.view(claim.task_id, claim.edits, user, model)
         summary = None
         if memory.summary:
@@ -316,9 +339,7 @@ class ChatService:
             if fold_to is not None:
                 self.memory.fold_up_to(claim.task_id, fold_to, agent, model)
             summary = view.summary
-        if summary is None and view.user_memory is None:
-            return history, system
-        return history, agent.system(turn.system, replace(context, summary=summary, user_memory=view.user_memory))
+        return history, replace(context, summary=summary, user_memory=view.user_memory)
 
     def _works_on(self, pending: PendingRound) -> bool:
         return pending.id in self._running or pending.task_id in self._claiming

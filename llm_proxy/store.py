@@ -72,6 +72,8 @@ class RoundTiming:
     total_ms: int | None = None
     # The upstream's error code, when it failed mid-reply.
     error: str | None = None
+    # The knowledge passages the round gave the model (base, document, chunk, score).
+    knowledge: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -675,6 +677,7 @@ def finish_round(
         "new_total_ms": timing.total_ms if timing else None,
         "new_error": timing.error if timing else None,
         "new_extra_fields": without_nul(extra_fields),
+        "new_knowledge": timing.knowledge if timing and timing.knowledge else None,
     }
     added = rows[claim.head_stored :]
     if conn.dialect.name == "postgresql" and claim.reopened_status is None:
@@ -761,6 +764,7 @@ _FINISH = (
         total_ms=bindparam("new_total_ms", type_=Round.total_ms.type),
         error=bindparam("new_error", type_=Round.error.type),
         extra_fields=bindparam("new_extra_fields", type_=Round.extra_fields.type),
+        knowledge=bindparam("new_knowledge", type_=Round.knowledge.type),
     )
     .returning(Round.id, Round.held)
 )

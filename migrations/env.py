@@ -11,6 +11,7 @@ import llm_proxy.models  # noqa: F401  (registers the tables on Base.metadata)
 import orchestrator.models  # noqa: F401
 import admin.models  # noqa: F401
 import memory.models  # noqa: F401
+import knowledge.models  # noqa: F401
 from core.db import Base, Database, database_url, is_sqlite, sqlite_engine
 
 config = context.config

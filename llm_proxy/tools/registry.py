@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -22,6 +23,10 @@ log = logging.getLogger("trtc.tools")
 # A tool's answer is cut to this many characters: the model reads it, and so does every later
 # round's context.
 MAX_RESULT_CHARS = 8000
+
+# What the tools of the round running now found that the round records with it (the knowledge
+# passages `search_knowledge` gave the model): set by the round around its tool calls.
+round_findings: ContextVar[list[dict[str, Any]] | None] = ContextVar("round_findings", default=None)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,10 @@ class ToolRegistry:
         if unknown:
             raise ToolConfigError(f"unknown tools: {', '.join(unknown)}; have: {', '.join(self._tools) or 'none'}")
         return ToolRegistry([self._tools[name] for name in allowed], default_timeout_s=self.default_timeout_s)
+
+    def with_tool(self, tool: Tool) -> ToolRegistry:
+        """These tools and one more (a name clash is a configuration error)."""
+        return ToolRegistry([*self._tools.values(), tool], default_timeout_s=self.default_timeout_s)
 
     def schemas(self) -> list[dict[str, Any]]:
         return self._schemas
