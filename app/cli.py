@@ -14,6 +14,7 @@ from core.auth import resolve_api_keys
 from core.db import database_url
 from app.http_protocol import GuardedHttpToolsProtocol
 from core.settings import Settings, SettingsError, get_settings, load_settings
+from knowledge.cli import knowledge_cli
 
 if TYPE_CHECKING:
     from llm_proxy.profiles import Profile
@@ -28,6 +29,7 @@ config_cli = typer.Typer(no_args_is_help=True, help="Agent profiles (CONFIG_FILE
 cli.add_typer(config_cli, name="config")
 tts_cli = typer.Typer(no_args_is_help=True, help="The TTS server's text handling.")
 cli.add_typer(tts_cli, name="tts")
+cli.add_typer(knowledge_cli, name="knowledge")
 voices_cli = typer.Typer(no_args_is_help=True, help="piper voices in VOICES_DIR, and piper's catalogue (VOICES_BASE_URL).")
 cli.add_typer(voices_cli, name="voices")
 

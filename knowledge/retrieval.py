@@ -27,6 +27,8 @@ from knowledge.index import BaseIndex, Vocabulary, fuse, tokenize
 log = logging.getLogger("trtc.knowledge")
 
 POLL_S = 0.5
+# While the database cannot be read, a warning at most this often.
+_FAILURE_LOG_S = 60.0
 # Candidates each ranking gives fusion, per requested result.
 _CANDIDATES_PER_RESULT = 4
 MAX_TOP_K = 50
@@ -64,7 +66,8 @@ class Knowledge:
         self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.refresh()
+        """Read the bases now and then poll; a database that cannot be read yet (down, or not
+        migrated: the health check says so) is read again at the next poll."""
         self._poller = asyncio.create_task(self._poll(), name="knowledge-poll")
 
     async def stop(self) -> None:
@@ -76,12 +79,16 @@ class Knowledge:
                 pass
 
     async def _poll(self) -> None:
+        failing_since: float | None = None
         while True:
-            await asyncio.sleep(POLL_S)
             try:
                 await self.refresh()
+                failing_since = None
             except Exception as exc:  # a database that is down now is read again next time
-                log.warning("knowledge bases not refreshed: %s: %s", type(exc).__name__, exc)
+                if failing_since is None or time.monotonic() - failing_since > _FAILURE_LOG_S:
+                    failing_since = time.monotonic()
+                    log.warning("knowledge bases not refreshed: %s: %s", type(exc).__name__, str(exc)[:300])
+            await asyncio.sleep(POLL_S)
 
     def bases(self) -> dict[str, int]:
         return {name: index.size for name, index in self._indexes.items()}

@@ -337,3 +337,33 @@ def test_a_delete_reaches_another_process_within_a_second(kb: tuple[InProcessPro
     _admin(server, "DELETE", f"knowledge/{base}")
     wait_until(lambda: _search(other, base, "secret word").status_code == 404, timeout=1.5,
                what="the delete to reach the other process")
+
+
+def test_the_cli_adds_lists_searches_and_deletes(kb: tuple[InProcessProxy, str], migrated_url: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    server, tag = kb
+    base = f"cli-{tag}"
+    (tmp_path / "Refund Policy.md").write_text(REFUND_MD)
+    (tmp_path / "guide.txt").write_text("星辰音箱提供两年免费保修。")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    env = {"DATABASE_URL": migrated_url}
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(cli, ["knowledge", *args], env=env)
+
+    added = run("add", base, str(tmp_path / "Refund Policy.md"), str(tmp_path / "guide.txt"))
+    assert added.exit_code == 0, added.output
+    assert f"{base}/Refund-Policy: added" in added.output and f"{base}/guide: added" in added.output
+    assert run("add", base, str(tmp_path / "image.png")).exit_code == 1
+    assert "Refund-Policy" in run("list", base).output and base in run("list").output
+    found = run("search", base, "how long is the warranty 保修")
+    assert found.exit_code == 0 and "两年免费保修" in found.output
+    # The server sees what the CLI wrote.
+    wait_until(lambda: _search(server, base, "保修").status_code == 200, timeout=2, what="the server to see the base")
+    assert run("delete", base, "guide").exit_code == 0
+    assert run("delete", base, "guide").exit_code == 1
+    assert run("delete", base).output.startswith(f"deleted {base} (1 documents)")
+    assert run("list", base).exit_code == 1
