@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install browser nginx run test test-loaded test-fast test-postgres bench-llm bench-tts bench-soak fake-upstream clean
+.PHONY: install browser nginx run test test-loaded test-fast test-postgres bench-llm bench-tts bench-soak bench-knowledge fake-upstream clean
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ test-postgres: install browser nginx
 
 bench-llm: install
 	$(BIN)/python bench/llm_bench.py $(BENCH_ARGS)
+
+# Retrieval quality on the evaluation set, memory per base size, TTFT added by `knowledge: auto`.
+bench-knowledge: install
+	$(BIN)/python bench/knowledge_bench.py $(BENCH_ARGS)
 
 bench-tts: install
 	$(BIN)/python bench/tts_bench.py $(BENCH_ARGS)

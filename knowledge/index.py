@@ -33,12 +33,15 @@ _LATIN_STOP = frozenset(
 )
 # Single characters that say nothing about a topic (they still count inside bigrams).
 _CJK_STOP = frozenset("的了是在我你他她它们吗呢吧啊么嘛哦呀和与及或就也都还又很这那有个一不要会能想请问说")
+# Words of asking, cut out of Chinese text before it is paired: "有什么要求" would otherwise give
+# "什么", "么要" and the like, which match any chatty passage ("有什么可以帮你").
+_CJK_QUESTION = re.compile("什么|怎么|怎样|多少|哪些|哪个|哪里|如何|应该|可以|是否|请问|一下|有没有|能不能|是不是|为什么|来着|的话")
 
 
 def tokenize(text: str, *, unigrams: bool = True) -> list[str]:
     """The terms of a text, in order, repeats kept (term frequency counts them)."""
     terms: list[str] = []
-    for run in _RUN.findall(unicodedata.normalize("NFKC", text).lower()):
+    for run in _RUN.findall(_CJK_QUESTION.sub(" ", unicodedata.normalize("NFKC", text).lower())):
         if run.isascii():
             if run not in _LATIN_STOP:
                 terms.append(_stem(run))
