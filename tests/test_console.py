@@ -230,3 +230,46 @@ def test_console_shows_a_tasks_summary_and_its_users_memory(start_proxy, upstrea
     _wait(browser, lambda d: _visible(d, "#tasks-view"), "the task list after the delete")
     assert _memory(server, app, user) == []
     assert _get(server, f"/admin/v1/tasks/{task_id}").status_code == 404
+
+
+def test_console_knowledge_page_and_the_passages_beside_a_reply(start_proxy, browser: Any, tmp_path: Path) -> None:
+    """Upload a document on the Knowledge page, try a query, see the passages a round used beside
+    its reply, delete the document."""
+    from selenium.webdriver.common.by import By
+
+    tag = marker()
+    base = f"kb-{tag}"
+    config = tmp_path / "profiles.yaml"
+    config.write_text(f"profiles:\n  - name: support\n    default: true\n    tools: []\n"
+                      f"    knowledge: {{bases: [{base}], top_k: 1}}\n")
+    server = start_proxy({"ADMIN_API_KEYS": ADMIN_KEY, "CONFIG_FILE": str(config)}, in_process=True)
+    document = tmp_path / "warranty.md"
+    document.write_text("# Warranty\n\nThe speaker has a two year warranty.\n\n# Shipping\n\nOrders ship in two days.\n")
+
+    browser.get(server.url + "/console")
+    browser.execute_script(f"sessionStorage.setItem('trtc-admin-key', {ADMIN_KEY!r}); location.hash = 'knowledge';")
+    _wait(browser, lambda d: _visible(d, "#knowledge-view"), "the knowledge page")
+    browser.find_element(By.ID, "kb-base").send_keys(base)
+    browser.find_element(By.ID, "kb-file").send_keys(str(document))
+    browser.find_element(By.ID, "kb-add").click()
+    _wait(browser, lambda d: f"{base}/warranty: 2 chunks" in d.find_element(By.ID, "kb-status").text, "the upload")
+    assert base in browser.find_element(By.ID, "kb-bases").text
+    assert "warranty" in browser.find_element(By.ID, "kb-documents").text
+    browser.find_element(By.ID, "kb-query").send_keys("how long is the warranty")
+    browser.find_element(By.ID, "kb-try").click()
+    _wait(browser, lambda d: "two year warranty" in d.find_element(By.ID, "kb-results").text, "the search results")
+
+    task_id = f"task-{tag}"
+    _chat(server, task_id, f"what warranty does the speaker have? {tag}", "user-1")
+    browser.execute_script(f"location.hash = 'task/{task_id}';")
+    _wait(browser, lambda d: f"{base} / warranty #" in d.find_element(By.ID, "rounds").text, "the passages beside the reply")
+
+    browser.execute_script("location.hash = 'knowledge';")
+    _wait(browser, lambda d: base in d.find_element(By.ID, "kb-bases").text, "the bases")
+    browser.find_element(By.LINK_TEXT, base).click()
+    _wait(browser, lambda d: "warranty" in d.find_element(By.ID, "kb-documents").text, "the documents")
+    browser.find_element(By.CSS_SELECTOR, "#kb-docs button.danger").click()
+    _wait(browser, lambda d: _visible(d, "#confirm"), "the confirmation")
+    browser.find_element(By.ID, "confirm-ok").click()
+    _wait(browser, lambda d: "0" in d.find_element(By.ID, "kb-bases").text.split(base, 1)[1][:6], "the delete")
+    assert _get(server, f"/admin/v1/knowledge/{base}/documents/warranty").status_code == 404

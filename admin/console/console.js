@@ -79,6 +79,7 @@ async function route() {
     if (view === "task") { show("conversation"); await loadConversation(decodeURIComponent(rest.join("/"))); }
     else if (view === "latency") { show("latency"); await loadStats(); }
     else if (view === "tts") { show("tts"); await loadVoices(); }
+    else if (view === "knowledge") { show("knowledge"); await loadKnowledge(); }
     else { show("tasks"); await loadTasks(false); }
   } catch (error) {
     if (error.status !== 401) alert(error.message);
@@ -162,6 +163,7 @@ function roundCard(round, failures) {
     el("div", { class: "turn" },
       el("span", { class: "who" }, "user"), el("span", { class: "said" }, user),
       el("span", { class: "who" }, "tools"), el("div", {}, toolCalls(round.messages)),
+      el("span", { class: "who" }, "knowledge"), el("div", { class: "knowledge" }, passagesUsed(round.knowledge)),
       el("span", { class: "who" }, "assistant"),
       el("div", { class: "columns" },
         el("div", {}, el("div", { class: "muted" }, "as the model wrote it"),
@@ -438,6 +440,75 @@ function wavHeader(dataBytes, rate) {
 
 // -- wiring -----------------------------------------------------------------------------------
 
+function passagesUsed(used) {
+  if (!used || !used.length) return el("span", { class: "muted" }, "none");
+  return el("ul", {}, ...used.map((p) => el("li", {}, `${p.base} / ${p.document} #${p.chunk} · score ${p.score}`)));
+}
+
+// -- knowledge --------------------------------------------------------------------------------
+
+const KB_TYPES = { md: "text/markdown", markdown: "text/markdown", txt: "text/plain", html: "text/html", htm: "text/html", pdf: "application/pdf" };
+const kbPath = (...parts) => `admin/v1/knowledge/${parts.map(encodeURIComponent).join("/")}`;
+
+async function loadKnowledge() {
+  const bases = (await getJson("admin/v1/knowledge")).data;
+  $("#kb-bases tbody").replaceChildren(...bases.map((b) => el("tr", {},
+    el("td", {}, el("a", { href: "#knowledge", onclick: (e) => { e.preventDefault(); loadDocuments(b.name); } }, b.name)),
+    el("td", {}, String(b.documents)), el("td", {}, String(b.chunks)), el("td", {}, b.embedding_model || "lexical only"),
+    el("td", {}, when(b.updated_at)),
+    el("td", {}, el("button", { type: "button", class: "danger", onclick: () => deleteKnowledge(b.name) }, "Delete base")))));
+  const select = $("#kb-search-base");
+  const chosen = select.value;
+  select.replaceChildren(...bases.map((b) => el("option", { value: b.name }, b.name)));
+  if (bases.some((b) => b.name === chosen)) select.value = chosen;
+}
+
+async function loadDocuments(base) {
+  const docs = (await getJson(kbPath(base, "documents"))).data;
+  $("#kb-documents").replaceChildren(el("h2", {}, `Documents of ${base}`), el("table", { id: "kb-docs" },
+    el("thead", {}, el("tr", {}, el("th", {}, "Document"), el("th", {}, "Title"), el("th", {}, "Type"), el("th", {}, "Chunks"), el("th", {}, ""))),
+    el("tbody", {}, ...docs.map((d) => el("tr", {}, el("td", {}, d.id), el("td", {}, d.title || ""), el("td", {}, d.content_type),
+      el("td", {}, String(d.chunks)),
+      el("td", {}, el("button", { type: "button", class: "danger", onclick: () => deleteKnowledge(base, d.id) }, "Delete")))))));
+}
+
+async function uploadKnowledge() {
+  const file = $("#kb-file").files[0];
+  const base = $("#kb-base").value.trim();
+  const ext = file.name.split(".").pop().toLowerCase();
+  const id = $("#kb-doc").value.trim() || file.name.replace(/\.[^.]*$/, "").replace(/[^A-Za-z0-9._-]+/g, "-").replace(/^[-.]+/, "") || "document";
+  $("#kb-status").textContent = `Uploading ${file.name}…`;
+  try {
+    const stored = await (await call(`${kbPath(base, "documents", id)}?title=${encodeURIComponent(file.name)}`, {
+      method: "PUT", body: file, headers: { "Content-Type": KB_TYPES[ext] || file.type || "application/octet-stream" },
+    })).json();
+    $("#kb-status").textContent = `${stored.base}/${stored.id}: ${stored.chunks} chunks from ${stored.chars} characters.`;
+  } catch (error) {
+    $("#kb-status").textContent = `Not stored: ${error.message}`;
+    return;
+  }
+  await loadKnowledge();
+  await loadDocuments(base);
+}
+
+async function deleteKnowledge(base, doc) {
+  if (!(await confirmed(doc ? `Delete document ${doc} from ${base}?` : `Delete knowledge base ${base} with all its documents?`))) return;
+  await call(doc ? kbPath(base, "documents", doc) : kbPath(base), { method: "DELETE" });
+  $("#kb-documents").replaceChildren();
+  await loadKnowledge();
+  if (doc) await loadDocuments(base);
+}
+
+async function tryQuery() {
+  const base = $("#kb-search-base").value;
+  const found = await (await call(`${kbPath(base)}/search`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ query: $("#kb-query").value, top_k: 5 }),
+  })).json();
+  $("#kb-results").replaceChildren(...(found.results.length ? found.results.map((r) => el("li", { class: "passage" },
+    el("div", { class: "muted" }, `score ${r.score} · ${r.document} · ${r.heading}`), el("div", { class: "said" }, r.text)))
+    : [el("li", { class: "muted" }, "Nothing matches.")]));
+}
+
 window.addEventListener("hashchange", route);
 document.addEventListener("DOMContentLoaded", () => {
   $("#signin").addEventListener("submit", async (event) => {
@@ -453,5 +524,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#tts-form").addEventListener("submit", (event) => { event.preventDefault(); speak(); });
   $("#delete-task").addEventListener("click", deleteTask);
   $("#delete-user").addEventListener("click", deleteUser);
+  $("#kb-upload").addEventListener("submit", (event) => { event.preventDefault(); uploadKnowledge(); });
+  $("#kb-search").addEventListener("submit", (event) => { event.preventDefault(); tryQuery().catch((e) => alert(e.message)); });
   route();
 });
