@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -24,6 +25,10 @@ from knowledge.chunking import Chunk
 # BM25's parameters (the usual ones).
 K1 = 1.2
 B = 0.75
+# Tokenizing holds the GIL: the thread that does it lets go this often, so the event loop's
+# thread (live rounds) waits at most about this long for it, not the interpreter's 5 ms switch
+# interval each time it wakes.
+_YIELD_S = 0.001
 
 _RUN = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 _LATIN_STOP = frozenset(
@@ -158,9 +163,13 @@ class BaseIndex:
         vectors = [self.vectors[keep]] if self.vectors is not None else []
         documents = {doc: stamp for doc, stamp in self.documents.items() if doc not in removed}
         all_embedded = self.vectors is not None or not self.entries
+        held_since = time.perf_counter()
         for document, stamp, chunks in added:
             documents[document] = stamp
             for seq, chunk, embedding in chunks:
+                if time.perf_counter() - held_since > _YIELD_S:
+                    time.sleep(0)
+                    held_since = time.perf_counter()
                 ids = vocabulary.add(tokenize(chunk.indexed))
                 unique, counts = np.unique(ids, return_counts=True)
                 parts_terms.append(unique.astype(np.int32))

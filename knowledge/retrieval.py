@@ -21,6 +21,7 @@ import numpy as np
 from core.db import Database
 from core.metrics import KNOWLEDGE_LEXICAL_ONLY
 from knowledge import store
+from knowledge.chunking import Chunk
 from knowledge.embeddings import Embedder, EmbeddingError
 from knowledge.index import BaseIndex, Vocabulary, fuse, tokenize
 
@@ -120,14 +121,23 @@ class Knowledge:
             old = BaseIndex()  # embedded with another model: every chunk is read again
         removed = {doc for doc, stamp in old.documents.items() if state.documents.get(doc) != stamp}
         changed = [doc for doc, stamp in state.documents.items() if old.documents.get(doc) != stamp]
-        chunks = await self.db.run(store.document_chunks, base, changed) if changed else {}
-        added = [(doc, state.documents[doc], chunks.get(doc, [])) for doc in changed]
+        added = [(doc, state.documents[doc], await self._chunks(base, doc)) for doc in changed]
         self._indexes[base] = await asyncio.to_thread(
             old.replaced, self.vocabulary, removed, added, state.embedding_model
         )
         self._versions[base] = state.version
         log.info("knowledge base %s: %d chunks (%d documents read) in %.0f ms", base, self._indexes[base].size,
                  len(changed), (time.perf_counter() - started) * 1000)
+
+    async def _chunks(self, base: str, doc: str) -> list[tuple[int, Chunk, bytes | None]]:
+        """A document's chunks, a page at a time (on SQLite on the database's thread, off the event
+        loop)."""
+        chunks: list[tuple[int, Chunk, bytes | None]] = []
+        while True:
+            page = await self.db.run_in_background(store.document_chunks, base, doc, chunks[-1][0] if chunks else -1)
+            chunks += page
+            if len(page) < store.READ_PAGE:
+                return chunks
 
     async def search(self, bases: Sequence[str], query: str, top_k: int, min_score: float = 0.0,
                      *, terms: Sequence[str] | None = None) -> list[Passage]:

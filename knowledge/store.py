@@ -181,18 +181,20 @@ def base_state(conn: Connection, base: str) -> BaseState | None:
     return BaseState(row[0], row[1], documents)
 
 
+# Chunk rows per read: a large document is read in short transactions, between which live
+# rounds' own transactions go (on SQLite they share one connection).
+READ_PAGE = 400
+
+
 def document_chunks(
-    conn: Connection, base: str, doc_ids: Sequence[str]
-) -> dict[str, list[tuple[int, Chunk, builtins.bytes | None]]]:
-    """The chunks of these documents (seq, chunk, embedding), in order."""
-    out: dict[str, list[tuple[int, Chunk, builtins.bytes | None]]] = {doc_id: [] for doc_id in doc_ids}
-    for start in range(0, len(doc_ids), 200):
-        rows = conn.execute(
-            select(KnowledgeChunk.document, KnowledgeChunk.seq, KnowledgeChunk.id, KnowledgeChunk.heading,
-                   KnowledgeChunk.text, KnowledgeChunk.embedding)
-            .where(KnowledgeChunk.base == base, KnowledgeChunk.document.in_(doc_ids[start : start + 200]))
-            .order_by(KnowledgeChunk.document, KnowledgeChunk.seq)
-        )
-        for document, seq, chunk_id, heading, text, embedding in rows:
-            out[document].append((seq, Chunk(chunk_id, heading, text), embedding))
-    return out
+    conn: Connection, base: str, doc_id: str, after_seq: int = -1
+) -> list[tuple[int, Chunk, builtins.bytes | None]]:
+    """The document's next `READ_PAGE` chunks after `after_seq` (seq, chunk, embedding)."""
+    rows = conn.execute(
+        select(KnowledgeChunk.seq, KnowledgeChunk.id, KnowledgeChunk.heading, KnowledgeChunk.text,
+               KnowledgeChunk.embedding)
+        .where(KnowledgeChunk.base == base, KnowledgeChunk.document == doc_id, KnowledgeChunk.seq > after_seq)
+        .order_by(KnowledgeChunk.seq)
+        .limit(READ_PAGE)
+    )
+    return [(seq, Chunk(chunk_id, heading, text), embedding) for seq, chunk_id, heading, text, embedding in rows]
