@@ -49,7 +49,7 @@ LLM_ADDED = Histogram(
 KNOWLEDGE_SEARCHES = Counter(
     "trtc_knowledge_searches_total",
     "Knowledge searches of rounds, by how they went: found (passages given), none (nothing matched), "
-    "skipped (small talk), tool (the model asked).",
+    "skipped (small talk), tool (the model asked), failed (the round went on without).",
     ["outcome"],
 )
 KNOWLEDGE_LEXICAL_ONLY = Counter(

@@ -78,9 +78,16 @@ def _decode(body: bytes, content_type: str) -> str:
     raise ApiError(400, "The document is not text in UTF-8 (or GB18030).", "invalid_request_error", "undecodable_text")
 
 
+def clean_line(text: str) -> str:
+    """A one-line value (a title) as it can be stored on both databases."""
+    return " ".join(_tidy(text).split())
+
+
 def _tidy(text: str) -> str:
     """Line ends unified, NUL and other control characters out (PostgreSQL refuses NUL), runs
     of blank lines shortened."""
+    # Lone surrogates (a broken PDF's text can hold them) are not UTF-8: PostgreSQL refuses them.
+    text = text.encode("utf-8", "replace").decode("utf-8")
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip()

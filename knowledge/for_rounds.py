@@ -11,6 +11,7 @@ used are recorded with it (base, document, chunk, score).
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ from typing import Any, Sequence
 
 from core.metrics import KNOWLEDGE_SEARCHES
 from knowledge.index import tokenize
-from knowledge.retrieval import Knowledge, Passage
+from knowledge.retrieval import MAX_QUERY_CHARS, Knowledge, Passage
 from llm_proxy.profiles import KnowledgeConfig
 from llm_proxy.tools.registry import Tool, round_findings
 
+log = logging.getLogger("trtc.knowledge")
 SECTION_HEADING = (
     "Knowledge for the user's next message, from the knowledge base. Answer from these passages; if they do not "
     "answer it, say you do not know rather than guess. Speak the answer naturally: never read out passage numbers, "
@@ -88,12 +90,18 @@ class RoundKnowledge:
     async def for_turn(self, config: KnowledgeConfig, turn: str, previous: str | None) -> Found | None:
         """The passages for a user turn in `auto` mode; None when the turn needs none (small talk) or
         nothing matched."""
+        turn, previous = turn[:MAX_QUERY_CHARS], previous[:MAX_QUERY_CHARS] if previous else None
         if is_small_talk(turn):
             KNOWLEDGE_SEARCHES.labels("skipped").inc()
             return None
         terms = query_terms(turn, previous)
         query = f"{turn}\n{previous}" if previous and len(terms) > len(tokenize(turn)) else turn
-        passages = await self.knowledge.search(config.bases, query, config.top_k, config.min_score, terms=terms)
+        try:
+            passages = await self.knowledge.search(config.bases, query, config.top_k, config.min_score, terms=terms)
+        except Exception as exc:  # the round goes on without passages rather than failing
+            KNOWLEDGE_SEARCHES.labels("failed").inc()
+            log.error("knowledge search failed: %s: %s; the round goes on without passages", type(exc).__name__, exc)
+            return None
         KNOWLEDGE_SEARCHES.labels("found" if passages else "none").inc()
         if not passages:
             return None

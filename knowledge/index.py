@@ -61,14 +61,26 @@ def tokenize(text: str, *, unigrams: bool = True) -> list[str]:
 
 
 def _stem(word: str) -> str:
-    """Plural and verb endings off ("refunds" -> "refund", "charged" -> "charg", "charging" ->
-    "charg"), the same for query and text; numbers as they are."""
-    if len(word) <= 3 or word.isdigit():
+    """Plural and verb endings off, and a final e, so that "refunds", "charged", "charging",
+    "charge" and "shipping"/"ship" meet ("refund", "charg", "ship"); the same for query and text.
+    Numbers and short words stay as they are."""
+    if len(word) <= 3 or not word.isalpha():
         return word
-    for suffix in ("ing", "ies", "es", "ed", "s"):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
-            return word[: -len(suffix)] + ("y" if suffix == "ies" else "")
-    return word
+    if word.endswith("ies") and len(word) > 4:
+        word = word[:-3] + "y"
+    elif word.endswith("sses"):
+        word = word[:-2]
+    elif word.endswith(("ches", "shes", "xes", "zes")):
+        word = word[:-2]
+    elif word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    for suffix in ("ing", "ed"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            if len(word) > 3 and word[-1] == word[-2] and word[-1] not in "lsz":
+                word = word[:-1]  # "shipp" -> "ship"
+            break
+    return word[:-1] if word.endswith("e") and len(word) > 3 else word
 
 
 class Vocabulary:

@@ -15,7 +15,7 @@ from core.errors import ApiError, bad_request
 from knowledge import store
 from knowledge.chunking import Chunk, chunk_document
 from knowledge.embeddings import Embedder, EmbeddingError
-from knowledge.extract import extract, media_type
+from knowledge.extract import clean_line, extract, media_type
 from knowledge.models import DOC_ID_MAX_CHARS, NAME_MAX_CHARS
 
 _BASE_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._\-]{{0,{NAME_MAX_CHARS - 1}}}$")
@@ -49,7 +49,7 @@ def doc_id_for(filename: str) -> str:
 
 def _prepared(body: bytes, content_type: str, title: str | None) -> tuple[str | None, int, list[Chunk]]:
     extracted = extract(body, content_type)
-    chosen = (title or extracted.title or "").strip()[:TITLE_MAX_CHARS] or None
+    chosen = clean_line(title or extracted.title or "")[:TITLE_MAX_CHARS] or None
     return chosen, len(extracted.text), chunk_document(extracted.text, chosen)
 
 

@@ -28,7 +28,7 @@ from llm_proxy.protocol import usage_dict
 from llm_proxy.speech import spoken
 from llm_proxy.store import Claim, Failure, RoundTiming
 from llm_proxy.tool_calls import CallAccumulator, answer_missing, call_name, run_calls
-from llm_proxy.tools.registry import ToolRegistry, round_findings
+from llm_proxy.tools.registry import ToolRegistry
 from llm_proxy.upstream import Delta, Upstream
 
 log = logging.getLogger("trtc.llm")
@@ -154,11 +154,7 @@ class LiveRound:
             self._consumed += len(said)
             self._produced.append({"role": "assistant", "content": said, "tool_calls": calls})
             server_calls = [c for c in calls if call_name(c) not in self._call.client_tools]
-            findings = round_findings.set(self._knowledge)
-            try:
-                self._produced += await run_calls(self._call.registry, server_calls)
-            finally:
-                round_findings.reset(findings)
+            self._produced += await run_calls(self._call.registry, server_calls, self._knowledge)
             client_calls = [c for c in calls if call_name(c) in self._call.client_tools]
             if client_calls:
                 self.client_calls = client_calls

@@ -8,7 +8,7 @@ import asyncio
 from typing import Any, Iterable
 
 from llm_proxy.context import INTERRUPTED_RESULT, Msg
-from llm_proxy.tools.registry import ToolRegistry
+from llm_proxy.tools.registry import ToolRegistry, round_findings
 from llm_proxy.upstream import CallFragment
 
 
@@ -45,11 +45,18 @@ def call_name(call: dict[str, Any]) -> str:
     return call["function"]["name"]
 
 
-async def run_calls(registry: ToolRegistry, calls: list[dict[str, Any]]) -> list[Msg]:
-    """Run a turn's calls concurrently; each result is a `tool` message, failures included."""
-    results = await asyncio.gather(
-        *(registry.run_call(call_name(call), call["function"]["arguments"]) for call in calls)
-    )
+async def run_calls(
+    registry: ToolRegistry, calls: list[dict[str, Any]], findings: list[dict[str, Any]] | None = None
+) -> list[Msg]:
+    """Run a turn's calls concurrently; each result is a `tool` message, failures included.
+    `findings`: where the tools put what the round records with it (`round_findings`)."""
+    token = round_findings.set(findings)
+    try:
+        results = await asyncio.gather(
+            *(registry.run_call(call_name(call), call["function"]["arguments"]) for call in calls)
+        )
+    finally:
+        round_findings.reset(token)
     return [
         {"role": "tool", "tool_call_id": call["id"], "content": result}
         for call, result in zip(calls, results)
