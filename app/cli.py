@@ -13,7 +13,7 @@ import uvicorn
 from core.auth import resolve_api_keys
 from core.db import database_url
 from app.http_protocol import GuardedHttpToolsProtocol
-from core.settings import Settings, SettingsError, get_settings, load_settings
+from core.settings import Settings, get_settings, settings_or_exit
 from knowledge.cli import knowledge_cli
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def serve(
         # The workers build their settings from the environment.
         os.environ["SERVICES"] = only
         get_settings.cache_clear()
-    settings = _settings()
+    settings = settings_or_exit()
     if settings.serves_llm:
         _check_config(settings, settings.config_file)
     # Resolve (maybe generate) the key before workers start, so they all read the same one.
@@ -141,21 +141,12 @@ def validate(
 def config_check(file: Path = typer.Argument(..., help="The profiles file (YAML, or TOML by extension).")) -> None:
     """Check a profiles file exactly as `serve` does (with this environment's tools); exit 1 with
     the reason if it is wrong."""
-    profiles = _check_config(_settings(), file)
+    profiles = _check_config(settings_or_exit(), file)
     # `serve` logs these when it loads the file (`load_profiles`); here they are the output.
     for profile in profiles:
         for warning in profile.warnings():
             typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"{file}: ok, {len(profiles)} profile(s): " + ", ".join(profile.name for profile in profiles))
-
-
-def _settings() -> Settings:
-    """The settings, or one line naming the variable that is wrong and exit 1 (no traceback)."""
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
 
 
 def _check_config(settings: Settings, file: Path | None) -> list[Profile]:
@@ -207,7 +198,7 @@ def voices_list(
     from tts_server.catalog import CatalogError, fetch_catalog
     from tts_server.voices import VoiceSettingsError, load_voices
 
-    settings = _settings()
+    settings = settings_or_exit()
     if remote:
         try:
             with httpx.Client(timeout=30, follow_redirects=True) as client:
@@ -238,7 +229,7 @@ def voices_download(names: list[str] = typer.Argument(..., help="Voice names as 
 
     from tts_server.catalog import CatalogError, download, fetch_catalog
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         with httpx.Client(timeout=60, follow_redirects=True) as client:
             catalog = fetch_catalog(settings.voices_base_url, client)
@@ -262,7 +253,7 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     """Apply migrations up to `revision` (default: the newest)."""
     from migrations import upgrade
 
-    url = _settings().resolved_database_url
+    url = settings_or_exit().resolved_database_url
     upgrade(url, revision)
     typer.echo(f"database at revision {revision}: {database_url(url).render_as_string(hide_password=True)}")
 
@@ -274,7 +265,7 @@ def db_revision(message: str = typer.Option(..., "-m", "--message", help="What t
 
     from migrations import alembic_config
 
-    command.revision(alembic_config(_settings().resolved_database_url), message=message, autogenerate=True)
+    command.revision(alembic_config(settings_or_exit().resolved_database_url), message=message, autogenerate=True)
 
 
 def main() -> None:

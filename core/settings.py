@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -208,6 +209,16 @@ def load_settings() -> Settings:
         name = str(error["loc"][0]).upper() if error["loc"] else "a setting"
         reason = str(error["msg"]).removeprefix("Value error, ")
         raise SettingsError(f"{name}: {reason} (got {str(error.get('input'))[:80]!r})") from None
+
+
+def settings_or_exit() -> Settings:
+    """For commands: the settings, or one line on stderr naming the variable that is wrong, and
+    exit 1 (no traceback)."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _split(value: str) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 import typer
 
-from core.settings import Settings, SettingsError, load_settings
+from core.settings import settings_or_exit
 
 knowledge_cli = typer.Typer(no_args_is_help=True, help="Knowledge bases the bot answers from.")
 T = TypeVar("T")
@@ -19,20 +19,12 @@ _TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".txt": "text/pl
           ".html": "text/html", ".htm": "text/html", ".pdf": "application/pdf"}
 
 
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
-
-
 def _run(work: Callable[[Any], Awaitable[T]]) -> T:
     """`work(db)` against the settings' database; an `ApiError` is one line and exit 1."""
     from core.db import Database
     from core.errors import ApiError
 
-    settings = _settings()
+    settings = settings_or_exit()
 
     async def run() -> T:
         db = Database(settings.resolved_database_url, pool_size=1, max_overflow=0)
@@ -62,7 +54,7 @@ def add(
 
     if (doc_id or title) and len(files) > 1:
         raise typer.BadParameter("--id and --title name one document: give one file")
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         bases = load_file(settings.config_file).knowledge_bases if settings.config_file else []
     except ConfigError as exc:

@@ -23,22 +23,21 @@ _DOC_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._\-]{{0,{DOC_ID_MAX_CHARS - 1}}}$
 TITLE_MAX_CHARS = 200
 
 
-def check_base(name: str) -> str:
-    if not _BASE_NAME.match(name):
+def _plain_name(value: str, pattern: re.Pattern[str], what: str, most: int, code: str) -> str:
+    if not pattern.match(value):
         raise bad_request(
-            f"A knowledge base's name is 1-{NAME_MAX_CHARS} letters, digits, '.', '_' or '-', starting with a letter "
-            f"or digit; not {name[:80]!r}.", "invalid_base_name",
+            f"{what} is 1-{most} letters, digits, '.', '_' or '-', starting with a letter or digit; not {value[:80]!r}.",
+            code,
         )
-    return name
+    return value
+
+
+def check_base(name: str) -> str:
+    return _plain_name(name, _BASE_NAME, "A knowledge base's name", NAME_MAX_CHARS, "invalid_base_name")
 
 
 def check_doc_id(doc_id: str) -> str:
-    if not _DOC_ID.match(doc_id):
-        raise bad_request(
-            f"A document id is 1-{DOC_ID_MAX_CHARS} letters, digits, '.', '_' or '-', starting with a letter or "
-            f"digit; not {doc_id[:80]!r}.", "invalid_document_id",
-        )
-    return doc_id
+    return _plain_name(doc_id, _DOC_ID, "A document id", DOC_ID_MAX_CHARS, "invalid_document_id")
 
 
 def doc_id_for(filename: str) -> str:
