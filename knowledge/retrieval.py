@@ -34,6 +34,9 @@ _FAILURE_LOG_S = 60.0
 _CANDIDATES_PER_RESULT = 4
 MAX_TOP_K = 50
 MAX_QUERY_CHARS = 2000
+# Bases this large (in all, of one search) are searched in a thread: at 100,000 chunks a search
+# takes ~5 ms (`bench/knowledge_bench.py`), long enough to stall every stream in flight.
+_THREAD_FROM_CHUNKS = 20_000
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,15 @@ class Knowledge:
         Bases with an embedder are searched both ways and fused; an embedder that fails or is
         slower than its `timeout_ms` leaves that base to lexical search."""
         terms = list(terms) if terms is not None else tokenize(query[:MAX_QUERY_CHARS])
-        limit = max(top_k * _CANDIDATES_PER_RESULT, 20)
         vectors = await self._query_vectors(bases, query[:MAX_QUERY_CHARS])
+        indexes = [self._indexes.get(base) for base in bases]
+        if sum(index.size for index in indexes if index is not None) >= _THREAD_FROM_CHUNKS:
+            return await asyncio.to_thread(self._ranked, bases, terms, vectors, top_k, min_score)
+        return self._ranked(bases, terms, vectors, top_k, min_score)
+
+    def _ranked(self, bases: Sequence[str], terms: Sequence[str], vectors: dict[str, np.ndarray], top_k: int,
+                min_score: float) -> list[Passage]:
+        limit = max(top_k * _CANDIDATES_PER_RESULT, 20)
         found: list[Passage] = []
         for base in bases:
             index = self._indexes.get(base)

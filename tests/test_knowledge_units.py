@@ -4,6 +4,7 @@ round searches with, extraction; random input through hypothesis."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,3 +127,25 @@ def test_extraction_keeps_text_and_drops_what_cannot_be_stored() -> None:
     assert extract("退款".encode("gb18030"), "text/plain").text == "退款"
     page = extract(b"<h2>Title</h2><ul><li>one</li><li>two</li></ul><nav>menu</nav>", "text/html").text
     assert "## Title" in page and "- one" in page and "menu" not in page
+
+
+def test_a_large_base_is_searched_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import threading
+
+    from knowledge import retrieval
+
+    knowledge = retrieval.Knowledge(db=None)  # type: ignore[arg-type]  # search reads no database
+    index, vocabulary = _index(["# 保修\n\n两年免费保修。", "# 价格\n\n399 元。"])
+    knowledge.vocabulary = vocabulary
+    knowledge._indexes["b"] = index
+    threads: list[str] = []
+    ranked = knowledge._ranked
+    monkeypatch.setattr(knowledge, "_ranked", lambda *args: threads.append(threading.current_thread().name) or ranked(*args))
+
+    async def search() -> list[Passage]:
+        return await knowledge.search(["b", "missing"], "保修", 3)
+
+    assert asyncio.run(search())[0].heading == "保修" and threads == ["MainThread"]
+    monkeypatch.setattr(retrieval, "_THREAD_FROM_CHUNKS", 2)
+    assert asyncio.run(search())[0].heading == "保修" and threads[-1] != "MainThread"
