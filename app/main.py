@@ -134,12 +134,12 @@ async def _open_chat(
         return built
 
     chat = ChatService(settings, db, agents(), lease)
-    chat.knowledge = round_knowledge
+    chat.context.knowledge = round_knowledge
     memory = Keeper(db, clients, lambda: chat.agents, lease.id, settings.history_cache_tasks,
                     settings.memory_user_idle_s, settings.memory_fold_timeout_s)
     await memory.start()
     stack.push_async_callback(memory.stop)
-    chat.memory = memory
+    chat.context.memory = memory
     app.state.chat = chat
     lifecycle = Lifecycle(
         db, [chat.history.drop, memory.forget], settings.retention_days, settings.retention_interval_s, lease.id

@@ -34,7 +34,7 @@ import time
 import tracemalloc
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -365,8 +365,8 @@ def main() -> None:
     side, ingest, added = rounds(args, Path(tempfile.mkdtemp(prefix="knowledge-bench-")))
     command = "python bench/knowledge_bench.py " + shlex.join(sys.argv[1:])
     body = (
-        f"Retrieval quality on the evaluation set (`bench/knowledge_eval/`): recall@k is the share of questions whose "
-        f"answering chunk is among the first k, MRR the mean of 1/rank (0 past 5).\n\n"
+        "Retrieval quality on the evaluation set (`bench/knowledge_eval/`): recall@k is the share of questions whose "
+        "answering chunk is among the first k, MRR the mean of 1/rank (0 past 5).\n\n"
         + table(["set", "search", "questions", "chunks", "recall@1", "recall@3", "recall@5", "MRR", "missed at 3 (first 3)"],
                 quality_rows)
         + f"\n\nBase size: the index built in one process ({os.cpu_count()} cores), memory by tracemalloc (chunks' "

@@ -1,17 +1,13 @@
 """What a round's context takes from the knowledge bases (`knowledge/`, wired by the app): the
-passages for the user's turn, as a system section just before the turn or as `{knowledge}` in
-the prompt template. The chat proxy knows knowledge only through `KnowledgeSource`."""
+passages for the user's turn (`round_context` places them). The chat proxy knows knowledge only
+through `KnowledgeSource`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from llm_proxy.context import Msg
-from llm_proxy.profiles import KnowledgeConfig, PromptContext, template_fields
-
-if TYPE_CHECKING:
-    from llm_proxy.agents import Agent
+from llm_proxy.profiles import KnowledgeConfig
 
 
 class Found(Protocol):
@@ -46,28 +42,3 @@ def previous_user_text(messages: Sequence[Msg], *, turn_included: bool) -> str |
     if turn_included:
         users = users[:-1]
     return user_text(users[-1:]) or None
-
-
-@dataclass(frozen=True)
-class RoundKnowledgeView:
-    """The knowledge a round gives its model, and how."""
-
-    found: Found | None = None
-
-    @property
-    def records(self) -> list[dict[str, Any]] | None:
-        return self.found.records() if self.found is not None else None
-
-    def context(self, context: PromptContext) -> PromptContext:
-        """The prompt context with the passages, for a template that places `{knowledge}`."""
-        return replace(context, knowledge=self.found.text) if self.found is not None else context
-
-    def before_turn(self, agent: Agent) -> list[Msg]:
-        """The system section just before the user's turn, where the template does not place them."""
-        prompt = agent.profile.system_prompt
-        if self.found is None or (prompt is not None and "knowledge" in template_fields(prompt)):
-            return []
-        return [{"role": "system", "content": self.found.text}]
-
-
-NO_KNOWLEDGE = RoundKnowledgeView()

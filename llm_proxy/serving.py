@@ -37,25 +37,16 @@ from llm_proxy.context import (
     replayed_reply,
     split_turn,
     unanswered_calls,
-    upstream_messages,
-    window,
 )
 from llm_proxy.agents import Agent, Agents
 from llm_proxy.disconnect import runs_to_the_end
 from llm_proxy.history_cache import HistoryCache
-from llm_proxy.knowledge_context import (
-    NO_KNOWLEDGE,
-    KnowledgeSource,
-    RoundKnowledgeView,
-    previous_user_text,
-    user_text,
-)
 from llm_proxy.live_round import LiveRound, UpstreamCall, elapsed_ms
-from llm_proxy.memory_context import MemoryKeeper, user_key, with_summary
 from llm_proxy.models import ID_MAX_CHARS, NO_APP
 from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
 from llm_proxy.recovery import Lease, PendingRound
+from llm_proxy.round_context import ContextSources, RoundInputs
 from llm_proxy.store import Claim, Failure, HistoryCopy, RequestIdReused, RoundTiming, TaskInfo, TaskOwnedElsewhere
 from llm_proxy.upstream import Delta
 
@@ -138,10 +129,8 @@ class ChatService:
         # What to do when a stored round was awaited by callbacks (`Round.held`): the app wires
         # in the callback service's `apply_held`.
         self.on_held: Callable[[str], Awaitable[None]] | None = None
-        # Rolling summaries and users' memory (`memory.keeper.Keeper`, wired by the app).
-        self.memory: MemoryKeeper | None = None
-        # The knowledge bases (`knowledge.for_rounds.RoundKnowledge`, wired by the app).
-        self.knowledge: KnowledgeSource | None = None
+        # What a round's context is made of besides its turn: the app wires memory and knowledge in.
+        self.context = ContextSources(settings)
 
     async def open(self, request: ChatCompletionRequest, task: TaskInfo | None, key: str | None = None) -> LiveRound | Replay:
         """`key`: the bearer key, which (with the request's `model`) selects the profile."""
@@ -162,10 +151,10 @@ class ChatService:
         if task is None:
             messages = [m.to_dict() for m in request.messages]
             head = [m for m in messages if m["role"] not in SYSTEM_ROLES]
-            knowledge = await self._knowledge(agent, head, previous_user_text(head, turn_included=True))
-            system = agent.system([m for m in messages if m["role"] in SYSTEM_ROLES], knowledge.context(prompt_context))
-            context = upstream_messages(system, [], head, knowledge.before_turn(agent))
-            return await self._start(None, head, context, calls, started)
+            inputs = RoundInputs(agent, [m for m in messages if m["role"] in SYSTEM_ROLES], head, prompt_context,
+                                 model=call.model)
+            context = await self.context.build(inputs)
+            return await self._start(None, head, context.messages(inputs), calls, started, context.knowledge)
 
         turn = split_turn(request.messages)
         claim = await self._claim(replace(task, profile=agent.name, welcome=agent.profile.welcome_message), turn, call)
@@ -179,22 +168,9 @@ class ChatService:
                 LLM_ROUNDS.labels("replayed").inc()
                 return _replay(claim, answered, call)
             head = _head(claim, turn)
-            limits = agent.profile.history
-            window_rounds = self.settings.history_max_rounds if limits.max_rounds is None else limits.max_rounds
-            loaded = await self._history(claim)
-            history = window(
-                loaded, window_rounds,
-                self.settings.history_max_tokens if limits.max_tokens is None else limits.max_tokens,
-            )
-            memory = agent.profile.memory
-            if self.memory is not None and (memory.summary or memory.per_user):
-                history, prompt_context = await self._remember(
-                    claim, agent, prompt_context, loaded, history, window_rounds, call.model
-                )
-            knowledge = await self._knowledge(agent, head, previous_user_text(loaded[0].messages, turn_included=False) if loaded else None)
-            system = agent.system(turn.system, knowledge.context(prompt_context))
-            context = upstream_messages(system, history, head, knowledge.before_turn(agent))
-            return await self._start(claim, head, context, calls, started, knowledge.records)
+            inputs = RoundInputs(agent, turn.system, head, prompt_context, await self._history(claim), claim, call.model)
+            context = await self.context.build(inputs)
+            return await self._start(claim, head, context.messages(inputs), calls, started, context.knowledge)
         except asyncio.CancelledError:
             await self._abandon(claim, turn, call, started)
             raise
@@ -305,41 +281,6 @@ class ChatService:
             self._claiming[task.task_id] -= 1
             if not self._claiming[task.task_id]:
                 del self._claiming[task.task_id]
-
-    def _older_rounds(self, loaded: list[StoredRound], window: list[StoredRound]) -> bool:
-        """Whether the task has rounds older than the window: some loaded ones were left out,
-        or as many were loaded as are ever read (older ones then exist in the store)."""
-        return len(window) < len(loaded) or len(loaded) >= self.settings.history_max_rounds
-
-    async def _knowledge(self, agent: Agent, head: list[Msg], previous: str | None) -> RoundKnowledgeView:
-        """The passages the profile's knowledge bases give this turn (`knowledge.mode: auto`)."""
-        config = agent.profile.knowledge
-        if self.knowledge is None or config is None or config.mode != "auto":
-            return NO_KNOWLEDGE
-        turn = user_text(head)
-        return RoundKnowledgeView(await self.knowledge.for_turn(config, turn, previous) if turn else None)
-
-    async def _remember(
-        self, claim: Claim, agent: Agent, context: PromptContext, loaded: list[StoredRound],
-        history: list[StoredRound], window_rounds: int, model: str,
-    ) -> tuple[list[StoredRound], PromptContext]:
-        """The round's history and prompt context with what memory holds for it: the user's
-        memory as the task began, the task's summary and the rounds it does not cover yet. A
-        batch of rounds waiting to be folded is asked for in the background: the round does
-        not wait for it."""
-        assert self.memory is not None
-        memory = agent.profile.memory
-        user = user_key(memory, agent.name, context.sdk_app_id, context.user_id, context.meta)
-        if user is None and not self._older_rounds(loaded, history):
-            return history, context  # the whole conversation fits its window: nothing to read
-        view = await self.memory.view(claim.task_id, claim.edits, user, model)
-        summary = None
-        if memory.summary:
-            history, fold_to = with_summary(loaded, history, view, claim.seq, window_rounds)
-            if fold_to is not None:
-                self.memory.fold_up_to(claim.task_id, fold_to, agent, model)
-            summary = view.summary
-        return history, replace(context, summary=summary, user_memory=view.user_memory)
 
     def _works_on(self, pending: PendingRound) -> bool:
         return pending.id in self._running or pending.task_id in self._claiming
