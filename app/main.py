@@ -131,6 +131,7 @@ async def _open_chat(
         profiles = load_profiles(settings, api_keys)
         built = build_agents(profiles, all_tools, default_tools, clients, round_knowledge.tool)
         knowledge.embedders = embedders.for_bases(profiles.knowledge_bases)
+        knowledge.in_use = frozenset(base for p in profiles.all if p.knowledge for base in p.knowledge.bases)
         return built
 
     chat = ChatService(settings, db, agents(), lease)

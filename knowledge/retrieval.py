@@ -1,7 +1,9 @@
-"""Every knowledge base of the database, indexed in this process's memory, and search over them.
+"""The knowledge bases this process searches, indexed in its memory, and search over them.
 
-Each process reads the bases' versions every `POLL_S`; a base that changed is read again, but only
-its documents whose stamp changed, and its index is rebuilt in a thread and swapped in whole.
+A process indexes the bases its profiles list (`in_use`) and those the admin API searched in it.
+While it has any, it reads the bases' versions every `POLL_S` (a process without knowledge reads
+nothing); a base that changed is read again, but only its documents whose stamp changed, and its
+index is rebuilt in a thread and swapped in whole.
 A delete or a replacement made by any process thus reaches every process within a second (the
 process that made it applies it at once). Searching is in memory and on the event loop: a
 query against 10,000 chunks takes well under a millisecond (`bench/knowledge_bench.py`), less
@@ -64,8 +66,10 @@ class Knowledge:
         self.vocabulary = Vocabulary()
         self._indexes: dict[str, BaseIndex] = {}
         self._versions: dict[str, int] = {}
-        # Base name -> its embedder (from the profiles file's `knowledge_bases`); replaced on reload.
+        # Base name -> its embedder (from the profiles file's `knowledge_bases`), and the bases the
+        # profiles list; both replaced on reload.
         self.embedders: Mapping[str, Embedder] = {}
+        self.in_use: frozenset[str] = frozenset()
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
 
@@ -86,7 +90,8 @@ class Knowledge:
         failing_since: float | None = None
         while True:
             try:
-                await self.refresh()
+                if self.in_use or self._indexes:
+                    await self.refresh()
                 failing_since = None
             except Exception as exc:  # a database that is down now is read again next time
                 if failing_since is None or time.monotonic() - failing_since > _FAILURE_LOG_S:
@@ -101,15 +106,16 @@ class Knowledge:
         return self._indexes.get(base)
 
     async def refresh(self, only: str | None = None) -> None:
-        """Read what changed since the last look (only `only`, when given: after this process
-        changed it)."""
+        """Read what changed since the last look in the bases in use or indexed here (only
+        `only`, when given: after this process changed it, or to search it)."""
         async with self._lock:
             current = await self.db.run(store.versions)
             for name in [n for n in self._indexes if n not in current]:
                 del self._indexes[name]
                 self._versions.pop(name, None)
             for name, version in current.items():
-                if (only is None or name == only) and self._versions.get(name) != version:
+                wanted = name == only if only is not None else name in self.in_use or name in self._indexes
+                if wanted and self._versions.get(name) != version:
                     await self._load(name)
 
     async def _load(self, base: str) -> None:
