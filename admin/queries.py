@@ -192,6 +192,8 @@ def task_detail(conn: Connection, task_id: str) -> dict[str, Any] | None:
                 "messages": messages[r["id"]],
                 # The knowledge passages the round gave the model (base, document, chunk, score).
                 "knowledge": r["knowledge"],
+                # The fast reply's line the reply began with (it is in the messages too).
+                "fast_reply": r["fast_reply"],
                 # What the user did not hear (event 905 cut it from the stored reply).
                 "unheard": r["unheard"],
                 "orchestrator_metrics": _metrics([e for e in events if round_of[e["id"]] == r["id"]]),

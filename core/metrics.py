@@ -46,6 +46,15 @@ LLM_ADDED = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+LLM_FAST_REPLIES = Counter(
+    "trtc_llm_fast_replies_total",
+    "Fast replies (a profile's `fast_reply`) by profile and outcome: spoken, dropped (the main model spoke "
+    "first), failed (the small model failed, hung, said nothing, too much or nothing speakable).",
+    ["profile", "outcome"],
+)
+LLM_FAST_REPLY_TOKENS = Counter(
+    "trtc_llm_fast_reply_tokens_total", "Completion tokens the fast-reply models wrote, by profile.", ["profile"]
+)
 KNOWLEDGE_SEARCHES = Counter(
     "trtc_knowledge_searches_total",
     "Knowledge searches of rounds, by how they went: found (passages given), none (nothing matched), "

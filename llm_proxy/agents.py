@@ -29,6 +29,8 @@ class Agent:
     tools: ToolRegistry
     # The profile's fallbacks, in order, with their clients.
     fallbacks: tuple[tuple[UpstreamConfig, Upstream], ...] = ()
+    # The client of the profile's `fast_reply.upstream`.
+    fast_upstream: Upstream | None = None
 
     @property
     def name(self) -> str:
@@ -160,5 +162,6 @@ def build_agents(
         config = profile.upstream or clients.environment()
         selected = profile_tools(profile, tools, default_tools, knowledge_tool)
         fallbacks = tuple((fallback, clients.get(fallback)) for fallback in profile.fallbacks)
-        agents[profile.name] = Agent(profile, clients.get(config), config, selected, fallbacks)
+        fast = clients.get(profile.fast_reply.upstream) if profile.fast_reply is not None else None
+        agents[profile.name] = Agent(profile, clients.get(config), config, selected, fallbacks, fast)
     return Agents(profiles, agents)

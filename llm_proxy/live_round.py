@@ -13,6 +13,7 @@ turn, and what a reopened round already had), the tool calls and results, then t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,10 @@ class UpstreamCall:
         return deltas
 
 
+# An upstream call that gave its first delta: the call, its stream, that delta.
+Started = tuple[UpstreamCall, AsyncGenerator[Delta, None], Delta]
+
+
 class RoundKeeper(Protocol):
     """What a live round needs of the service that claimed it (`serving.ChatService`): to store
     its messages once, or to give the round back."""
@@ -96,13 +101,18 @@ class LiveRound:
         head: list[Msg],
         context: list[BaseMessage],
         call: UpstreamCall,
-        stream: AsyncGenerator[Delta, None],
-        first: Delta,
+        stream: AsyncGenerator[Delta, None] | None,
+        first: Delta | None,
         started: float,
         completion_id: str,
         max_tool_steps: int,
         knowledge: list[dict[str, Any]] | None = None,
+        prelude: str | None = None,
+        pending: asyncio.Future[Started] | None = None,
     ) -> None:
+        """`prelude`: a fast reply's line (`fast_reply`), said before the upstream's first text,
+        which `pending` brings (the upstream call, its stream and first delta) when it comes; a
+        round without a prelude has its `stream` and `first` delta already."""
         self._keeper = keeper
         self._max_tool_steps = max_tool_steps
         self._claim = claim
@@ -115,6 +125,9 @@ class LiveRound:
         self._started = started
         self._first_token_ms = elapsed_ms(started)
         self._closed = False
+        self._prelude = prelude
+        self._pending = pending
+        self.fast_reply = prelude
         # The knowledge passages given to the model: found before the call, or by its tools.
         self._knowledge: list[dict[str, Any]] = list(knowledge or [])
         # Tool calls and results of this round, and the length of the text streamed before them.
@@ -183,6 +196,15 @@ class LiveRound:
             )
 
     async def _step_deltas(self) -> AsyncIterator[Delta]:
+        if self._prelude is not None:
+            prelude, self._prelude = self._prelude, None
+            yield Delta(text=prelude)
+        if self._pending is not None:
+            # The upstream's first token (or its failure, after its fallbacks): the stream goes on.
+            self._call, self._stream, self._first = await self._pending
+            self._pending = None
+            self.model = self._call.model
+        assert self._stream is not None
         first, self._first = self._first, None
         if first is not None:
             self._note(first)
@@ -217,7 +239,7 @@ class LiveRound:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            await self._stream.aclose()
+            await self._stop_upstream()
             outcome = "interrupted" if interrupted else "completed"
             if self._claim is None:
                 outcome = "stateless"
@@ -229,9 +251,24 @@ class LiveRound:
                     finish_reason=None if interrupted else self.finish_reason,
                     usage=self.usage,
                     call=self._call,
-                    timing=RoundTiming(self._first_token_ms, elapsed_ms(self._started), error, self._knowledge or None),
+                    timing=RoundTiming(self._first_token_ms, elapsed_ms(self._started), error, self._knowledge or None,
+                                       self.fast_reply),
                 )
             LLM_ROUNDS.labels(outcome).inc()
+
+    async def _stop_upstream(self) -> None:
+        """Stop paying for tokens: the upstream's stream closed, or its call still waiting for a
+        first token cancelled (and closed, if it came meanwhile)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+            try:
+                _call, stream, _first = await pending
+            except BaseException:  # cancelled, or failed: nothing is left open
+                return
+            await stream.aclose()
+        elif self._stream is not None:
+            await self._stream.aclose()
 
     async def release(self, failure: Failure) -> None:
         """Give the round up: the upstream failed before the client got any of it
@@ -240,7 +277,7 @@ class LiveRound:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            await self._stream.aclose()
+            await self._stop_upstream()
             if self._claim is not None:
                 await self._keeper.release(self._claim, failure)
             LLM_ROUNDS.labels("failed").inc()

@@ -142,6 +142,8 @@ class Round(Base):
     error: Mapped[str | None] = mapped_column(String(64))
     # The knowledge passages the round gave the model (`knowledge/`): base, document, chunk, score.
     knowledge: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # The fast reply's line the reply began with (`fast_reply`; it is in the messages too).
+    fast_reply: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

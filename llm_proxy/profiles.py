@@ -117,6 +117,17 @@ class KnowledgeConfig(_Strict):
         return value
 
 
+class FastReplyConfig(_Strict):
+    # A small, quick model (same fields as `upstream`).
+    upstream: UpstreamConfig
+    # Speak only if the main model has said nothing by then.
+    after_ms: int = Field(default=600, ge=50, le=10_000)
+    # The longest line that is spoken; a longer one is not.
+    max_chars: int = Field(default=40, ge=4, le=200)
+    # What the small model is asked; default `fast_reply.DEFAULT_PROMPT`.
+    prompt: str | None = Field(default=None, min_length=1, max_length=4000)
+
+
 class Profile(_Strict):
     name: str = Field(min_length=1, max_length=64)
     keys: list[str] = Field(default_factory=list)
@@ -139,6 +150,8 @@ class Profile(_Strict):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     # Knowledge bases the bot answers from (`knowledge/`); None: none.
     knowledge: KnowledgeConfig | None = None
+    # A quick acknowledgement while the main model thinks (`llm_proxy/fast_reply.py`); None: none.
+    fast_reply: FastReplyConfig | None = None
 
     @field_validator("timezone")
     @classmethod

@@ -16,6 +16,7 @@ from langchain_core.messages import BaseMessage
 from core.settings import Settings
 from llm_proxy.agents import Agent
 from llm_proxy.context import Msg, StoredRound, upstream_messages, window
+from llm_proxy.fast_reply import SPOKEN_NOTE
 from llm_proxy.knowledge_context import KnowledgeSource, previous_user_text, user_text
 from llm_proxy.memory_context import MemoryKeeper, user_key, with_summary
 from llm_proxy.profiles import PromptContext, template_fields
@@ -36,6 +37,8 @@ class RoundInputs:
     claim: Claim | None = None
     # The model the round's first upstream is asked with (memory's folds use it too).
     model: str = ""
+    # A fast reply's line may be spoken before the answer (`fast_reply`): the model is told.
+    fast_reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,10 @@ class ContextSources:
         max_tokens = settings.history_max_tokens if limits.max_tokens is None else limits.max_tokens
         context = RoundContext(history=window(inputs.loaded, window_rounds, max_tokens), prompt=inputs.prompt)
         context = await self._remember(inputs, context, window_rounds)
-        return await self._knowledge(inputs, context)
+        context = await self._knowledge(inputs, context)
+        if inputs.fast_reply:
+            context = replace(context, before_turn=[*context.before_turn, {"role": "system", "content": SPOKEN_NOTE}])
+        return context
 
     def _older_rounds(self, loaded: Sequence[StoredRound], window: Sequence[StoredRound]) -> bool:
         """Whether the task has rounds older than the window: some loaded ones were left out,

@@ -41,7 +41,8 @@ from llm_proxy.context import (
 from llm_proxy.agents import Agent, Agents
 from llm_proxy.disconnect import runs_to_the_end
 from llm_proxy.history_cache import HistoryCache
-from llm_proxy.live_round import LiveRound, UpstreamCall, elapsed_ms
+from llm_proxy.fast_reply import FastLine, FastStart, fast_start
+from llm_proxy.live_round import LiveRound, Started, UpstreamCall, elapsed_ms
 from llm_proxy.models import ID_MAX_CHARS, NO_APP
 from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
@@ -151,10 +152,11 @@ class ChatService:
         if task is None:
             messages = [m.to_dict() for m in request.messages]
             head = [m for m in messages if m["role"] not in SYSTEM_ROLES]
+            fast = fast_start(agent, call.model, head, request.stream)
             inputs = RoundInputs(agent, [m for m in messages if m["role"] in SYSTEM_ROLES], head, prompt_context,
-                                 model=call.model)
+                                 model=call.model, fast_reply=fast is not None)
             context = await self.context.build(inputs)
-            return await self._start(None, head, context.messages(inputs), calls, started, context.knowledge)
+            return await self._start(None, head, context.messages(inputs), calls, started, context.knowledge, fast)
 
         turn = split_turn(request.messages)
         claim = await self._claim(replace(task, profile=agent.name, welcome=agent.profile.welcome_message), turn, call)
@@ -168,9 +170,11 @@ class ChatService:
                 LLM_ROUNDS.labels("replayed").inc()
                 return _replay(claim, answered, call)
             head = _head(claim, turn)
-            inputs = RoundInputs(agent, turn.system, head, prompt_context, await self._history(claim), claim, call.model)
+            fast = fast_start(agent, call.model, head, request.stream)
+            inputs = RoundInputs(agent, turn.system, head, prompt_context, await self._history(claim), claim, call.model,
+                                 fast_reply=fast is not None)
             context = await self.context.build(inputs)
-            return await self._start(claim, head, context.messages(inputs), calls, started, context.knowledge)
+            return await self._start(claim, head, context.messages(inputs), calls, started, context.knowledge, fast)
         except asyncio.CancelledError:
             await self._abandon(claim, turn, call, started)
             raise
@@ -220,44 +224,45 @@ class ChatService:
         calls: list[UpstreamCall],
         started: float,
         knowledge: list[dict[str, Any]] | None = None,
+        fast: FastStart | None = None,
     ) -> LiveRound:
-        """Call the profile's upstreams in turn until one gives its first token: the next is
-        tried when one fails before it (unreachable, 5xx, 429, timeout) or stays silent past
-        `first_token_timeout_s` (the last one is given its full time). Once the first token is
-        out there is no going back: the words are spoken."""
+        """The round, once its upstream gave its first token (`_first`), or once a fast reply's
+        line is to be spoken before it (`fast_reply`): then the upstream's first token is still
+        awaited, by the round as it streams. The small model is called when the main one is."""
         LLM_ADDED.observe(time.perf_counter() - started)
-        for attempt, call in enumerate(calls):
-            last = attempt == len(calls) - 1
-            stream = call.stream(context)
+        line: str | None = None
+        pending: asyncio.Task[Started] | None = None
+        if fast is None:
+            call, stream, first = await _first(calls, context)
+        else:
+            main = asyncio.create_task(_first(calls, context))
+            fast_line = FastLine(*fast)
             try:
-                first = await _first_delta(stream, None if last else call.first_token_timeout_s)
-            except (ApiError, TimeoutError) as error:
-                await _close_quietly(stream)
-                code = error.code if isinstance(error, ApiError) else "first_token_timeout"
-                LLM_UPSTREAM_ERRORS.labels(code or "unknown").inc()
-                if last or code not in _FALL_BACK_ON:
-                    raise
-                LLM_FALLBACKS.labels(call.profile or "", code).inc()
-                log.warning("upstream %s: %s; trying %s", call.upstream_label, code, calls[attempt + 1].upstream_label)
-                continue
+                line = await fast_line.race(main, started)
             except BaseException:
-                await _close_quietly(stream)
+                fast_line.cancel()
+                await _abandon_first(main)
                 raise
-            LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
-            return LiveRound(
-                self,
-                claim=claim,
-                head=head,
-                context=context,
-                call=call,
-                stream=stream,
-                first=first,
-                started=started,
-                completion_id="chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex),
-                max_tool_steps=self.settings.tool_max_steps,
-                knowledge=knowledge,
-            )
-        raise AssertionError("unreachable: the last upstream returns or raises")
+            if line is None:
+                call, stream, first = await main
+            else:
+                pending = main
+        LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
+        return LiveRound(
+            self,
+            claim=claim,
+            head=head,
+            context=context,
+            call=calls[0] if pending is not None else call,
+            stream=None if pending is not None else stream,
+            first=None if pending is not None else first,
+            started=started,
+            completion_id="chatcmpl-" + (claim.round_id if claim else uuid.uuid4().hex),
+            max_tool_steps=self.settings.tool_max_steps,
+            knowledge=knowledge,
+            prelude=line,
+            pending=pending,
+        )
 
     async def _claim(self, task: TaskInfo, turn: Turn, call: UpstreamCall) -> Claim:
         claim = await self._claim_once(task, turn, call, take_over_pending=False)
@@ -553,6 +558,44 @@ async def close_unsent(reply: LiveRound | Replay) -> None:
     `sse_events` stored it already and this does nothing."""
     if isinstance(reply, LiveRound):
         await reply.close("", interrupted=True)
+
+
+async def _first(calls: list[UpstreamCall], context: list[BaseMessage]) -> Started:
+    """Call the profile's upstreams in turn until one gives its first token: the next is tried
+    when one fails before it (unreachable, 5xx, 429, timeout) or stays silent past
+    `first_token_timeout_s` (the last one is given its full time). Once the first token is out
+    there is no going back: the words are spoken."""
+    for attempt, call in enumerate(calls):
+        last = attempt == len(calls) - 1
+        stream = call.stream(context)
+        try:
+            first = await _first_delta(stream, None if last else call.first_token_timeout_s)
+        except (ApiError, TimeoutError) as error:
+            await _close_quietly(stream)
+            code = error.code if isinstance(error, ApiError) else "first_token_timeout"
+            LLM_UPSTREAM_ERRORS.labels(code or "unknown").inc()
+            if last or code not in _FALL_BACK_ON:
+                raise
+            LLM_FALLBACKS.labels(call.profile or "", code).inc()
+            log.warning("upstream %s: %s; trying %s", call.upstream_label, code, calls[attempt + 1].upstream_label)
+            continue
+        except BaseException:
+            await _close_quietly(stream)
+            raise
+        return call, stream, first
+    raise AssertionError("unreachable: the last upstream returns or raises")
+
+
+async def _abandon_first(main: asyncio.Task[Started]) -> None:
+    """The round is not going on: its upstream call is cancelled (and closed, if its first token
+    came meanwhile)."""
+    main.cancel()
+    with anyio.CancelScope(shield=True):
+        try:
+            _call, stream, _delta = await main
+        except BaseException:  # cancelled or failed: nothing is left open
+            return
+        await _close_quietly(stream)
 
 
 async def _first_delta(stream: AsyncGenerator[Delta, None], timeout: float | None) -> Delta:

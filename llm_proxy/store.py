@@ -74,6 +74,8 @@ class RoundTiming:
     error: str | None = None
     # The knowledge passages the round gave the model (base, document, chunk, score).
     knowledge: list[dict[str, Any]] | None = None
+    # The fast reply's line said before the model's answer (`fast_reply`): part of the reply.
+    fast_reply: str | None = None
 
 
 @dataclass(frozen=True)
@@ -678,6 +680,7 @@ def finish_round(
         "new_error": timing.error if timing else None,
         "new_extra_fields": without_nul(extra_fields),
         "new_knowledge": timing.knowledge if timing and timing.knowledge else None,
+        "new_fast_reply": without_nul(timing.fast_reply) if timing else None,
     }
     added = rows[claim.head_stored :]
     if conn.dialect.name == "postgresql" and claim.reopened_status is None:
@@ -765,6 +768,7 @@ _FINISH = (
         error=bindparam("new_error", type_=Round.error.type),
         extra_fields=bindparam("new_extra_fields", type_=Round.extra_fields.type),
         knowledge=bindparam("new_knowledge", type_=Round.knowledge.type),
+        fast_reply=bindparam("new_fast_reply", type_=Round.fast_reply.type),
     )
     .returning(Round.id, Round.held)
 )

@@ -148,6 +148,7 @@ async function loadConversation(taskId) {
 function roundCard(round, failures) {
   const badges = [el("span", { class: "badge" }, round.finish_reason === "welcome" ? "welcome" : round.status)];
   if (round.interrupted && round.status !== "interrupted") badges.push(el("span", { class: "badge interrupted" }, "interrupted"));
+  if (round.fast_reply) badges.push(el("span", { class: "badge fast-reply", title: "said by the fast-reply model before the answer" }, "fast reply"));
   if (round.error) badges.push(el("span", { class: "badge error" }, `upstream error: ${round.error}`));
   if (failures.length) badges.push(el("span", { class: "badge retried" }, `retried after ${failures.length} failed attempt(s)`));
   const metrics = Object.entries(round.orchestrator_metrics).map(([name, value]) => `${name} ${value} ms`).join(", ");
@@ -167,7 +168,8 @@ function roundCard(round, failures) {
       el("span", { class: "who" }, "assistant"),
       el("div", { class: "columns" },
         el("div", {}, el("div", { class: "muted" }, "as the model wrote it"),
-          el("span", { class: "said model-reply" }, heard, round.unheard ? el("span", { class: "unheard" }, round.unheard) : null)),
+          el("span", { class: "said model-reply" }, ...withFastLine(heard, round.fast_reply),
+            round.unheard ? el("span", { class: "unheard" }, round.unheard) : null)),
         el("div", {}, el("div", { class: "muted" }, round.unheard === null ? "heard (no 905 yet: all that was sent)" : "what the user heard"),
           el("span", { class: "said heard" }, heard)))));
 }
@@ -439,6 +441,12 @@ function wavHeader(dataBytes, rate) {
 }
 
 // -- wiring -----------------------------------------------------------------------------------
+
+// The reply with its fast-reply line marked (the line is where the reply begins).
+function withFastLine(text, line) {
+  if (!line || !text.startsWith(line)) return [text];
+  return [el("mark", { class: "fast-line", title: "fast reply" }, line), text.slice(line.length)];
+}
 
 function passagesUsed(used) {
   if (!used || !used.length) return el("span", { class: "muted" }, "none");
