@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install browser nginx run test test-loaded test-fast test-postgres bench-llm bench-tts bench-soak bench-knowledge fake-upstream clean
+.PHONY: install browser nginx run test test-loaded test-fast test-postgres bench-llm bench-tts bench-soak bench-knowledge bench-fast-reply fake-upstream clean
 
 install: $(STAMP)
 
@@ -71,6 +71,10 @@ bench-llm: install
 # Retrieval quality on the evaluation set, memory per base size, TTFT added by `knowledge: auto`.
 bench-knowledge: install
 	$(BIN)/python bench/knowledge_bench.py $(BENCH_ARGS)
+
+# Time to first text with and without a profile's fast_reply, against a slow and a quick main model.
+bench-fast-reply: install
+	$(BIN)/python bench/fast_reply_bench.py $(BENCH_ARGS)
 
 bench-tts: install
 	$(BIN)/python bench/tts_bench.py $(BENCH_ARGS)

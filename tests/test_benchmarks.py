@@ -24,8 +24,10 @@ from tests.support import ROOT
         # set) and every round of both profiles.
         ("knowledge_bench.py", [], ["| zh | lexical (bigrams + characters) | 34 |",
                                     "| same profile without knowledge | 20 |", "| knowledge: auto, 1,000 chunks, top_k 3 | 20 |"]),
+        # Every slow-model round spoke the line; no quick-model round did.
+        ("fast_reply_bench.py", [], ["| main model 1500 ms, fast_reply on | 8 |", "| 10 of 10 |", "| 0 of 10 |"]),
     ],
-    ids=["llm", "tts", "soak", "wal", "knowledge"],
+    ids=["llm", "tts", "soak", "wal", "knowledge", "fast_reply"],
 )
 def test_quick_benchmark_runs(script: str, args: list[str], expect: list[str]) -> None:
     run = subprocess.run(
