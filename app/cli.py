@@ -51,6 +51,8 @@ def serve(
     settings = settings_or_exit()
     if settings.serves_llm:
         _check_config(settings, settings.config_file)
+    if settings.serves_tts:
+        _check_voices(settings)
     # Resolve (maybe generate) the key before workers start, so they all read the same one.
     resolve_api_keys(settings.api_key_list, settings.data_dir)
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -147,6 +149,18 @@ def config_check(file: Path = typer.Argument(..., help="The profiles file (YAML,
         for warning in profile.warnings():
             typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"{file}: ok, {len(profiles)} profile(s): " + ", ".join(profile.name for profile in profiles))
+
+
+def _check_voices(settings: Settings) -> None:
+    """What the TTS server checks of `voices.yaml` when it starts, before loading any model:
+    one line naming the voice and the field, and exit 1."""
+    from tts_server.voices import VoiceSettingsError, check_voices_file
+
+    try:
+        check_voices_file(settings.voices_dir, settings.tts_espeak_fallback)
+    except VoiceSettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 def _check_config(settings: Settings, file: Path | None) -> list[Profile]:

@@ -200,6 +200,8 @@ async def _open_tts(
     # Admin keys open the TTS server too: the console's playground speaks with the operator's key.
     app.state.tts_api_keys = [*(settings.tts_api_key_list or api_keys), *settings.admin_api_key_list]
     app.state.tts = service = TtsService(settings, voices, pool, verbalizer)
+    # The remote engines' connections (of the voices in use at shutdown).
+    stack.push_async_callback(lambda: service.voices.aclose())
     swaps: set[asyncio.Task[None]] = set()
 
     async def swap() -> None:

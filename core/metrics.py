@@ -79,6 +79,11 @@ TTS_STREAMS = Counter(
     "TTS requests by outcome (completed, cached, empty, cancelled, busy, failed).",
     ["outcome"],
 )
+TTS_ENGINE_FALLBACKS = Counter(
+    "trtc_tts_engine_fallbacks_total",
+    "Pieces a remote voice's engine did not say (its fallback did, or the stream ended), by engine and reason.",
+    ["engine", "reason"],
+)
 TTS_PIECES = Counter("trtc_tts_pieces_total", "Text pieces synthesized.")
 TTS_FIRST_AUDIO = Histogram(
     "trtc_tts_first_audio_seconds",

@@ -29,6 +29,11 @@ through the proxy:
 words, `EMBEDDING_DIMENSIONS` of them), so texts that share words are near; `[[status:N]]` and
 `[[delay:S]]` in the `model` name make it fail or wait.
 
+`/v1/audio/speech` is a fake speech engine (OpenAI's speech API): a sine of `[[hz:F]]` (440) at
+`[[rate:R]]` (24000) Hz, 0.05 s per character of `input`, as `pcm` (s16le) or `wav`, streamed in
+0.1 s chunks; `[[status:N]]`, `[[first_delay:S]]`, `[[die_after:N]]` (N chunks, then the
+connection drops) and `[[endless:1]]` in the `model` name script it.
+
 Every request is recorded (`GET /_requests`), and so is every stream its client abandoned
 (`GET /_abandoned`), which is how tests see that the proxy stopped paying for tokens. `/_echo`
 answers any GET or POST with what it received, and `/_fail` with a 500: targets for HTTP tools.
@@ -39,7 +44,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import re
+import struct
 import time
 import zlib
 from collections import deque
@@ -205,6 +212,15 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
             "usage": {"prompt_tokens": sum(len(str(t)) for t in texts), "total_tokens": sum(len(str(t)) for t in texts)},
         })
 
+    async def speech(request: Request) -> Response:
+        body = await request.json()
+        directives = dict(_DIRECTIVE.findall(str(body.get("model", ""))))
+        if record:
+            requests.append({"headers": dict(request.headers), "body": body, "ts": time.time()})
+        if "status" in directives:
+            return _error(int(directives["status"]), f"fake engine failure {directives['status']}")
+        return StreamingResponse(_sine(body, directives), media_type="audio/wav" if body.get("response_format") == "wav" else "audio/pcm")
+
     async def echo(request: Request) -> JSONResponse:
         body = await request.body()
         return JSONResponse(
@@ -238,6 +254,7 @@ def create_fake_upstream(*, record: bool = True) -> Starlette:
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/models", models),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/audio/speech", speech, methods=["POST"]),
             Route("/_requests", list_requests),
             Route("/_abandoned", list_abandoned),
             Route("/_echo", echo, methods=["GET", "POST"]),
@@ -297,3 +314,28 @@ async def _stream(
     finally:
         if not finished:
             abandoned.append({"said": said, "sent": sent, "of": len(words), "ts": time.time()})
+
+
+async def _sine(body: dict[str, Any], directives: dict[str, str]) -> AsyncIterator[bytes]:
+    """The fake engine's speech: a sine, 0.05 s a character, in 0.1 s chunks."""
+    rate, hz = int(directives.get("rate", 24000)), float(directives.get("hz", 440))
+    await asyncio.sleep(float(directives.get("first_delay", 0)))
+    frames = max(int(rate * 0.2), int(rate * 0.05 * len(str(body.get("input", "")))))
+    if body.get("response_format") == "wav":
+        size = frames * 2
+        yield (b"RIFF" + (36 + size).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+               + (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + rate.to_bytes(4, "little")
+               + (rate * 2).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+               + b"data" + size.to_bytes(4, "little"))
+    step = rate // 10
+    sent = 0
+    chunk = 0
+    while sent < frames or "endless" in directives:
+        if "die_after" in directives and chunk >= int(directives["die_after"]):
+            raise ConnectionAbortedError("the fake engine died mid-stream")
+        count = step if "endless" in directives else min(step, frames - sent)
+        samples = [round(16000 * math.sin(2 * math.pi * hz * (sent + i) / rate)) for i in range(count)]
+        yield struct.pack(f"<{count}h", *samples)
+        sent += count
+        chunk += 1
+        await asyncio.sleep(0)

@@ -14,6 +14,7 @@ from core.auth import bearer_token, is_authorized
 from core.limits import BodyTooLarge, read_body
 from openai_speech.protocol import SpeechError, parse_request
 from openai_speech.serving import speak, sse_events
+from tts_server.remote import RemoteVoice
 from tts_server.serving import TtsService
 
 router = APIRouter()
@@ -55,8 +56,9 @@ async def list_voices(request: Request) -> Any:
     return JSONResponse({
         "default": voices.default,
         "voices": [
-            {"id": info.name, "name": info.name, "language": info.language, "sample_rate": info.sample_rate,
-             "engine": info.engine, "aliases": voices.aliases_of(info.name)}
-            for info in voices.infos
+            {"id": voice.info.name, "name": voice.info.name, "language": voice.info.language,
+             "sample_rate": voice.info.sample_rate, "engine": voice.info.engine, "aliases": voices.aliases_of(voice.info.name),
+             **(voice.listing() if isinstance(voice, RemoteVoice) else {})}
+            for voice in voices.all
         ],
     })

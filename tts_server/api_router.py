@@ -12,6 +12,7 @@ from core.auth import bearer_token, is_authorized
 from core.limits import BodyTooLarge, read_body
 from tts_server.protocol import MAX_SPEED, MAX_VOLUME, MIN_SPEED, MIN_VOLUME, TtsError, parse_request, query_number
 from tts_server.serving import TtsService, Utterance
+from tts_server.remote import RemoteVoice
 
 router = APIRouter()
 log = logging.getLogger("trtc.tts")
@@ -74,6 +75,7 @@ async def list_voices(request: Request) -> Any:
                     "name": voice.info.name, "language": voice.info.language, "sample_rate": voice.info.sample_rate,
                     "engine": voice.info.engine, "settings": voice.settings.model_dump(exclude_none=True),
                     "aliases": service.voices.aliases_of(voice.info.name),
+                    **(voice.listing() if isinstance(voice, RemoteVoice) else {}),
                 }
                 for voice in service.voices.all
             ],

@@ -8,11 +8,13 @@
   Korean, Arabic, Russian, ...: `ESPEAK_FALLBACKS`). It sounds robotic, but is understandable,
   where an English voice would read Chinese or Arabic as noise.
 
-Per-voice settings, and other names for voices, come from an optional `voices.yaml` in
-`VOICES_DIR` (`VoicesFile`):
+Per-voice settings, other names for voices, and remote voices (`tts_server/remote.py`: an entry
+with `engine:`) come from an optional `voices.yaml` in `VOICES_DIR` (`VoicesFile`):
 
     voices:
       en_US-joe-medium: {length_scale: 0.9, volume: 1.2, sentence_pause_s: 0.15}
+      cosy-zh: {engine: openai-speech, base_url: "http://gpu-box:9880/v1", api_key: "${COSY_KEY}",
+                model: cosyvoice2, voice: 中文女, language: zh_CN, fallback: espeak-cmn}
     aliases:
       nova: en_US-amy-medium      # OpenAI's voice names: unnamed ones are the default voice
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,8 @@ from typing import Protocol
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tts_server.engines import ENGINE_NAMES, RemoteVoiceConfig
 
 log = logging.getLogger("trtc.tts")
 
@@ -72,21 +78,51 @@ class VoicesFile(BaseModel):
 
     voices: dict[str, VoiceSettings] = Field(default_factory=dict)
     aliases: dict[str, str] = Field(default_factory=dict)
+    # Voices spoken by a remote engine (the entries of `voices:` with `engine:`).
+    remote: dict[str, RemoteVoiceConfig] = Field(default_factory=dict)
+
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def load_voices_file(voices_dir: Path) -> VoicesFile:
+    """`voices.yaml`; a `VoiceSettingsError` of one line naming the voice and the field."""
     path = voices_dir / SETTINGS_FILE
     if not path.exists():
         return VoicesFile()
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(document, dict):
-            raise VoiceSettingsError(f"{path}: expected a mapping `voices: {{NAME: {{...}}}}`, `aliases: {{NAME: VOICE}}`")
-        return VoicesFile.model_validate({key: value or {} for key, value in document.items()})
-    except yaml.YAMLError as exc:
-        raise VoiceSettingsError(f"{path}: not valid YAML: {exc}") from exc
+    except (OSError, yaml.YAMLError) as exc:
+        raise VoiceSettingsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("voices") or {}, dict):
+        raise VoiceSettingsError(f"{path}: expected a mapping `voices: {{NAME: {{...}}}}`, `aliases: {{NAME: VOICE}}`")
+    entries = document.get("voices") or {}
+    remote = {name: entry for name, entry in entries.items() if isinstance(entry, dict) and "engine" in entry}
+    local = {name: entry or {} for name, entry in entries.items() if name not in remote}
+    try:
+        remote = {name: _expanded(path, name, entry) for name, entry in remote.items()}
+        return VoicesFile.model_validate(
+            {**{key: value or {} for key, value in document.items()}, "voices": local, "remote": remote}
+        )
     except ValidationError as exc:
-        raise VoiceSettingsError(f"{path}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
+        error = exc.errors()[0]
+        where = [str(part) for part in error["loc"]]
+        if len(where) >= 2 and where[0] in ("voices", "remote"):
+            where = [f"voice {where[1]!r}", *(["field " + ".".join(where[2:])] if where[2:] else [])]
+        raise VoiceSettingsError(f"{path}: {', '.join(where)}: {str(error['msg']).removeprefix('Value error, ')}") from None
+
+
+def _expanded(path: Path, name: str, entry: dict[str, object]) -> dict[str, object]:
+    """A remote voice's entry with `${VAR}` read from the environment (secrets stay out of the file)."""
+    out = {}
+    for field, value in entry.items():
+        if isinstance(value, str):
+            for variable in _ENV_VAR.findall(value):
+                if variable not in os.environ:
+                    raise VoiceSettingsError(f"{path}: voice {name!r}, field {field}: ${{{variable}}} is not set in the environment")
+            value = _ENV_VAR.sub(lambda match: os.environ[match.group(1)], value)
+        out[field] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -308,9 +344,17 @@ class VoiceRegistry:
         return speakers[0] if speakers else None
 
     def warm_up(self) -> None:
-        """One synthesis per voice, so the first request does not pay for lazy initialisation."""
+        """One synthesis per local voice, so the first request does not pay for lazy initialisation."""
         for voice in self._voices.values():
-            voice.synthesize(_WARM_UP_TEXT.get(voice.info.family, "Hello."))
+            if voice.info.engine not in ENGINE_NAMES:
+                voice.synthesize(_WARM_UP_TEXT.get(voice.info.family, "Hello."))
+
+    async def aclose(self) -> None:
+        """Close the remote engines' connections."""
+        for voice in self._voices.values():
+            close = getattr(voice, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def load_voices(voices_dir: Path, *, default: str, onnx_threads: int, espeak_fallback: bool) -> VoiceRegistry:
@@ -338,9 +382,52 @@ def load_voices(voices_dir: Path, *, default: str, onnx_threads: int, espeak_fal
                     voices.append(EspeakVoiceEngine(espeak_voice, language, settings.get(f"espeak-{espeak_voice}")))
                 except RuntimeError as exc:
                     log.warning("no eSpeak NG fallback for %s: %s", family, exc)
+    local = {voice.info.name: voice for voice in voices}
+    voices += _remote_voices(voices_dir, file, local)
     unknown = set(settings) - {voice.info.name for voice in voices}
     if unknown:
         log.warning("%s names voices that are not installed: %s", SETTINGS_FILE, ", ".join(sorted(unknown)))
     registry = VoiceRegistry(voices, default or BUNDLED_VOICE, file.aliases)
     log.info("voices loaded: %s", ", ".join(f"{v.name} ({v.language}, {v.sample_rate} Hz)" for v in registry.infos))
     return registry
+
+
+def _remote_voices(voices_dir: Path, file: VoicesFile, local: dict[str, Voice]) -> list[Voice]:
+    """The remote voices of `voices.yaml`; a fallback must be a local voice."""
+    from tts_server.remote import RemoteVoice
+
+    voices: list[Voice] = []
+    for name, config in file.remote.items():
+        if name in local:
+            raise VoiceSettingsError(f"{voices_dir / SETTINGS_FILE}: voice {name!r}: a local voice has that name")
+        fallback = local.get(config.fallback) if config.fallback else None
+        if config.fallback and fallback is None:
+            raise VoiceSettingsError(
+                f"{voices_dir / SETTINGS_FILE}: voice {name!r}, field fallback: {config.fallback!r} is not a local voice; "
+                f"have: {', '.join(local)}"
+            )
+        voices.append(RemoteVoice(name, config, fallback))
+    return voices
+
+
+def local_voice_names(voices_dir: Path, espeak_fallback: bool) -> set[str]:
+    """The local voices a start would load, without loading them (what `serve` checks against)."""
+    names = {BUNDLED_VOICE}
+    if voices_dir.is_dir():
+        names |= {m.name.removesuffix(".onnx") for m in voices_dir.glob("*.onnx") if m.with_name(m.name + ".json").exists()}
+    if espeak_fallback:
+        names |= {f"espeak-{voice}" for voice, _language in ESPEAK_FALLBACKS.values()}
+    return names
+
+
+def check_voices_file(voices_dir: Path, espeak_fallback: bool) -> None:
+    """What a start checks of `voices.yaml` before it loads any model: a `VoiceSettingsError` of
+    one line naming the voice and the field."""
+    file = load_voices_file(voices_dir)
+    local = local_voice_names(voices_dir, espeak_fallback)
+    for name, config in file.remote.items():
+        if config.fallback and config.fallback not in local:
+            raise VoiceSettingsError(
+                f"{voices_dir / SETTINGS_FILE}: voice {name!r}, field fallback: {config.fallback!r} is not a local voice; "
+                f"have: {', '.join(sorted(local))}"
+            )
