@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install browser nginx run test test-loaded test-fast test-postgres bench-llm bench-tts bench-soak bench-knowledge bench-fast-reply fake-upstream clean
+.PHONY: install browser nginx run test test-loaded test-fast test-postgres bench-llm bench-tts bench-soak bench-knowledge bench-fast-reply bench-remote-voices fake-upstream clean
 
 install: $(STAMP)
 
@@ -75,6 +75,10 @@ bench-knowledge: install
 # Time to first text with and without a profile's fast_reply, against a slow and a quick main model.
 bench-fast-reply: install
 	$(BIN)/python bench/fast_reply_bench.py $(BENCH_ARGS)
+
+# First audio through this server fronting a remote engine, against the engine called directly.
+bench-remote-voices: install
+	$(BIN)/python bench/remote_voice_bench.py $(BENCH_ARGS)
 
 bench-tts: install
 	$(BIN)/python bench/tts_bench.py $(BENCH_ARGS)

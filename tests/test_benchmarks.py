@@ -26,8 +26,10 @@ from tests.support import ROOT
                                     "| same profile without knowledge | 20 |", "| knowledge: auto, 1,000 chunks, top_k 3 | 20 |"]),
         # Every slow-model round spoke the line; no quick-model round did.
         ("fast_reply_bench.py", [], ["| main model 1500 ms, fast_reply on | 8 |", "| 10 of 10 |", "| 0 of 10 |"]),
+        # Every cell, and the hanging engine's line.
+        ("remote_voice_bench.py", [], ["| fake engine (150 ms to first bytes) | 8 | 4 |", "A hanging engine"]),
     ],
-    ids=["llm", "tts", "soak", "wal", "knowledge", "fast_reply"],
+    ids=["llm", "tts", "soak", "wal", "knowledge", "fast_reply", "remote_voices"],
 )
 def test_quick_benchmark_runs(script: str, args: list[str], expect: list[str]) -> None:
     run = subprocess.run(
