@@ -32,15 +32,15 @@ class RemoteVoice:
     def synthesize(self, text: str) -> np.ndarray:
         raise RuntimeError(f"voice {self.info.name} is spoken by a remote engine: ask `audio`")
 
-    async def audio(self, text: str) -> np.ndarray:
+    async def audio(self, text: str, priority: int = 0) -> np.ndarray:
         """The engine's speech for one piece at `info.sample_rate`, gain applied; `EngineError`
         when it fails, or failed a moment ago."""
         if time.monotonic() < self._down_until:
             raise EngineError("recently_failed", f"the engine failed less than {RETRY_AFTER_S:g} s ago")
         try:
-            samples = await self._engine.audio(text)
+            samples = await self._engine.audio(text, priority)
         except EngineError as error:
-            if error.reason != "text_refused":
+            if error.reason not in ("text_refused", "busy"):  # the engine is not down
                 self._down_until = time.monotonic() + RETRY_AFTER_S
             raise
         return np.clip(samples * self.config.volume, -1.0, 1.0).astype(np.float32) if self.config.volume != 1.0 else samples

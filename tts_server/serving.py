@@ -360,13 +360,13 @@ class _Ahead:
     def audio(self, index: int) -> asyncio.Task[np.ndarray]:
         for ask in range(index, min(len(self._pieces), index + _LOOKAHEAD + 1)):
             if ask not in self._asked and isinstance(self._pieces[ask].voice, RemoteVoice):
-                self._asked[ask] = asyncio.create_task(self._ask(self._pieces[ask]))
+                self._asked[ask] = asyncio.create_task(self._ask(self._pieces[ask], ask))
         return self._asked.pop(index)
 
-    async def _ask(self, piece: Piece) -> np.ndarray:
+    async def _ask(self, piece: Piece, index: int) -> np.ndarray:
         voice = piece.voice
         assert isinstance(voice, RemoteVoice)
-        return await voice.audio(await asyncio.to_thread(spoken_text, piece, self._verbalizer))
+        return await voice.audio(await asyncio.to_thread(spoken_text, piece, self._verbalizer), priority=index)
 
     def cancel(self) -> None:
         for task in self._asked.values():

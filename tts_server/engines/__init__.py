@@ -5,6 +5,9 @@ module here and a line in `ENGINES`."""
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 from typing import Protocol
 
 import numpy as np
@@ -13,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 class EngineError(Exception):
     """The engine gave no usable audio for a piece; `reason` is a short label (refused,
-    rate_limited, unreachable, timeout, too_much, garbage, text_refused)."""
+    rate_limited, unreachable, timeout, too_much, garbage, text_refused, busy)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -64,12 +67,55 @@ class RemoteVoiceConfig(BaseModel):
 
 
 class Engine(Protocol):
-    async def audio(self, text: str) -> np.ndarray: ...
+    async def audio(self, text: str, priority: int = 0) -> np.ndarray:
+        """`priority`: the piece's place in its stream; a stream's first piece goes before other
+        streams' pieces asked ahead when the engine's slots are all taken."""
+        ...
 
     async def aclose(self) -> None: ...
 
 
 ENGINE_NAMES = ("openai-speech",)
+
+
+class Slots:
+    """At most `size` requests in flight to an engine, a stream's first piece first: pieces asked
+    ahead leave a quarter of the slots (at least one) to first pieces, and of the waiters the one
+    with the lowest `priority` (a piece's place in its stream) is let in next, ties in order."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._reserved = max(1, size // 4) if size > 1 else 0
+        self._in_flight = 0
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def _can(self, priority: int) -> bool:
+        return self._in_flight < (self._size if priority == 0 else self._size - self._reserved)
+
+    async def acquire(self, priority: int) -> None:
+        if not self._waiting and self._can(priority):
+            self._in_flight += 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._order), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release()  # the slot came as the waiter left: hand it on
+            else:
+                granted.cancel()
+            raise
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        while self._waiting and self._can(self._waiting[0][0]):
+            _priority, _order, granted = heapq.heappop(self._waiting)
+            if granted.done():
+                continue  # its waiter left
+            self._in_flight += 1
+            granted.set_result(None)
 
 
 def make_engine(config: RemoteVoiceConfig) -> Engine:

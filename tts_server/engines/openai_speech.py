@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 import wave
 
 import httpx
 import numpy as np
 
-from tts_server.engines import EngineError, RemoteVoiceConfig
+from tts_server.engines import EngineError, RemoteVoiceConfig, Slots
 
 # The longest a piece of text can need to be said, per character, generously (slow Mandarin is
 # about 0.25 s a character), and the share of that an engine may send: past it, it is cut off.
@@ -32,19 +31,28 @@ class OpenAISpeechEngine:
             limits=httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency),
             timeout=httpx.Timeout(_MAX_PIECE_S, connect=config.timeout_ms / 1000),
         )
-        self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._slots = Slots(config.max_concurrency)
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def audio(self, text: str) -> np.ndarray:
+    async def audio(self, text: str, priority: int = 0) -> np.ndarray:
         config = self.config
         body = {"model": config.model, "input": text, "voice": config.voice, "response_format": config.response_format}
         width = 2
         limit = int((1 + len(text) * _SECONDS_PER_CHAR) * _TOO_MUCH * config.sample_rate * width) + 4096
-        started = time.monotonic()
         parts: list[bytes] = []
-        async with self._slots:
+        if priority == 0:
+            # A stream's first piece waits for a slot no longer than for the engine's first audio.
+            try:
+                async with asyncio.timeout(config.timeout_ms / 1000):
+                    await self._slots.acquire(priority)
+            except TimeoutError:
+                raise EngineError("busy", f"all {config.max_concurrency} requests to the engine stayed busy") from None
+        else:
+            await self._slots.acquire(priority)
+        started = asyncio.get_running_loop().time()
+        try:
             try:
                 async with asyncio.timeout(config.timeout_ms / 1000) as first_audio:
                     async with self._client.stream("POST", "/audio/speech", json=body) as response:
@@ -65,6 +73,8 @@ class OpenAISpeechEngine:
                 raise EngineError("timeout", f"no {what} in time") from None
             except httpx.HTTPError as exc:
                 raise EngineError("unreachable", f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self._slots.release()
         return self._samples(b"".join(parts))
 
     def _samples(self, data: bytes) -> np.ndarray:
