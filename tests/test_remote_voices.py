@@ -160,3 +160,34 @@ def test_bad_remote_voices_stop_the_start_with_one_line(tmp_path: Path, monkeypa
             get_settings.cache_clear()
         assert result.exit_code == 1, (entry, result.output)
         assert expected in result.output and "Traceback" not in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_an_engines_slots_go_to_first_pieces_first() -> None:
+    import asyncio
+
+    from tts_server.engines import Slots
+
+    async def scenario() -> list[str]:
+        slots = Slots(4)  # one of four kept for first pieces
+        order: list[str] = []
+        for _ in range(3):
+            await slots.acquire(2)  # pieces asked ahead take what they may
+        ahead = asyncio.create_task(slots.acquire(1))
+        await asyncio.sleep(0)
+        assert not ahead.done()  # the last slot is a first piece's
+        await slots.acquire(0)
+        order.append("first piece in at once")
+        waiting = [asyncio.create_task(slots.acquire(p)) for p in (3, 0)]
+        leaving = asyncio.create_task(slots.acquire(0))
+        await asyncio.sleep(0)
+        leaving.cancel()
+        slots.release()  # a slot frees: the waiting first piece goes before the pieces ahead
+        await asyncio.sleep(0)
+        order.append(f"first piece: {waiting[1].done()}, ahead: {ahead.done()}, later: {waiting[0].done()}")
+        for _ in range(3):
+            slots.release()
+        await asyncio.gather(ahead, waiting[0])
+        order.append("all in")
+        return order
+
+    assert asyncio.run(scenario()) == ["first piece in at once", "first piece: True, ahead: False, later: False", "all in"]

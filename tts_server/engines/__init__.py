@@ -94,7 +94,7 @@ class Slots:
         return self._in_flight < (self._size if priority == 0 else self._size - self._reserved)
 
     async def acquire(self, priority: int) -> None:
-        if not self._waiting and self._can(priority):
+        if self._can(priority) and (not self._waiting or priority < self._waiting[0][0]):
             self._in_flight += 1
             return
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
