@@ -25,6 +25,9 @@ from core.settings import Settings, get_settings
 
 
 log = logging.getLogger("trtc.app")
+# How long voices replaced by a reload keep their remote engines' connections open for the
+# streams still speaking with them.
+_OLD_VOICES_KEPT_S = 300.0
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -203,16 +206,20 @@ async def _open_tts(
     # The remote engines' connections (of the voices in use at shutdown).
     stack.push_async_callback(lambda: service.voices.aclose())
     swaps: set[asyncio.Task[None]] = set()
+    stack.callback(lambda: [task.cancel() for task in swaps])
 
     async def swap() -> None:
         """New voices (and `voices.yaml`) for new streams; streams in flight keep the voices they
         started with. A set that does not load leaves the voices in use in place."""
         try:
-            service.voices = await asyncio.to_thread(load)
+            old, service.voices = service.voices, await asyncio.to_thread(load)
         except Exception as exc:  # any failure to load keeps the server speaking as before
             log.error("SIGHUP: voices not reloaded (%s); the voices in use stay", exc)
             return
         log.info("SIGHUP: voices reloaded: %s", ", ".join(info.name for info in service.voices.infos))
+        # The old remote engines' connections, once the streams that started with them are over.
+        await asyncio.sleep(_OLD_VOICES_KEPT_S)
+        await old.aclose()
 
     def reload() -> None:
         task = asyncio.create_task(swap())
