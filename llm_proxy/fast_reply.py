@@ -54,7 +54,7 @@ def spoken_line(text: str, max_chars: int) -> str | None:
     """The line as it is spoken: whitespace tidied, a sentence end added where it has none,
     and after Western text a space, so the reply that follows never runs into it ("moment.The").
     None when it is empty, longer than `max_chars` or has no letter."""
-    line = " ".join(text.split())
+    line = " ".join(text.split()).rstrip(",，、:：;；-— ")
     if not line or len(line) > max_chars or not _LETTER.search(line):
         return None
     cjk = bool(re.search(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]", line))

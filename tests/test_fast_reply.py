@@ -168,6 +168,7 @@ def test_a_client_gone_after_the_line_keeps_it_as_heard(fast: InProcessProxy, up
 def test_the_line_as_spoken() -> None:
     assert spoken_line("  Sure,  let me check ", 40) == "Sure, let me check. "
     assert spoken_line("好的，我查一下", 40) == "好的，我查一下。"
+    assert spoken_line("好的，", 40) == "好的。" and spoken_line("One moment,", 40) == "One moment. "
     assert spoken_line("Okay!", 40) == "Okay! "
     assert spoken_line("x" * 41, 40) is None and spoken_line("...", 40) is None and spoken_line("", 40) is None
 
