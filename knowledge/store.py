@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
+from admin.queries import as_utc
 from knowledge.chunking import Chunk
 from knowledge.models import KnowledgeBase, KnowledgeChunk, KnowledgeDocument
 
@@ -23,11 +24,7 @@ def _now() -> datetime:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # SQLite hands back naive times; all are stored in UTC
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat()
+    return as_utc(moment).isoformat() if moment is not None else None
 
 
 @dataclass(frozen=True)

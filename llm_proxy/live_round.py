@@ -80,6 +80,21 @@ class UpstreamCall:
 Started = tuple[UpstreamCall, AsyncGenerator[Delta, None], Delta]
 
 
+async def abandon_started(pending: asyncio.Future[Started]) -> None:
+    """An upstream call still waiting for its first token, given up: cancelled, and its stream
+    closed if the token came meanwhile (no more tokens are paid for)."""
+    pending.cancel()
+    with anyio.CancelScope(shield=True):
+        try:
+            _call, stream, _first = await pending
+        except BaseException:  # cancelled, or failed: nothing is left open
+            return
+        try:
+            await stream.aclose()
+        except Exception:  # closing a stream that already failed: its error is no one's now
+            pass
+
+
 class RoundKeeper(Protocol):
     """What a live round needs of the service that claimed it (`serving.ChatService`): to store
     its messages once, or to give the round back."""
@@ -261,12 +276,7 @@ class LiveRound:
         first token cancelled (and closed, if it came meanwhile)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.cancel()
-            try:
-                _call, stream, _first = await pending
-            except BaseException:  # cancelled, or failed: nothing is left open
-                return
-            await stream.aclose()
+            await abandon_started(pending)
         elif self._stream is not None:
             await self._stream.aclose()
 

@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.env import UnsetVariable, expand_env
 from core.settings import Settings
 from knowledge.embeddings import KnowledgeBaseConfig
 
@@ -34,7 +35,6 @@ TEMPLATE_VARIABLES = frozenset(
     {"user_id", "room_id", "sdk_app_id", "task_id", "date", "time", "weekday", "timezone", "summary", "user_memory",
      "knowledge"}
 )
-_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 log = logging.getLogger("trtc.profiles")
 
 
@@ -301,29 +301,13 @@ def load_file(path: Path, environ: Mapping[str, str] | None = None) -> ProfilesF
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with `profiles:` at the top")
     try:
-        expanded = _expand(raw, environ, "")
-    except KeyError as exc:
-        raise ConfigError(f"{path}: {exc.args[0]}") from None
+        expanded = expand_env(raw, environ)
+    except UnsetVariable as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     try:
         return ProfilesFile.model_validate(expanded)
     except ValidationError as exc:
         raise ConfigError(f"{path}: " + "; ".join(_describe(error, expanded) for error in exc.errors())) from None
-
-
-def _expand(value: Any, environ: Mapping[str, str], where: str) -> Any:
-    if isinstance(value, str):
-        def variable(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in environ:
-                raise KeyError(f"{where or 'a value'} uses ${{{name}}}, which is not set in the environment")
-            return environ[name]
-
-        return _ENV_VAR.sub(variable, value)
-    if isinstance(value, list):
-        return [_expand(item, environ, f"{where}[{index}]") for index, item in enumerate(value)]
-    if isinstance(value, dict):
-        return {key: _expand(item, environ, f"{where}.{key}" if where else str(key)) for key, item in value.items()}
-    return value
 
 
 def _describe(error: Any, raw: dict[str, Any]) -> str:

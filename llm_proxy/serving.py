@@ -42,7 +42,7 @@ from llm_proxy.agents import Agent, Agents
 from llm_proxy.disconnect import runs_to_the_end
 from llm_proxy.history_cache import HistoryCache
 from llm_proxy.fast_reply import FastLine, FastStart, fast_start
-from llm_proxy.live_round import LiveRound, Started, UpstreamCall, elapsed_ms
+from llm_proxy.live_round import LiveRound, Started, UpstreamCall, abandon_started, elapsed_ms
 from llm_proxy.models import ID_MAX_CHARS, NO_APP
 from llm_proxy.profiles import PromptContext
 from llm_proxy.protocol import ChatCompletionRequest, ChunkWriter, completion_body, error_event
@@ -241,7 +241,7 @@ class ChatService:
                 line = await fast_line.race(main, started)
             except BaseException:
                 fast_line.cancel()
-                await _abandon_first(main)
+                await abandon_started(main)
                 raise
             if line is None:
                 call, stream, first = await main
@@ -584,18 +584,6 @@ async def _first(calls: list[UpstreamCall], context: list[BaseMessage]) -> Start
             raise
         return call, stream, first
     raise AssertionError("unreachable: the last upstream returns or raises")
-
-
-async def _abandon_first(main: asyncio.Task[Started]) -> None:
-    """The round is not going on: its upstream call is cancelled (and closed, if its first token
-    came meanwhile)."""
-    main.cancel()
-    with anyio.CancelScope(shield=True):
-        try:
-            _call, stream, _delta = await main
-        except BaseException:  # cancelled or failed: nothing is left open
-            return
-        await _close_quietly(stream)
 
 
 async def _first_delta(stream: AsyncGenerator[Delta, None], timeout: float | None) -> Delta:

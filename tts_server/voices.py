@@ -27,7 +27,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.env import UnsetVariable, expand_env
 from tts_server.engines import ENGINE_NAMES, RemoteVoiceConfig
 
 log = logging.getLogger("trtc.tts")
@@ -82,9 +82,6 @@ class VoicesFile(BaseModel):
     remote: dict[str, RemoteVoiceConfig] = Field(default_factory=dict)
 
 
-_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
 def load_voices_file(voices_dir: Path) -> VoicesFile:
     """`voices.yaml`; a `VoiceSettingsError` of one line naming the voice and the field."""
     path = voices_dir / SETTINGS_FILE
@@ -114,15 +111,13 @@ def load_voices_file(voices_dir: Path) -> VoicesFile:
 
 def _expanded(path: Path, name: str, entry: dict[str, object]) -> dict[str, object]:
     """A remote voice's entry with `${VAR}` read from the environment (secrets stay out of the file)."""
-    out = {}
-    for field, value in entry.items():
-        if isinstance(value, str):
-            for variable in _ENV_VAR.findall(value):
-                if variable not in os.environ:
-                    raise VoiceSettingsError(f"{path}: voice {name!r}, field {field}: ${{{variable}}} is not set in the environment")
-            value = _ENV_VAR.sub(lambda match: os.environ[match.group(1)], value)
-        out[field] = value
-    return out
+    try:
+        expanded: dict[str, object] = expand_env(entry, os.environ)
+    except UnsetVariable as exc:
+        raise VoiceSettingsError(
+            f"{path}: voice {name!r}, field {exc.where}: ${{{exc.name}}} is not set in the environment"
+        ) from None
+    return expanded
 
 
 @dataclass(frozen=True)
