@@ -49,10 +49,15 @@ def is_small_talk(text: str) -> bool:
 def query_terms(turn: str, previous: str | None) -> list[str]:
     """The search terms of a turn: its own, and for a short follow-up also the previous turn's
     (the new words weigh double)."""
+    return _search_terms(turn, previous)[0]
+
+
+def _search_terms(turn: str, previous: str | None) -> tuple[list[str], bool]:
+    """`query_terms`, and whether the previous turn is among them."""
     terms = tokenize(turn)
     if previous and len(terms) <= FOLLOW_UP_TERMS:
-        return [*terms, *terms, *tokenize(previous)]
-    return terms
+        return [*terms, *terms, *tokenize(previous)], True
+    return terms, False
 
 
 def section(passages: Sequence[Passage], max_chars: int) -> str:
@@ -94,8 +99,8 @@ class RoundKnowledge:
         if is_small_talk(turn):
             KNOWLEDGE_SEARCHES.labels("skipped").inc()
             return None
-        terms = query_terms(turn, previous)
-        query = f"{turn}\n{previous}" if previous and len(terms) > len(tokenize(turn)) else turn
+        terms, follow_up = _search_terms(turn, previous)
+        query = f"{turn}\n{previous}" if follow_up else turn
         try:
             passages = await self.knowledge.search(config.bases, query, config.top_k, config.min_score, terms=terms)
         except Exception as exc:  # the round goes on without passages rather than failing

@@ -131,6 +131,8 @@ class BaseIndex:
     # Per document: its sha256 and time as stored, to tell what changed.
     documents: dict[str, tuple[str, str]] = field(default_factory=dict)
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    # BM25's length normalisation of each chunk (from `lengths`), made once per index, not per query.
+    norms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     # Postings sorted by term: term t's are [offsets[t], offsets[t+1]).
     offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
     post_chunks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
@@ -144,7 +146,7 @@ class BaseIndex:
         return len(self.entries)
 
     def nbytes(self) -> int:
-        arrays = [self.lengths, self.offsets, self.post_chunks, self.post_tf]
+        arrays = [self.lengths, self.norms, self.offsets, self.post_chunks, self.post_tf]
         if self.vectors is not None:
             arrays.append(self.vectors)
         return sum(a.nbytes for a in arrays)
@@ -206,10 +208,13 @@ class BaseIndex:
                 matrix /= np.where(norms == 0, 1, norms)
             except ValueError:  # embeddings of different sizes: the model changed midway
                 matrix = None
+        all_lengths = np.concatenate(lengths).astype(np.float32)
         return BaseIndex(
             entries=entries,
             documents=documents,
-            lengths=np.concatenate(lengths).astype(np.float32),
+            lengths=all_lengths,
+            norms=(K1 * (1 - B + B * all_lengths / max(float(all_lengths.mean()), 1.0))).astype(np.float32)
+            if len(all_lengths) else np.zeros(0, np.float32),
             offsets=offsets,
             post_chunks=np.concatenate(parts_chunks)[order],
             post_tf=np.concatenate(parts_tf)[order],
@@ -234,7 +239,6 @@ class BaseIndex:
         best = float((idf * weights).sum() + unknown * math.log1p((n + 0.5) / 0.5)) * (K1 + 1)
         if best <= 0:
             return []
-        norm = K1 * (1 - B + B * self.lengths / max(float(self.lengths.mean()), 1.0))
         scores = np.zeros(n, dtype=np.float32)
         for term, term_idf, weight in zip(unique, idf, weights):
             start, end = self.offsets[term], self.offsets[term + 1]
@@ -242,7 +246,7 @@ class BaseIndex:
                 continue
             chunks = self.post_chunks[start:end]
             tf = self.post_tf[start:end].astype(np.float32)
-            scores[chunks] += (term_idf * weight) * tf * (K1 + 1) / (tf + norm[chunks])
+            scores[chunks] += (term_idf * weight) * tf * (K1 + 1) / (tf + self.norms[chunks])
         return _top(scores / best, limit)
 
     def dense(self, vector: np.ndarray, limit: int) -> list[tuple[int, float]]:
